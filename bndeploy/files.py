@@ -1,0 +1,105 @@
+"""Small shared file helpers: hashing, JSON manifests and atomic directory writes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from bndeploy import __version__
+from bndeploy.errors import ArtifactError, BndeployError
+
+# Bumped when a manifest changes in a way older readers cannot handle.
+MANIFEST_FORMAT = 1
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_manifest(path: str | os.PathLike, kind: str) -> dict:
+    """Read a bndeploy manifest of the given kind ("export" or "artifact"), refusing foreign or newer ones."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: manifest not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: manifest is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("kind") != kind:
+        raise ArtifactError(f"{path}: not a bndeploy {kind} manifest")
+    fmt = data.get("format")
+    if fmt != MANIFEST_FORMAT:
+        raise ArtifactError(
+            f"{path}: manifest format {fmt!r} written by bndeploy {data.get('bndeploy_version', '?')}; "
+            f"this bndeploy {__version__} reads format {MANIFEST_FORMAT}: re-create it with this version"
+        )
+    return data
+
+
+def manifest_header(kind: str) -> dict:
+    return {"kind": kind, "format": MANIFEST_FORMAT, "bndeploy_version": __version__}
+
+
+def check_output_dir(out: str | os.PathLike, force: bool) -> Path:
+    """Fail early, before any work, when ``out`` exists (without force) or its parent is not writable."""
+    out = Path(out).absolute()
+    if out.exists() and not force:
+        raise BndeployError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise BndeployError(f"{out} exists and is not a directory")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BndeployError(f"cannot create output directory {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise BndeployError(f"output directory {parent} is not writable")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out``; on success it replaces ``out`` in one rename.
+
+    On any error (or KeyboardInterrupt) the temporary directory is removed, so ``out`` is either the
+    old complete directory, the new complete one, or absent: never half-written. A second writer racing
+    for the same ``out`` without force loses with a clear error instead of mixing files.
+    """
+    out = check_output_dir(out, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        _replace_directory(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_directory(new: Path, out: Path, force: bool) -> None:
+    if out.exists():
+        if not force:
+            raise BndeployError(f"{out} was created by another process while this one worked; nothing written")
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rename(out, old / out.name)
+        os.rename(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        try:
+            os.rename(new, out)
+        except OSError:
+            # Another writer renamed its directory into place between our check and rename.
+            raise BndeployError(f"{out} was created by another process while this one worked; nothing written") from None
