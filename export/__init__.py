@@ -1,0 +1,8 @@
+"""Export stage: PyTorch BatchNorm models -> spec-faithful ONNX (inference and train mode) + references."""
+
+from bndeploy.export.exporter import MODES, ExportSettings, export
+from bndeploy.export.loader import LoadedModel, load_model, parse_shape
+from bndeploy.export.models import DEFAULT_PIPELINE_MODELS, REFERENCE_MODELS
+
+__all__ = ["MODES", "ExportSettings", "export", "LoadedModel", "load_model", "parse_shape",
+           "REFERENCE_MODELS", "DEFAULT_PIPELINE_MODELS"]

@@ -1,0 +1,179 @@
+"""The export stage: a torch model -> one directory per mode with model.onnx, export.json, reference.npz."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from bndeploy.errors import BndeployError, UnsupportedModelError
+from bndeploy.export import onnx_graph, validate
+from bndeploy.export.loader import LoadedModel
+from bndeploy.export.onnx_graph import BatchNormInfo
+from bndeploy.export.reference import ReferenceRun, output_names, run_reference
+from bndeploy.files import atomic_directory, manifest_header, sha256_of, write_json
+
+MODES = ("inference", "train")
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    modes: tuple[str, ...] = MODES
+    dynamic_batch: bool = False
+    force: bool = False
+
+
+def export(model: LoadedModel, out: str | Path, settings: ExportSettings = ExportSettings()) -> dict[str, Path]:
+    """Export ``model`` in each requested mode to ``out/<mode>/``; returns {mode: export directory}.
+
+    The user's module is left bit-identical (state and training flag): every run uses a deep copy.
+    """
+    _check_modes(settings.modes)
+    _check_inputs(model.inputs)
+    before = _snapshot(model.module)
+    infos = onnx_graph.batchnorm_infos(model.module)
+    if "train" in settings.modes:
+        _refuse_random_training_ops(model.module)
+    input_names = _input_names(model.module, len(model.inputs))
+    references = {mode: _reference(model, infos, mode == "train") for mode in settings.modes}
+    base = _export_eval_copy(model, input_names, settings.dynamic_batch, len(references[settings.modes[0]].outputs))
+    written = {}
+    with atomic_directory(out, settings.force) as tmp:
+        for mode in settings.modes:
+            onnx_model = build_mode(base, model.module, infos, mode == "train")
+            feeds = {n: t.numpy() for n, t in zip(input_names, model.inputs)}
+            validation = validate.compare_with_reference(onnx_model, feeds, references[mode])
+            _write_export_dir(tmp / mode, model.name, mode, onnx_model, feeds, references[mode], infos, validation)
+            written[mode] = Path(out).absolute() / mode
+    _assert_unchanged(model.module, before)
+    return written
+
+
+def build_mode(base: onnx.ModelProto, module: nn.Module, infos: list[BatchNormInfo], training: bool) -> onnx.ModelProto:
+    onnx_model = copy.deepcopy(base)
+    onnx_graph.rewrite_batchnorms(onnx_model, infos, training)
+    onnx_graph.remove_dead_code(onnx_model)
+    onnx_graph.strip_debug_info(onnx_model)
+    return validate.check_onnx(onnx_model)
+
+
+def _export_eval_copy(model: LoadedModel, input_names: list[str], dynamic_batch: bool, n_outputs: int) -> onnx.ModelProto:
+    eval_copy = copy.deepcopy(model.module).eval()
+    base = onnx_graph.torch_to_onnx(eval_copy, model.inputs, input_names, dynamic_batch)
+    parameters = {name for name, _ in model.module.named_parameters()}
+    onnx_graph.drop_zero_conv_bias(base, parameters)
+    return onnx_graph.rename_outputs(base, output_names(n_outputs))
+
+
+def _reference(model: LoadedModel, infos: list[BatchNormInfo], training: bool) -> ReferenceRun:
+    try:
+        return run_reference(model.module, model.inputs, infos, training)
+    except BndeployError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        shapes = ", ".join(str(tuple(t.shape)) for t in model.inputs)
+        raise BndeployError(f"model {model.name!r} rejects input shape {shapes}: {str(e).splitlines()[0]}") from None
+
+
+def _check_modes(modes: tuple[str, ...]) -> None:
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise BndeployError(f"unknown export mode(s) {unknown}; use inference, train or both")
+
+
+def _check_inputs(inputs: tuple[torch.Tensor, ...]) -> None:
+    for i, t in enumerate(inputs):
+        if t.dtype != torch.float32:
+            raise BndeployError(f"input {i} has dtype {t.dtype}; bndeploy exports float32 inputs")
+        if t.numel() == 0:
+            raise BndeployError(f"input {i} has shape {tuple(t.shape)} with no elements")
+
+
+def _refuse_random_training_ops(module: nn.Module) -> None:
+    dropouts = [n for n, m in module.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+    if dropouts:
+        raise UnsupportedModelError(
+            f"train-mode export of a model with active dropout ({', '.join(dropouts)}): its train-mode output "
+            "is random, so it cannot be checked against a reference; export --mode inference, or set p=0")
+
+
+def _input_names(module: nn.Module, count: int) -> list[str]:
+    params = [p for p in inspect.signature(module.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in params[:count]]
+    return names if len(names) == count else [f"input_{i}" for i in range(count)]
+
+
+def _snapshot(module: nn.Module) -> tuple[bool, dict[str, torch.Tensor]]:
+    return module.training, {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _assert_unchanged(module: nn.Module, before: tuple[bool, dict[str, torch.Tensor]]) -> None:
+    training, state = before
+    now = module.state_dict()
+    changed = [k for k, v in state.items() if not torch.equal(v, now[k])]
+    if module.training != training or changed:
+        raise BndeployError(f"internal error: export changed the user's module ({changed or 'training flag'})")
+
+
+def _write_export_dir(path: Path, name: str, mode: str, onnx_model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                      reference: ReferenceRun, infos: list[BatchNormInfo], validation: dict) -> None:
+    path.mkdir()
+    onnx.save_model(onnx_model, path / "model.onnx")
+    arrays = {f"input/{k}": v for k, v in feeds.items()}
+    arrays |= {f"torch/{k}": v for k, v in reference.outputs.items()}
+    arrays |= {f"spec/{k}": v for k, v in reference.spec.items()}
+    np.savez(path / "reference.npz", **arrays)
+    manifest = manifest_header("export") | {
+        "model": name,
+        "mode": mode,
+        "opset": onnx_graph.OPSET,
+        "onnx": {"file": "model.onnx", "sha256": sha256_of(path / "model.onnx")},
+        "reference": {"file": "reference.npz", "sha256": sha256_of(path / "reference.npz")},
+        "inputs": [_value_entry(v) for v in onnx_model.graph.input],
+        "outputs": [_output_entry(v, infos, reference) for v in onnx_model.graph.output],
+        "batchnorms": [_batchnorm_entry(i, mode) for i in infos],
+        "validation": validation,
+        "versions": _versions(),
+    }
+    write_json(path / "export.json", manifest)
+
+
+def _value_entry(value: onnx.ValueInfoProto) -> dict:
+    tensor = value.type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+    return {"name": value.name, "shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name}
+
+
+def _output_entry(value: onnx.ValueInfoProto, infos: list[BatchNormInfo], reference: ReferenceRun) -> dict:
+    entry = _value_entry(value) | {"role": "output"}
+    for info in infos:
+        for stat in ("running_mean", "running_var"):
+            if value.name == info.updated_name(stat):
+                entry |= {"role": stat, "batchnorm": info.label, "batch_count": reference.batch_counts[info.module]}
+    return entry
+
+
+def _batchnorm_entry(info: BatchNormInfo, mode: str) -> dict:
+    entry = {"module": info.module, "node": info.label, "num_features": info.num_features, "epsilon": info.epsilon,
+             "momentum_onnx": info.momentum_onnx, "momentum_torch": info.momentum_torch, "affine": info.affine,
+             "training_mode": int(mode == "train")}
+    if info.cumulative:
+        entry["note"] = ("torch momentum=None (cumulative average): exported with this step's factor "
+                         "1/(num_batches_tracked+1); valid for one update")
+    return entry
+
+
+def _versions() -> dict:
+    import onnxruntime
+
+    from bndeploy import __version__
+
+    return {"bndeploy": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}

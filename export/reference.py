@@ -1,0 +1,92 @@
+"""Reference values from PyTorch eager, and the ONNX-spec running statistics derived from them.
+
+PyTorch updates ``running_var`` with the *unbiased* batch variance (times n/(n-1)); the ONNX spec with
+the *population* variance. Both are legitimate, so bndeploy records both, by name: ``torch/<output>``
+is what torch did, ``spec/<output>`` what an ONNX-faithful runtime must produce, computed in float64
+from the batch statistics torch saw.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from bndeploy.errors import BndeployError
+from bndeploy.export.onnx_graph import BatchNormInfo
+
+
+@dataclass
+class ReferenceRun:
+    outputs: dict[str, np.ndarray]                                 # torch/<name>
+    spec: dict[str, np.ndarray] = field(default_factory=dict)      # spec/<name>, running statistics only
+    batch_counts: dict[str, int] = field(default_factory=dict)     # elements per channel, per BN module
+
+
+def model_outputs(result) -> list[torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)) and all(isinstance(r, torch.Tensor) for r in result):
+        return list(result)
+    raise BndeployError(f"the model returns {type(result).__name__}; bndeploy exports models that return "
+                        "a tensor or a tuple of tensors")
+
+
+def output_names(count: int) -> list[str]:
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
+def run_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...], infos: list[BatchNormInfo],
+                  training: bool) -> ReferenceRun:
+    """Run a copy of ``model`` in the requested mode; the caller's module is never touched."""
+    work = copy.deepcopy(model).train(training)
+    modules = dict(work.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [modules[i.module].register_forward_pre_hook(_capture(i, captured, training)) for i in infos]
+    try:
+        with torch.no_grad():
+            outputs = model_outputs(work(*inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    run = ReferenceRun({n: t.numpy() for n, t in zip(output_names(len(outputs)), outputs)})
+    if training:
+        _add_running_stats(run, model, modules, infos, captured)
+    return run
+
+
+def _capture(info: BatchNormInfo, captured: dict, training: bool):
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        per_channel = x.numel() // x.shape[1] if x.dim() > 1 else 0
+        if training and per_channel <= 1:
+            raise BndeployError(
+                f"train-mode export: BatchNorm {info.label!r} sees {per_channel} value(s) per channel for input "
+                f"shape {tuple(x.shape)}; batch statistics need N*spatial > 1 (torch refuses it, and ONNX "
+                "would divide by sqrt(0 + eps)); use a larger batch or spatial size")
+        captured[info.module] = x.detach().to(torch.float64)
+
+    return hook
+
+
+def _add_running_stats(run: ReferenceRun, original: nn.Module, updated: dict[str, nn.Module],
+                       infos: list[BatchNormInfo], captured: dict[str, torch.Tensor]) -> None:
+    before = dict(original.named_modules())
+    for info in infos:
+        x = captured[info.module]
+        dims = [d for d in range(x.dim()) if d != 1]
+        n = x.numel() // x.shape[1]
+        kept = np.float64(info.momentum_onnx)
+        batch_mean = x.mean(dims).numpy()
+        batch_var = x.var(dims, unbiased=False).numpy()
+        old_mean = before[info.module].running_mean.double().numpy()
+        old_var = before[info.module].running_var.double().numpy()
+        mean_name, var_name = info.updated_name("running_mean"), info.updated_name("running_var")
+        run.outputs[mean_name] = updated[info.module].running_mean.numpy().copy()
+        run.outputs[var_name] = updated[info.module].running_var.numpy().copy()
+        run.spec[mean_name] = (old_mean * kept + batch_mean * (1 - kept)).astype(np.float32)
+        run.spec[var_name] = (old_var * kept + batch_var * (1 - kept)).astype(np.float32)
+        run.batch_counts[info.module] = n

@@ -1,0 +1,167 @@
+"""Load a compiled artifact (artifact.json + model.so) and run it through TVM's Relax VM.
+
+Imports only TVM's runtime and numpy: an edge device has neither torch nor onnx. The library's
+sha256 is checked before it is loaded, because loading a shared library runs its code.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from bndeploy.errors import ArtifactError, BndeployError
+from bndeploy.files import read_manifest, sha256_of
+from bndeploy.runtime.inputs import validate_inputs
+from bndeploy.runtime.specs import TensorSpec, specs_from_manifest
+
+MANIFEST_NAME = "artifact.json"
+
+# platform.machine() spellings -> the architecture field of an LLVM target triple.
+_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
+
+
+class Artifact:
+    """A loaded artifact. ``run`` takes and returns arrays keyed by ONNX tensor names."""
+
+    def __init__(self, directory: Path, manifest: dict, device: str, vm) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.device = device
+        self.inputs: list[TensorSpec] = specs_from_manifest(manifest, "inputs", str(directory / MANIFEST_NAME))
+        self.outputs: list[TensorSpec] = specs_from_manifest(manifest, "outputs", str(directory / MANIFEST_NAME))
+        self._vm = vm
+
+    @property
+    def mode(self) -> str:
+        return self.manifest.get("mode", "inference")
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest.get("dtype", "float32")
+
+    @property
+    def running_var(self) -> str:
+        return self.manifest.get("running_var", "onnx")
+
+    @property
+    def target_name(self) -> str:
+        return str(self.manifest.get("target", {}).get("name", "?"))
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import tvm.runtime
+
+        arrays = validate_inputs(inputs, self.inputs)
+        dev = _tvm_device(self.device)
+        args = [tvm.runtime.tensor(arrays[spec.name], dev) for spec in self.inputs]
+        try:
+            result = self._vm["main"](*args)
+        except Exception as e:  # TVM raises its own error types for shape checks, OOM, launch failures
+            raise BndeployError(f"running {self.directory} on {self.device} failed: {_first_line(e)}") from None
+        values = list(result) if _is_sequence(result) else [result]
+        if len(values) != len(self.outputs):
+            raise ArtifactError(
+                f"{self.directory}: the library returned {len(values)} outputs, "
+                f"{MANIFEST_NAME} lists {len(self.outputs)}"
+            )
+        return {spec.name: value.numpy() for spec, value in zip(self.outputs, values)}
+
+
+def load_artifact(directory: str | Path, device: str | None = None) -> Artifact:
+    """Verify and load an artifact directory; ``device`` is "cpu", "cuda" or "cuda:N" (default: the
+    artifact's own device kind, index 0)."""
+    directory = Path(directory).absolute()
+    manifest = read_manifest(directory / MANIFEST_NAME, "artifact")
+    library = verified_library(directory, manifest)
+    device = select_device(manifest, device)
+    check_host_architecture(manifest, directory)
+    return Artifact(directory, manifest, device, _load_vm(library, device))
+
+
+def verified_library(directory: Path, manifest: dict) -> Path:
+    entry = manifest.get("library") or {}
+    name, expected = entry.get("file"), entry.get("sha256")
+    if not name or not expected:
+        raise ArtifactError(f"{directory / MANIFEST_NAME}: no library file/sha256 recorded")
+    path = directory / name
+    if not path.is_file():
+        raise ArtifactError(f"{path}: library file missing")
+    actual = sha256_of(path)
+    if actual != expected:
+        raise ArtifactError(
+            f"{path} changed since it was compiled (sha256 {actual[:12]}..., artifact.json records "
+            f"{expected[:12]}...); refusing to load it: re-compile the artifact"
+        )
+    return path
+
+
+def select_device(manifest: dict, requested: str | None) -> str:
+    """Normalise the requested device ("cpu", "cuda", "cuda:N") and check it suits the artifact and exists."""
+    built_for = str((manifest.get("target") or {}).get("device", "cpu"))
+    requested = requested or built_for
+    match = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", requested)
+    if not match:
+        raise BndeployError(f"unknown device {requested!r}; use cpu, cuda or cuda:N")
+    kind, index = match.group(1), int(match.group(2) or 0)
+    if kind != built_for:
+        raise BndeployError(f"this artifact was compiled for {built_for}; it cannot run on {requested}")
+    if kind == "cuda" and not _tvm_device(f"cuda:{index}").exist:
+        raise BndeployError(
+            f"this artifact needs a CUDA GPU (cuda:{index}) and none is available here "
+            "(no GPU, no driver libcuda, or a TVM runtime built without CUDA)"
+        )
+    return f"{kind}:{index}" if kind == "cuda" else "cpu"
+
+
+def check_host_architecture(manifest: dict, directory: Path) -> None:
+    target = manifest.get("target") or {}
+    triple = target.get("triple") or (target.get("tvm") or {}).get("mtriple")
+    if not triple:
+        return
+    wanted, here = normalise_arch(str(triple).split("-")[0]), machine_arch()
+    if wanted != here:
+        raise BndeployError(
+            f"{directory} was compiled for {triple} ({wanted}); this machine is {here}: "
+            "run it on a matching device or compile for this machine's target"
+        )
+
+
+def machine_arch() -> str:
+    return normalise_arch(platform.machine())
+
+
+def normalise_arch(arch: str) -> str:
+    arch = arch.lower()
+    if arch.startswith("armv7") or arch == "arm":
+        return "arm"
+    return _ARCH_ALIASES.get(arch, arch)
+
+
+def _load_vm(library: Path, device: str):
+    import tvm.runtime
+    from tvm.runtime.vm import VirtualMachine  # tvm.relax is absent from runtime-only installs
+
+    try:
+        module = tvm.runtime.load_module(str(library))
+        return VirtualMachine(module, _tvm_device(device))
+    except Exception as e:
+        raise ArtifactError(f"{library}: TVM could not load it: {_first_line(e)}") from None
+
+
+def _tvm_device(device: str):
+    import tvm.runtime
+
+    kind, _, index = device.partition(":")
+    return tvm.runtime.cuda(int(index or 0)) if kind == "cuda" else tvm.runtime.cpu(0)
+
+
+def _is_sequence(value) -> bool:
+    return not hasattr(value, "numpy") and hasattr(value, "__len__")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
