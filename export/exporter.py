@@ -16,7 +16,7 @@ from bndeploy.errors import BndeployError, UnsupportedModelError
 from bndeploy.export import onnx_graph, validate
 from bndeploy.export.loader import LoadedModel
 from bndeploy.export.onnx_graph import BatchNormInfo
-from bndeploy.export.reference import ReferenceRun, output_names, run_reference
+from bndeploy.export.reference import ReferenceRun, run_reference
 from bndeploy.files import atomic_directory, manifest_header, sha256_of, write_json
 
 MODES = ("inference", "train")
@@ -42,7 +42,7 @@ def export(model: LoadedModel, out: str | Path, settings: ExportSettings = Expor
         _refuse_random_training_ops(model.module)
     input_names = _input_names(model.module, len(model.inputs))
     references = {mode: _reference(model, infos, mode == "train") for mode in settings.modes}
-    base = _export_eval_copy(model, input_names, settings.dynamic_batch, len(references[settings.modes[0]].outputs))
+    base = _export_eval_copy(model, input_names, settings.dynamic_batch, references[settings.modes[0]].model_output_names)
     written = {}
     with atomic_directory(out, settings.force) as tmp:
         for mode in settings.modes:
@@ -63,12 +63,13 @@ def build_mode(base: onnx.ModelProto, module: nn.Module, infos: list[BatchNormIn
     return validate.check_onnx(onnx_model)
 
 
-def _export_eval_copy(model: LoadedModel, input_names: list[str], dynamic_batch: bool, n_outputs: int) -> onnx.ModelProto:
+def _export_eval_copy(model: LoadedModel, input_names: list[str], dynamic_batch: bool,
+                      output_names: list[str]) -> onnx.ModelProto:
     eval_copy = copy.deepcopy(model.module).eval()
     base = onnx_graph.torch_to_onnx(eval_copy, model.inputs, input_names, dynamic_batch)
     parameters = {name for name, _ in model.module.named_parameters()}
     onnx_graph.drop_zero_conv_bias(base, parameters)
-    return onnx_graph.rename_outputs(base, output_names(n_outputs))
+    return onnx_graph.rename_outputs(base, output_names)
 
 
 def _reference(model: LoadedModel, infos: list[BatchNormInfo], training: bool) -> ReferenceRun:

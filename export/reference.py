@@ -25,6 +25,10 @@ class ReferenceRun:
     spec: dict[str, np.ndarray] = field(default_factory=dict)      # spec/<name>, running statistics only
     batch_counts: dict[str, int] = field(default_factory=dict)     # elements per channel, per BN module
 
+    @property
+    def model_output_names(self) -> list[str]:
+        return [name for name in self.outputs if name not in self.spec]
+
 
 def model_outputs(result) -> list[torch.Tensor]:
     if isinstance(result, torch.Tensor):
