@@ -1,0 +1,236 @@
+"""``bndeploy pipeline``: export -> compile -> run and check, for the embedded default or a user's model.
+
+With no arguments it runs the seed BatchNorm2d, the conv->BN blocks and the small trained CNN, each in
+inference and train mode, compiled for the host CPU (and CUDA when nvcc is present: compiled, and run
+when a GPU is present), and prints one summary table. The stages talk only through their directories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bndeploy.errors import BndeployError
+from bndeploy.files import write_json
+
+MARKER = ".bndeploy-pipeline"
+EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    models: tuple[str, ...] = ()              # empty: the embedded default models
+    modes: tuple[str, ...] = ("inference", "train")
+    targets: tuple[str, ...] = ()             # empty: cpu, plus cuda when nvcc is installed
+    out: Path = Path("bndeploy-out")
+    force: bool = False
+    timing_rounds: int = 10
+
+
+@dataclass
+class Row:
+    model: str
+    mode: str
+    target: str
+    folded: str = ""          # "folded/total" BatchNorms
+    max_error: float | None = None
+    result: str = "error"     # pass | FAIL | compiled | error
+    bndeploy_ms: float | None = None
+    onnxruntime_ms: float | None = None
+    detail: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.bndeploy_ms is None or not self.onnxruntime_ms:
+            return None
+        return self.bndeploy_ms / self.onnxruntime_ms
+
+
+@dataclass
+class PipelineResult:
+    rows: list[Row] = field(default_factory=list)
+    out: Path = Path()
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if any(r.result == "error" for r in self.rows):
+            return EXIT_ERROR
+        return EXIT_MISMATCH if any(r.result == "FAIL" for r in self.rows) else EXIT_OK
+
+    def table(self) -> str:
+        header = ("model", "mode", "target", "BN folded", "max |err|", "result", "bndeploy ms", "ORT ms", "ratio")
+        lines = [header] + [_cells(r) for r in self.rows]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+        text.insert(1, "  ".join("-" * w for w in widths))
+        notes = [f"{r.model}/{r.mode}/{r.target}: {r.detail}" for r in self.rows if r.detail]
+        verdict = {EXIT_OK: "PASS", EXIT_MISMATCH: "FAIL (mismatch)", EXIT_ERROR: "ERROR"}[self.exit_code]
+        return "\n".join(text + [""] + notes + [f"result: {verdict} in {self.seconds:.1f} s; outputs in {self.out}"])
+
+
+def _cells(r: Row) -> tuple[str, ...]:
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    return (r.model, r.mode, r.target, r.folded or "-", fmt(r.max_error, ".2e"), r.result,
+            fmt(r.bndeploy_ms, ".3f"), fmt(r.onnxruntime_ms, ".3f"), fmt(r.ratio, ".2f"))
+
+
+def run_pipeline(settings: PipelineSettings = PipelineSettings(), user_model=None, progress=None) -> PipelineResult:
+    """Run every (model, mode, target); ``user_model`` is a ``bndeploy.export.LoadedModel`` to use instead."""
+    from bndeploy.export import DEFAULT_PIPELINE_MODELS, load_model
+
+    say = progress or (lambda message: None)
+    start = time.perf_counter()
+    out = _prepare_output(Path(settings.out), settings.force)
+    targets = settings.targets or default_targets()
+    result = PipelineResult(out=out.absolute())
+    names = [user_model.name] if user_model is not None else list(settings.models or DEFAULT_PIPELINE_MODELS)
+    for name in names:
+        say(f"{name}: export")
+        try:
+            loaded = user_model if user_model is not None else load_model(name)
+            exports = _export(loaded, out / name / "export", settings.modes)
+        except Exception as e:  # one broken model must not hide the others' results
+            result.rows += [Row(name, mode, "-", detail=f"export: {_describe(e)}") for mode in settings.modes]
+            continue
+        for mode in settings.modes:
+            result.rows += _compile_and_check(name, mode, exports[mode], targets, out / name / mode, settings, say)
+    result.seconds = time.perf_counter() - start
+    (out / "summary.txt").write_text(result.table() + "\n")
+    write_json(out / "summary.json", {"exit_code": result.exit_code, "seconds": result.seconds,
+                                      "rows": [asdict(r) | {"ratio": r.ratio} for r in result.rows]})
+    return result
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, BndeployError):
+        return str(error)
+    return f"internal error: {type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+
+
+def default_targets() -> tuple[str, ...]:
+    return ("cpu", "cuda") if shutil.which("nvcc") else ("cpu",)
+
+
+def _prepare_output(out: Path, force: bool) -> Path:
+    """The pipeline owns its output folder: it replaces one it made before, anything else only with force."""
+    if out.exists() and not (out / MARKER).exists() and any(out.iterdir()) and not force:
+        raise BndeployError(f"{out} exists and was not made by bndeploy pipeline; pass --force or another --out")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("made by bndeploy pipeline; replaced by its next run\n")
+    return out
+
+
+def _export(loaded, out: Path, modes) -> dict[str, Path]:
+    from bndeploy.export import ExportSettings, export
+
+    return export(loaded, out, ExportSettings(modes=tuple(modes)))
+
+
+def _compile_and_check(name, mode, export_dir: Path, targets, out: Path, settings, say) -> list[Row]:
+    from bndeploy.compile import CompileSettings, compile_model
+
+    rows = []
+    for target in targets:
+        row = Row(name, mode, target)
+        rows.append(row)
+        say(f"{name}/{mode}: compile for {target}")
+        try:
+            artifact = compile_model(export_dir / "model.onnx", [target], out / target, CompileSettings())[0]
+        except Exception as e:  # one broken model must not hide the others' results
+            row.detail = f"compile: {_describe(e)}"
+            continue
+        row.folded = _folded(artifact)
+        _check(row, artifact, out / f"{target}.report", settings.timing_rounds, say)
+    return rows
+
+
+def _folded(artifact: Path) -> str:
+    fusion = json.loads((artifact / "artifact.json").read_text()).get("fusion", [])
+    return f"{sum(1 for f in fusion if f.get('folded'))}/{len(fusion)}"
+
+
+def _check(row: Row, artifact: Path, report_prefix: Path, rounds: int, say) -> None:
+    from bndeploy.runtime import check, load_artifact
+
+    if not _device_available(artifact):
+        row.result, row.detail = "compiled", "not run: no CUDA device on this machine"
+        return
+    say(f"{row.model}/{row.mode}: check on {row.target}")
+    try:
+        report = check(artifact)
+    except Exception as e:  # one broken artifact must not hide the others' results
+        row.detail = f"check: {_describe(e)}"
+        return
+    report.write_json(report_prefix.with_suffix(".json"))
+    report.write_junit(report_prefix.with_suffix(".junit.xml"))
+    row.result = "pass" if report.passed else "FAIL"
+    row.max_error = max((c.max_abs_error for c in report.comparisons), default=None)
+    if not report.passed:
+        row.detail = "; ".join(c.title for c in report.failures) + f" (see {report_prefix.with_suffix('.json')})"
+    row.bndeploy_ms, row.onnxruntime_ms = _latency(load_artifact(artifact), rounds)
+
+
+def _device_available(artifact: Path) -> bool:
+    manifest = json.loads((artifact / "artifact.json").read_text())
+    if manifest["target"]["device"] != "cuda":
+        return True
+    import tvm
+
+    return bool(tvm.cuda(0).exist)
+
+
+def _latency(artifact, rounds: int) -> tuple[float, float]:
+    import numpy as np
+    import onnxruntime as ort
+
+    from bndeploy.runtime.sources import load_export_references
+    from bndeploy.timing import interleaved_medians_ms
+
+    feed = load_export_references(artifact.manifest, artifact.directory).inputs()
+    session = ort.InferenceSession(artifact.manifest["source"]["onnx"], providers=["CPUExecutionProvider"])
+    medians = interleaved_medians_ms({"bndeploy": lambda: artifact.run(feed),
+                                      "onnxruntime": lambda: session.run(None, feed)}, rounds=rounds)
+    return medians["bndeploy"], medians["onnxruntime"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pipeline", help="export, compile, run and check: the embedded default or your model",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("model", nargs="*", help="reference model names or one file.py:factory / model.pt "
+                   "(default: the embedded default set)")
+    p.add_argument("--mode", choices=["inference", "train", "both"], default="both")
+    p.add_argument("--target", action="append", default=[], help="compile target (repeatable; default: cpu, "
+                   "plus cuda when nvcc is installed)")
+    p.add_argument("--input-shape", action="append", default=None, help="input shape for your own model")
+    p.add_argument("--weights", help="state_dict for file.py:factory")
+    p.add_argument("--out", default="bndeploy-out", help="output folder (default: ./bndeploy-out)")
+    p.add_argument("--force", action="store_true", help="replace an --out folder not made by the pipeline")
+    p.add_argument("--rounds", type=int, default=10, help="timing rounds per artifact")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bndeploy.export import REFERENCE_MODELS, load_model, parse_shape
+
+    user = [m for m in args.model if m not in REFERENCE_MODELS]
+    if user and len(args.model) > 1:
+        raise BndeployError("give either reference model names or one model of your own, not both")
+    user_model = None
+    if user:
+        shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape else None
+        user_model = load_model(user[0], shapes, args.weights)
+    modes = ("inference", "train") if args.mode == "both" else (args.mode,)
+    settings = PipelineSettings(models=tuple(args.model) if not user else (), modes=modes,
+                                targets=tuple(args.target), out=Path(args.out), force=args.force,
+                                timing_rounds=args.rounds)
+    result = run_pipeline(settings, user_model, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(result.table())
+    return result.exit_code
