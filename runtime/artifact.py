@@ -60,7 +60,7 @@ class Artifact:
         try:
             result = self._vm["main"](*args)
         except Exception as e:  # TVM raises its own error types for shape checks, OOM, launch failures
-            raise BndeployError(f"running {self.directory} on {self.device} failed: {_first_line(e)}") from None
+            raise BndeployError(f"running {self.directory} on {self.device} failed: {_error_summary(e)}") from None
         values = list(result) if _is_sequence(result) else [result]
         if len(values) != len(self.outputs):
             raise ArtifactError(
@@ -148,7 +148,7 @@ def _load_vm(library: Path, device: str):
         module = tvm.runtime.load_module(str(library))
         return VirtualMachine(module, _tvm_device(device))
     except Exception as e:
-        raise ArtifactError(f"{library}: TVM could not load it: {_first_line(e)}") from None
+        raise ArtifactError(f"{library}: TVM could not load it: {_error_summary(e)}") from None
 
 
 def _tvm_device(device: str):
@@ -162,6 +162,7 @@ def _is_sequence(value) -> bool:
     return not hasattr(value, "numpy") and hasattr(value, "__len__")
 
 
-def _first_line(error: Exception) -> str:
+def _error_summary(error: Exception) -> str:
+    """TVM errors carry a C++ backtrace before the message: keep the last line, the message."""
     text = str(error).strip()
     return text.splitlines()[-1] if text else type(error).__name__

@@ -77,8 +77,8 @@ class Comparison:
         ]
         if self.worst_index is not None and self.max_abs_error > 0:
             lines.append(
-                f"worst at {list(self.worst_index)}: artifact {self.worst_actual!r} vs reference "
-                f"{self.worst_expected!r} (abs error {self.max_abs_error:.3g})"
+                f"worst at {list(self.worst_index)}: artifact {self.worst_actual:.7g} vs reference "
+                f"{self.worst_expected:.7g} (abs error {self.max_abs_error:.3g})"
             )
         if self.nan_mismatches or self.inf_mismatches:
             listed = ", ".join(str(list(p)) for p in self.nonfinite_positions)
@@ -136,7 +136,8 @@ def compare(
         return result
     a, b = actual.astype(np.float64), expected.astype(np.float64)
     finite = np.isfinite(a) & np.isfinite(b)
-    abs_error = np.where(finite, np.abs(a - b), 0.0) if a.size else np.zeros_like(a)
+    with np.errstate(invalid="ignore"):  # inf - inf at non-finite positions, masked out right here
+        abs_error = np.where(finite, np.abs(a - b), 0.0)
     within = np.where(finite, abs_error <= tolerance.atol + tolerance.rtol * np.abs(b), _nonfinite_agree(a, b))
     outside = ~within
 
@@ -145,7 +146,7 @@ def compare(
     _fill_errors(result, a, b, abs_error, finite)
     _fill_nonfinite(result, a, b, outside)
     _fill_channels(result, abs_error, outside, finite)
-    result.histogram = error_histogram(abs_error[finite])
+    result.histogram = error_histogram(abs_error[finite], include=tolerance.atol)
     return result
 
 
@@ -197,15 +198,17 @@ def _fill_channels(result: Comparison, abs_error, outside, finite) -> None:
     result.channel_mismatches = [int(v) for v in np.sum(outside, axis=others)]
 
 
-def error_histogram(abs_error: np.ndarray) -> dict:
-    """Counts of absolute errors in log-scale bins (BINS_PER_DECADE per decade); exact zeros apart."""
+def error_histogram(abs_error: np.ndarray, include: float | None = None) -> dict:
+    """Counts of absolute errors in log-scale bins (BINS_PER_DECADE per decade); exact zeros apart.
+    The bins span ``include`` (the atol, so a chart can show where the tolerance lies) when it is > 0."""
     abs_error = abs_error.ravel()
     positive = abs_error[abs_error > 0]
     histogram = {"exact": int(abs_error.size - positive.size), "edges": [], "counts": []}
-    if positive.size == 0:
+    span = np.concatenate([positive, [include] if include else []])
+    if span.size == 0:
         return histogram
-    low = max(SMALLEST_BIN_EDGE_EXP, math.floor(np.log10(positive.min()) * BINS_PER_DECADE) / BINS_PER_DECADE)
-    high = math.ceil(np.log10(positive.max()) * BINS_PER_DECADE) / BINS_PER_DECADE
+    low = max(SMALLEST_BIN_EDGE_EXP, math.floor(np.log10(span.min()) * BINS_PER_DECADE) / BINS_PER_DECADE)
+    high = math.ceil(np.log10(span.max()) * BINS_PER_DECADE) / BINS_PER_DECADE
     high = max(high, low + 1 / BINS_PER_DECADE)
     exponents = np.arange(low, high + 1e-9, 1 / BINS_PER_DECADE)
     edges = 10.0 ** exponents

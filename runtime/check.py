@@ -1,0 +1,164 @@
+"""check(): run an artifact and compare every output with the torch and/or onnxruntime references."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from bndeploy.errors import BndeployError
+from bndeploy.runtime.artifact import Artifact, load_artifact
+from bndeploy.runtime.compare import Comparison, compare
+from bndeploy.runtime.inputs import cast_floats_to, generate_inputs, load_inputs_file
+from bndeploy.runtime.report import Report
+from bndeploy.runtime.sources import ExportReferences, load_export_references, source_onnx_path
+from bndeploy.runtime.specs import TensorSpec
+from bndeploy.runtime.tolerance import ToleranceSpec, Tolerances, resolve_tolerances
+
+REFERENCES = ("torch", "onnxruntime")
+RECORDED_INPUTS = "the export's recorded inputs (reference.npz)"
+
+InputsSpec = Mapping[str, np.ndarray] | str | Path | None
+
+
+def check(
+    artifact_dir: str | Path,
+    against: Sequence[str] = REFERENCES,
+    tolerances: ToleranceSpec = None,
+    inputs: InputsSpec = None,
+    seed: int | None = None,
+    device: str | None = None,
+) -> Report:
+    """Run the artifact once and compare each output with each reference in ``against``.
+
+    References: "torch" = what PyTorch produced at export time (reference.npz; needs the export's own
+    inputs, and no torch here); "onnxruntime" = the source ONNX run by ORT on the same inputs.
+    ``inputs``: a dict of arrays, an .npz/.npy path, or None for the export's recorded inputs;
+    ``seed`` generates inputs instead. ``tolerances``: None (documented defaults for the artifact's
+    dtype and mode), one Tolerance for all outputs, a Tolerances, or {output: Tolerance | (atol, rtol)}.
+    """
+    against = validate_against(against)
+    artifact = load_artifact(artifact_dir, device)
+    feed, inputs_source, export = choose_inputs(artifact, inputs, seed)
+    if "torch" in against and inputs_source != RECORDED_INPUTS:
+        raise BndeployError(
+            f"torch references exist only for the export's recorded inputs, not for inputs {inputs_source}; "
+            "check those against onnxruntime only"
+        )
+    # The export's inputs are fp32; an fp16 artifact takes them rounded (ORT still gets the originals).
+    actual = artifact.run(cast_floats_to(feed, artifact.inputs) if inputs_source == RECORDED_INPUTS else feed)
+    outputs = outputs_with_roles(artifact, export)
+    tols = resolve_tolerances(tolerances, artifact.dtype, artifact.mode, [o.name for o in outputs])
+    report = Report(
+        artifact=str(artifact.directory),
+        device=artifact.device,
+        target=artifact.target_name,
+        mode=artifact.mode,
+        dtype=artifact.dtype,
+        inputs_source=inputs_source,
+        against=against,
+    )
+    if "torch" in against:
+        report.comparisons += compare_with_torch(artifact, outputs, actual, export, tols)
+        report.notes += running_var_notes(artifact, outputs, export)
+    if "onnxruntime" in against:
+        comparisons, notes = compare_with_onnxruntime(artifact, outputs, actual, feed, tols)
+        report.comparisons += comparisons
+        report.notes += notes
+    return report
+
+
+def validate_against(against: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(against, str):
+        against = [a for a in against.split(",") if a]
+    unknown = [a for a in against if a not in REFERENCES]
+    if unknown or not against:
+        raise BndeployError(f"unknown reference(s) {unknown or against!r}; choose from {', '.join(REFERENCES)}")
+    return tuple(dict.fromkeys(against))
+
+
+def choose_inputs(
+    artifact: Artifact, inputs: InputsSpec = None, seed: int | None = None
+) -> tuple[dict[str, np.ndarray], str, ExportReferences | None]:
+    """The inputs to run with, where they came from (in words), and the export when it was read."""
+    if inputs is not None and seed is not None:
+        raise BndeployError("give inputs or a seed, not both")
+    if isinstance(inputs, (str, Path)):
+        return load_inputs_file(inputs, artifact.inputs), f"from {inputs}", None
+    if inputs is not None:
+        return dict(inputs), "given by the caller", None
+    if seed is not None:
+        return generate_inputs(artifact.inputs, seed), f"generated from seed {seed}", None
+    export = load_export_references(artifact.manifest, artifact.directory)
+    return export.inputs(), RECORDED_INPUTS, export
+
+
+def outputs_with_roles(artifact: Artifact, export: ExportReferences | None) -> list[TensorSpec]:
+    """The artifact's outputs, with role/batchnorm/batch_count filled in from the export where missing."""
+    known = {o.name: o for o in export.outputs()} if export is not None else {}
+    merged = []
+    for spec in artifact.outputs:
+        source = known.get(spec.name)
+        if source is not None:
+            spec = dataclasses.replace(
+                spec,
+                role=spec.role or source.role,
+                batchnorm=spec.batchnorm or source.batchnorm,
+                batch_count=spec.batch_count or source.batch_count,
+            )
+        merged.append(spec)
+    return merged
+
+
+def torch_reference_key(artifact: Artifact, spec: TensorSpec) -> str:
+    """running_var follows the ONNX spec (spec/) unless the artifact implements torch's update."""
+    prefix = "spec" if spec.role == "running_var" and artifact.running_var == "onnx" else "torch"
+    return f"{prefix}/{spec.name}"
+
+
+def compare_with_torch(artifact, outputs, actual, export: ExportReferences, tols: Tolerances) -> list[Comparison]:
+    comparisons = []
+    for spec in outputs:
+        key = torch_reference_key(artifact, spec)
+        expected = export.get(*key.split("/", 1))
+        comparisons.append(compare(actual[spec.name], expected, tols.for_output(spec.name), spec.name, "torch", key))
+    return comparisons
+
+
+def running_var_notes(artifact, outputs, export: ExportReferences) -> list[str]:
+    """The population-vs-unbiased difference, stated with its size: expected, not a failure."""
+    notes = []
+    for spec in outputs:
+        if spec.role != "running_var" or not (export.has("torch", spec.name) and export.has("spec", spec.name)):
+            continue
+        gap = np.max(np.abs(export.get("torch", spec.name).astype(np.float64) - export.get("spec", spec.name)))
+        n = spec.batch_count if spec.batch_count is not None else "unknown"
+        follows = "the ONNX spec" if artifact.running_var == "onnx" else "PyTorch"
+        notes.append(
+            f"running_var: ONNX uses the population variance, PyTorch the unbiased one (n/(n-1), n={n}): "
+            f"torch's own value differs from the ONNX spec by max {gap:.3g} "
+            f"[{spec.name}: the artifact follows {follows}, so it is compared against {torch_reference_key(artifact, spec)}]"
+        )
+    return notes
+
+
+def compare_with_onnxruntime(artifact, outputs, actual, feed, tols: Tolerances) -> tuple[list[Comparison], list[str]]:
+    from bndeploy.runtime.onnxruntime_reference import run_onnxruntime
+
+    expected = run_onnxruntime(source_onnx_path(artifact.manifest, artifact.directory), feed)
+    comparisons, notes = [], []
+    for spec in outputs:
+        if spec.role == "running_var" and artifact.running_var == "torch":
+            notes.append(
+                f"{spec.name} vs onnxruntime: skipped; onnxruntime follows the ONNX spec (population variance) "
+                "while this artifact implements PyTorch's unbiased update, so it is compared against torch only"
+            )
+            continue
+        if spec.name not in expected:
+            raise BndeployError(f"the source ONNX model has no output {spec.name!r} (it has {', '.join(expected)})")
+        comparisons.append(
+            compare(actual[spec.name], expected[spec.name], tols.for_output(spec.name), spec.name, "onnxruntime", "onnxruntime")
+        )
+    return comparisons, notes

@@ -1,0 +1,104 @@
+"""`bndeploy run` and `bndeploy check`: thin layers over load_artifact/Artifact.run and check()."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bndeploy.errors import BndeployError
+from bndeploy.runtime.artifact import load_artifact
+from bndeploy.runtime.check import REFERENCES, check, choose_inputs
+from bndeploy.runtime.tolerance import Tolerance, Tolerances, default_tolerance, parse_tolerance_option
+
+
+def register(sub) -> None:
+    run = sub.add_parser("run", help="run a compiled artifact on inputs and save its outputs")
+    _add_common(run)
+    run.add_argument("--out", required=True, help="output .npz, one array per ONNX output name")
+    run.set_defaults(func=run_command)
+
+    chk = sub.add_parser("check", help="compare an artifact's outputs with the torch/onnxruntime references")
+    _add_common(chk)
+    chk.add_argument("--against", default=",".join(REFERENCES), help="comma-separated references (default: %(default)s)")
+    chk.add_argument("--atol", type=float, help="absolute tolerance for every output (default: per dtype and mode)")
+    chk.add_argument("--rtol", type=float, help="relative tolerance for every output (default: per dtype and mode)")
+    chk.add_argument("--tol", action="append", default=[], metavar="NAME=ATOL,RTOL", help="tolerance for one output (repeatable)")
+    chk.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
+    chk.add_argument("--junit", type=Path, metavar="FILE", help="write a JUnit XML report (one testcase per output and reference)")
+    chk.add_argument("--html", type=Path, metavar="FILE", help="write a self-contained HTML report with error charts")
+    chk.add_argument("-q", "--quiet", action="store_true", help="print only the result line")
+    chk.set_defaults(func=check_command)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("artifact", type=Path, help="artifact directory (artifact.json + library)")
+    parser.add_argument("--inputs", type=Path, help=".npz keyed by input name, or .npy for a single input (default: the export's recorded inputs)")
+    parser.add_argument("--seed", type=int, help="generate inputs from this seed instead")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the artifact's device)")
+
+
+def run_command(args) -> int:
+    artifact = load_artifact(args.artifact, args.device)
+    inputs, source, _ = choose_inputs(artifact, args.inputs, args.seed)
+    outputs = artifact.run(inputs)
+    save_npz(args.out, outputs)
+    described = ", ".join(f"{name} {a.dtype}{list(a.shape)}" for name, a in outputs.items())
+    print(f"wrote {len(outputs)} outputs to {args.out} ({described}); inputs {source}")
+    return 0
+
+
+def check_command(args) -> int:
+    report = check(
+        args.artifact,
+        against=args.against,
+        tolerances=_tolerances_from_args(args),
+        inputs=args.inputs,
+        seed=args.seed,
+        device=args.device,
+    )
+    print(report.summary().splitlines()[-1] if args.quiet else report.summary())
+    for path, write in ((args.json, report.write_json), (args.junit, report.write_junit), (args.html, report.write_html)):
+        if path is not None:
+            write(path)
+    return report.exit_code
+
+
+def _tolerances_from_args(args) -> Tolerances | None:
+    per_output = dict(parse_tolerance_option(text) for text in args.tol)
+    if args.atol is None and args.rtol is None:
+        return Tolerances(default=_artifact_default(args), per_output=per_output) if per_output else None
+    base = _artifact_default(args)
+    default = Tolerance(
+        atol=base.atol if args.atol is None else args.atol,
+        rtol=base.rtol if args.rtol is None else args.rtol,
+    )
+    return Tolerances(default=default, per_output=per_output)
+
+
+def _artifact_default(args) -> Tolerance:
+    from bndeploy.files import read_manifest
+
+    manifest = read_manifest(Path(args.artifact) / "artifact.json", "artifact")
+    return default_tolerance(manifest.get("dtype", "float32"), manifest.get("mode", "inference"))
+
+
+def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write atomically: a reader never sees a half-written file."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise BndeployError(f"--out must end in .npz, got {path}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent.absolute())
+    except OSError as e:
+        raise BndeployError(f"cannot write {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

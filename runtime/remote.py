@@ -1,0 +1,419 @@
+"""Run a compiled artifact on another machine (a Raspberry Pi, a Jetson) through TVM RPC.
+
+The client side (``run_remote``, ``RemoteArtifact``, ``remote_runner``) verifies the artifact here,
+uploads its library to the device, runs it there through the Relax VM and pulls the outputs back by
+ONNX output name. The device side (``start_server``, ``start_tracker``) is what
+``bndeploy device serve`` / ``bndeploy device tracker`` run: TVM's RPC server and tracker started in
+this process, which also works under qemu-user where TVM's stock ``rpc_server`` (it re-executes
+the interpreter) fails.
+
+Every remote exchange runs under one deadline (``RpcEndpoint.timeout``): a refused connection, a
+tracker without a free device, a device that stops answering, all end in a ``BndeployError`` within
+that time, never a hang. Imports only TVM's runtime and numpy.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from bndeploy.errors import ArtifactError, BndeployError
+from bndeploy.files import read_manifest
+from bndeploy.runtime.artifact import MANIFEST_NAME, Artifact, verified_library
+from bndeploy.runtime.inputs import validate_inputs
+from bndeploy.runtime.specs import TensorSpec, specs_from_manifest
+
+DEFAULT_TIMEOUT = 120.0  # seconds for a whole remote run: connect, upload, load, run, download
+DEFAULT_SERVER_PORT = 9090
+DEFAULT_TRACKER_PORT = 9190
+REMOTE_DEVICES = ("cpu", "cuda")
+
+Runner = Callable[[Path, Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the device is
+
+
+@dataclass(frozen=True)
+class RpcEndpoint:
+    """A device reached through a tracker (``key`` names the device kind there) or a server directly.
+
+    ``timeout`` bounds a whole remote run in seconds; the server is also told to end the session then.
+    """
+
+    host: str
+    port: int
+    key: str = ""
+    via_tracker: bool = False
+    timeout: float = DEFAULT_TIMEOUT
+
+    @classmethod
+    def tracker(cls, address: str, key: str, timeout: float = DEFAULT_TIMEOUT) -> "RpcEndpoint":
+        """``address`` is the tracker's HOST:PORT; ``key`` the one the device's server registered with."""
+        if not key:
+            raise BndeployError("a tracker needs the device key (--key) the device's server registered with")
+        host, port = parse_address(address, "tracker")
+        return cls(host, port, key, True, _positive_timeout(timeout))
+
+    @classmethod
+    def server(cls, address: str, key: str = "", timeout: float = DEFAULT_TIMEOUT) -> "RpcEndpoint":
+        """``address`` is the RPC server's HOST:PORT (a server started without --tracker)."""
+        host, port = parse_address(address, "RPC server")
+        return cls(host, port, key, False, _positive_timeout(timeout))
+
+    def describe(self) -> str:
+        if self.via_tracker:
+            return f"tracker {self.host}:{self.port}, key {self.key!r}"
+        return f"RPC server {self.host}:{self.port}"
+
+
+def parse_address(address: str, what: str) -> tuple[str, int]:
+    """HOST:PORT -> (host, port), with an error that names the bad part."""
+    host, sep, port = str(address).strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BndeployError(f"{what} address {address!r} is not HOST:PORT (e.g. 192.168.1.20:9190)")
+    return host.strip("[]"), int(port)
+
+
+def _positive_timeout(timeout: float) -> float:
+    if not timeout or timeout <= 0 or math.isinf(timeout):
+        raise BndeployError(f"the RPC timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+# --------------------------------------------------------------------------------------------------
+# Client: run an artifact on the device
+
+
+class RemoteArtifact(Artifact):
+    """An artifact verified here and run on a remote device: the same interface as ``Artifact``
+    (manifest, inputs, outputs, mode, dtype, ``run``), so ``check`` can use either."""
+
+    def __init__(self, directory: Path, manifest: dict, library: Path, endpoint: RpcEndpoint) -> None:
+        self.kind = remote_device_kind(manifest, directory)
+        super().__init__(directory, manifest, f"{self.kind} via {endpoint.describe()}", vm=None)
+        self.library = library
+        self.endpoint = endpoint
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = validate_inputs(inputs, self.inputs)
+        what = f"running {self.directory.name} on the device ({self.endpoint.describe()})"
+        return call_with_deadline(lambda deadline: self._exchange(arrays, deadline), self.endpoint.timeout, what)
+
+    def _exchange(self, arrays: dict[str, np.ndarray], deadline: float) -> dict[str, np.ndarray]:
+        session = open_session(self.endpoint, deadline)
+        module = upload_library(session, self.library, self.manifest)
+        values = run_on_device(session, module, self.kind, [arrays[s.name] for s in self.inputs], self.directory)
+        return outputs_by_name(values, self.outputs, self.directory)
+
+
+def open_remote_artifact(artifact_dir: str | Path, endpoint: RpcEndpoint) -> RemoteArtifact:
+    """Read artifact.json and verify the library's sha256 here; nothing is sent before that."""
+    directory = Path(artifact_dir).absolute()
+    manifest = read_manifest(directory / MANIFEST_NAME, "artifact")
+    library = verified_library(directory, manifest)
+    return RemoteArtifact(directory, manifest, library, endpoint)
+
+
+def run_remote(artifact_dir: str | Path, inputs: Mapping[str, np.ndarray], endpoint: RpcEndpoint) -> dict[str, np.ndarray]:
+    """Verify the artifact, run it once on the device behind ``endpoint``, return outputs by ONNX name."""
+    return open_remote_artifact(artifact_dir, endpoint).run(inputs)
+
+
+def remote_runner(endpoint: RpcEndpoint) -> Runner:
+    """``runner(artifact_dir, inputs) -> outputs`` that runs on the device behind ``endpoint``."""
+
+    def runner(artifact_dir: Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return run_remote(artifact_dir, inputs, endpoint)
+
+    return runner
+
+
+def remote_device_kind(manifest: dict, directory: Path) -> str:
+    kind = str((manifest.get("target") or {}).get("device", "cpu"))
+    if kind not in REMOTE_DEVICES:
+        raise ArtifactError(f"{directory / MANIFEST_NAME}: unknown device kind {kind!r} (expected cpu or cuda)")
+    return kind
+
+
+# Steps of one remote run (each called inside call_with_deadline's worker thread).
+
+
+def open_session(endpoint: RpcEndpoint, deadline: float):
+    """An RPC session with the device; the server ends it by itself after the endpoint's timeout."""
+    from tvm import rpc
+
+    if endpoint.via_tracker:
+        host, port, key = request_device(endpoint, deadline)
+        where = f"device {host}:{port} (given by the {endpoint.describe()})"
+    else:
+        host, port, key = endpoint.host, endpoint.port, endpoint.key
+        where = endpoint.describe()
+    try:
+        return rpc.connect(host, port, key, session_timeout=math.ceil(endpoint.timeout))
+    except Exception as e:  # TVM raises InternalError/RPCError with C++ text
+        raise BndeployError(f"cannot open an RPC session with {where}: {connection_problem(host, port, e, deadline)}") from None
+
+
+def upload_library(session, library: Path, manifest: dict):
+    """Upload the library under a name unique to its content and load it on the device."""
+    remote_name = f"bndeploy-{manifest['library']['sha256'][:16]}.so"
+    try:
+        session.upload(str(library), target=remote_name)
+    except Exception as e:
+        raise BndeployError(f"uploading {library} to the device failed: {first_line(e)}") from None
+    try:
+        return session.load_module(remote_name)
+    except Exception as e:
+        target = manifest.get("target") or {}
+        raise BndeployError(
+            f"the device could not load {library} (compiled for target {target.get('name', '?')}, "
+            f"{target.get('triple') or 'this machine'}): {first_line(e)}; compile for the device's CPU "
+            "(e.g. --target cortex-a72 for a Raspberry Pi 4, cortex-a78ae for a Jetson Orin)"
+        ) from None
+
+
+def run_on_device(session, module, kind: str, arrays: list[np.ndarray], directory: Path) -> list:
+    import tvm.runtime
+    from tvm.runtime.vm import VirtualMachine  # tvm.relax is absent from runtime-only installs
+
+    try:
+        device = session.cpu(0) if kind == "cpu" else session.cuda(0)
+        vm = VirtualMachine(module, device)
+        args = [tvm.runtime.tensor(array, device) for array in arrays]
+        result = vm["main"](*args)
+        values = list(result) if _is_sequence(result) else [result]
+        return [value.numpy() for value in values]
+    except Exception as e:
+        raise BndeployError(f"running {directory} on the device's {kind} failed: {first_line(e)}") from None
+
+
+def outputs_by_name(values: list[np.ndarray], specs: list[TensorSpec], directory: Path) -> dict[str, np.ndarray]:
+    if len(values) != len(specs):
+        raise ArtifactError(
+            f"{directory}: the library returned {len(values)} outputs on the device, {MANIFEST_NAME} lists {len(specs)}"
+        )
+    return {spec.name: value for spec, value in zip(specs, values)}
+
+
+# Tracker protocol (TVM's JSON messages), on a Python socket so every wait has a timeout.
+
+
+def request_device(endpoint: RpcEndpoint, deadline: float) -> tuple[str, int, str]:
+    """Ask the tracker for a free device with the endpoint's key: (host, port, match key)."""
+    from tvm.rpc import base
+
+    try:
+        sock = tracker_socket(endpoint, deadline)
+    except OSError as e:
+        raise BndeployError(f"cannot reach the {endpoint.describe()}: {socket_problem(e)}") from None
+    try:
+        base.sendjson(sock, [base.TrackerCode.REQUEST, endpoint.key, "", 1])
+        answer = base.recvjson(sock)
+    except TimeoutError:
+        raise BndeployError(
+            f"the {endpoint.describe()} gave no free device within {endpoint.timeout:g} s; "
+            f"{tracker_keys_hint(endpoint)}"
+        ) from None
+    except OSError as e:
+        raise BndeployError(f"the {endpoint.describe()} dropped the request: {socket_problem(e)}") from None
+    finally:
+        sock.close()
+    if not isinstance(answer, list) or answer[0] != base.TrackerCode.SUCCESS:
+        raise BndeployError(f"the {endpoint.describe()} refused the request: {answer!r}")
+    host, port, match_key = answer[1]
+    return str(host), int(port), str(match_key)
+
+
+def tracker_socket(endpoint: RpcEndpoint, deadline: float) -> socket.socket:
+    """A connected tracker socket whose every operation times out at the deadline."""
+    import struct
+
+    from tvm.rpc import base
+
+    sock = socket.create_connection((endpoint.host, endpoint.port), timeout=remaining(deadline))
+    try:
+        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+        magic = struct.unpack("<i", base.recvall(sock, 4))[0]
+    except BaseException:
+        sock.close()
+        raise
+    if magic != base.RPC_TRACKER_MAGIC:
+        sock.close()
+        raise BndeployError(f"{endpoint.host}:{endpoint.port} answered but is not a TVM RPC tracker")
+    sock.settimeout(remaining(deadline))
+    return sock
+
+
+def tracker_summary(host: str, port: int, timeout: float = 10.0) -> dict:
+    """The tracker's {"queue_info": {key: {"free", "pending"}}, "server_info": [...]}."""
+    from tvm.rpc import base
+
+    endpoint = RpcEndpoint(host, port, via_tracker=True, timeout=timeout)
+    try:
+        sock = tracker_socket(endpoint, time.monotonic() + timeout)
+    except OSError as e:
+        raise BndeployError(f"cannot reach the tracker {host}:{port}: {socket_problem(e)}") from None
+    try:
+        base.sendjson(sock, [base.TrackerCode.SUMMARY])
+        answer = base.recvjson(sock)
+    except OSError as e:
+        raise BndeployError(f"the tracker {host}:{port} did not answer a summary: {socket_problem(e)}") from None
+    finally:
+        sock.close()
+    if not isinstance(answer, list) or answer[0] != base.TrackerCode.SUCCESS:
+        raise BndeployError(f"the tracker {host}:{port} refused a summary: {answer!r}")
+    return answer[1]
+
+
+def registered_keys(summary: dict) -> dict[str, int]:
+    """{device key: number of servers registered} from a tracker summary."""
+    counts: dict[str, int] = {}
+    for server in summary.get("server_info", []):
+        key = str(server.get("key", "")).split(":", 1)[-1]
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def tracker_keys_hint(endpoint: RpcEndpoint) -> str:
+    try:
+        keys = registered_keys(tracker_summary(endpoint.host, endpoint.port, timeout=5.0))
+    except BndeployError:
+        return "the tracker did not answer a summary either"
+    if endpoint.key in keys:
+        return f"{keys[endpoint.key]} server(s) with that key are registered but busy (or dead and not yet dropped)"
+    known = ", ".join(f"{k!r} ({n})" for k, n in sorted(keys.items())) or "none"
+    return (f"no server is registered with key {endpoint.key!r} (keys there: {known}); start one on the device: "
+            f"bndeploy device serve --tracker {endpoint.host}:{endpoint.port} --key {endpoint.key}")
+
+
+# Deadline and error wording
+
+
+def call_with_deadline(work: Callable[[float], object], timeout: float, what: str):
+    """Run ``work(deadline)`` in a worker thread; give up after ``timeout`` seconds.
+
+    TVM's RPC client waits on its sockets without a timeout (a device that vanishes from the network
+    never answers); TVM's FFI releases the GIL, so the caller gets its error on time and the stuck
+    daemon thread is abandoned.
+    """
+    deadline = time.monotonic() + timeout
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work(deadline)
+        except BaseException as e:  # handed to the caller's thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=target, name="bndeploy-rpc", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise BndeployError(
+            f"{what}: no answer within {timeout:g} s (the device stopped answering, the network is down, "
+            "or the run needs longer: raise --rpc-timeout)"
+        )
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]
+
+
+def remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline passed")
+    return left
+
+
+def connection_problem(host: str, port: int, error: Exception, deadline: float) -> str:
+    """Why TVM's connect failed, in words: probe the address with a plain socket."""
+    try:
+        with socket.create_connection((host, port), timeout=min(5.0, max(remaining(deadline), 0.1))):
+            pass
+    except OSError as e:
+        return socket_problem(e)
+    return f"{first_line(error)} (the port accepts connections: is it a TVM RPC server, and is the key right?)"
+
+
+def socket_problem(error: OSError) -> str:
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused (nothing listens there: is `bndeploy device serve` running?)"
+    if isinstance(error, TimeoutError):
+        return "timed out (host down or unreachable, or a firewall drops the packets)"
+    if isinstance(error, socket.gaierror):
+        return f"unknown host ({error.strerror})"
+    return error.strerror or str(error) or type(error).__name__
+
+
+def first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
+
+
+def _is_sequence(value) -> bool:
+    return not hasattr(value, "numpy") and hasattr(value, "__len__")
+
+
+# --------------------------------------------------------------------------------------------------
+# Device side: the RPC server and the tracker, started in this process
+
+
+@dataclass
+class RunningService:
+    """A server or tracker listening in this process (its thread never returns while it serves)."""
+
+    what: str
+    host: str
+    port: int
+    thread: threading.Thread
+    sock: socket.socket | None
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def close(self) -> None:
+        """Stop accepting connections (the daemon-less TVM thread ends with the process)."""
+        if self.sock is not None:
+            self.sock.close()
+
+
+def start_server(host: str, port: int, tracker: tuple[str, int] | None = None, key: str = "",
+                 custom_addr: str | None = None, quiet: bool = False, port_end: int | None = None) -> RunningService:
+    """TVM's RPC server, in this process: every session runs in a forked child (no fresh interpreter)."""
+    from tvm.rpc.server import PopenRPCServerState
+
+    if tracker is not None:
+        check_tracker_reachable(*tracker)
+    try:
+        state = PopenRPCServerState(host, port, port_end or port + 1, is_proxy=False, tracker_addr=tracker,
+                                    key=key, custom_addr=custom_addr, silent=quiet)
+    except (OSError, ValueError) as e:
+        raise BndeployError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    PopenRPCServerState.current = state
+    return RunningService("RPC server", host, state.port, state.thread, state.sock)
+
+
+def start_tracker(host: str, port: int, quiet: bool = False, port_end: int | None = None) -> RunningService:
+    try:
+        from tvm.rpc.tracker import PopenTrackerServerState
+    except ImportError as e:  # the tracker needs tornado; servers and clients do not
+        raise BndeployError(f"the RPC tracker needs the tornado package (pip install tornado): {e}") from None
+    try:
+        state = PopenTrackerServerState(host, port, port_end or port + 1, silent=quiet)
+    except (OSError, ValueError) as e:
+        raise BndeployError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    return RunningService("RPC tracker", host, state.port, state.thread, None)
+
+
+def check_tracker_reachable(host: str, port: int, timeout: float = 10.0) -> None:
+    """TVM's server retries an unreachable tracker in a background thread; fail up front instead."""
+    tracker_summary(host, port, timeout)
