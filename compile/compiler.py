@@ -1,0 +1,300 @@
+"""compile_model: ONNX -> Relax -> bndeploy's BatchNorm passes -> one artifact directory per target."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from bndeploy import __version__
+from bndeploy.errors import ArtifactError, BndeployError, UnsupportedModelError
+from bndeploy.files import atomic_directory, check_output_dir, manifest_header, read_manifest, sha256_of, write_json
+
+from . import passes
+from .targets import TargetSpec, library_compiler, resolve_target, verify_library_machine
+
+DTYPES = ("float32", "float16")
+LIBRARY_FILE = "model.so"
+MANIFEST_FILE = "artifact.json"
+EXPORT_MANIFEST_FILE = "export.json"
+DUMP_DIR = "dump"
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    dtype: str = "float32"  # "float16": weights and activations in fp16, BN statistics in fp32
+    running_var: str = "onnx"  # "torch": unbiased batch variance in the running-variance update
+    dump: bool = False  # write Relax IR before/after the passes (and CUDA source) under dump/
+    force: bool = False  # replace existing artifact directories
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise BndeployError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.running_var not in passes.RUNNING_VAR_MODES:
+            raise BndeployError(
+                f"running_var must be one of {', '.join(passes.RUNNING_VAR_MODES)}, got {self.running_var!r}"
+            )
+
+
+@dataclass
+class SourceModel:
+    """The ONNX model to compile and what is known about its interface."""
+
+    path: Path
+    sha256: str
+    model: onnx.ModelProto
+    export_manifest: Path | None
+    mode: str
+    inputs: list[dict]
+    outputs: list[dict]
+
+
+Progress = Callable[[str], None]
+
+
+def compile_model(onnx_path, targets: list[str], out, settings: CompileSettings = CompileSettings(),
+                  progress: Progress | None = None) -> list[Path]:
+    """Compile ``onnx_path`` for each target; returns the artifact directories written.
+
+    One target: ``out`` is the artifact directory. Several: ``out/<target name>/`` each. Every
+    directory is written atomically, and all of them are checked for existence before any work.
+    """
+    settings.validate()
+    say = progress or (lambda message: None)
+    specs = _resolve_targets(targets)
+    out_dirs = _artifact_dirs(Path(out), specs)
+    for out_dir in out_dirs:
+        check_output_dir(out_dir, settings.force)
+    source = load_source(onnx_path)
+    say(f"importing {source.path.name} ({source.mode} mode) into TVM Relax")
+    mod, fusion, dumps = lower_to_relax(source, settings)
+    written = []
+    for index, (spec, out_dir) in enumerate(zip(specs, out_dirs), start=1):
+        say(f"[{index}/{len(specs)}] building for target {spec.name} -> {out_dir}")
+        with atomic_directory(out_dir, settings.force) as tmp:
+            kernels, archs = _build(mod, spec, tmp, settings.dump)
+            if settings.dump:
+                _write_dumps(tmp / DUMP_DIR, dumps)
+            write_json(tmp / MANIFEST_FILE, _manifest(source, spec, archs, settings, fusion, kernels, tmp))
+        written.append(out_dir.absolute())
+    return written
+
+
+def _resolve_targets(names: list[str]) -> list[TargetSpec]:
+    if not names:
+        raise BndeployError("no target given; pass at least one --target")
+    specs = [resolve_target(name) for name in names]
+    seen = [s.name for s in specs]
+    duplicates = sorted({n for n in seen if seen.count(n) > 1})
+    if duplicates:
+        raise BndeployError(f"target given more than once: {', '.join(duplicates)}")
+    return specs
+
+
+def _artifact_dirs(out: Path, specs: list[TargetSpec]) -> list[Path]:
+    if len(specs) == 1:
+        return [out]
+    return [out / spec.name for spec in specs]
+
+
+# --------------------------------------------------------------------------------------------------
+# Source model
+
+
+def load_source(onnx_path) -> SourceModel:
+    path = Path(onnx_path).absolute()
+    if not path.is_file():
+        raise BndeployError(f"{path}: ONNX file not found")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as e:  # protobuf DecodeError, onnx ValidationError, ...
+        raise BndeployError(f"{path}: not a valid ONNX model ({_first_line(e)})") from None
+    sha = sha256_of(path)
+    export_path = path.parent / EXPORT_MANIFEST_FILE
+    export = _matching_export_manifest(export_path, path, sha)
+    if export is not None:
+        return SourceModel(path, sha, model, export_path, export["mode"], export["inputs"], export["outputs"])
+    inputs, outputs = _interface_from_graph(model)
+    return SourceModel(path, sha, model, None, _mode_of(model), inputs, outputs)
+
+
+def _matching_export_manifest(export_path: Path, onnx_path: Path, sha: str) -> dict | None:
+    """export.json beside the model, when it describes this very file; a stale one is an error."""
+    if not export_path.is_file():
+        return None
+    export = read_manifest(export_path, "export")
+    if export.get("onnx", {}).get("file") != onnx_path.name:
+        return None
+    if export["onnx"].get("sha256") != sha:
+        raise ArtifactError(
+            f"{onnx_path} does not match the sha256 recorded in {export_path}: the model was changed "
+            "after export; re-export it, or move it away from export.json to compile it on its own"
+        )
+    return export
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _mode_of(model: onnx.ModelProto) -> str:
+    return "train" if any(_training_mode(n) for n in _batchnorm_nodes(model)) else "inference"
+
+
+def _batchnorm_nodes(model: onnx.ModelProto):
+    return [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+
+
+def _training_mode(node: onnx.NodeProto) -> bool:
+    return any(a.name == "training_mode" and a.i == 1 for a in node.attribute)
+
+
+def _node_name(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
+
+
+def _value_info(value: onnx.ValueInfoProto) -> dict:
+    tensor = value.type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+    return {"name": value.name, "shape": shape, "dtype": dtype}
+
+
+def _interface_from_graph(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [_value_info(v) for v in model.graph.input if v.name not in initializers]
+    roles = {}
+    for node in _batchnorm_nodes(model):
+        for index, role in ((1, "running_mean"), (2, "running_var")):
+            if len(node.output) > index and node.output[index]:
+                roles[node.output[index]] = {"role": role, "batchnorm": _node_name(node)}
+    outputs = [{**_value_info(v), **roles.get(v.name, {"role": "output"})} for v in model.graph.output]
+    return inputs, outputs
+
+
+# --------------------------------------------------------------------------------------------------
+# Relax
+
+
+def lower_to_relax(source: SourceModel, settings: CompileSettings):
+    """Import, report and rewrite every BN; returns (module, fusion report, IR dumps by file name)."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        mod = from_onnx(source.model, keep_params_in_input=False)
+    except Exception as e:  # the importer raises assorted TVM and Python errors
+        raise UnsupportedModelError(f"{source.path}: TVM's ONNX importer failed: {_first_line(e)}") from None
+    bn_names = [_node_name(n) for n in _batchnorm_nodes(source.model)]
+    conv_names = [_node_name(n) for n in source.model.graph.node if n.op_type == "Conv"]
+    fusion = passes.fusion_report(mod, bn_names, conv_names)
+    dumps = {"relax_imported.py": mod.script()}
+    mod = passes.fold_conv_batchnorm(mod)
+    mod = passes.lower_inference_batchnorm(mod)
+    if settings.dtype == "float16":
+        # batch_norm is "never fp16" for ToMixedPrecision, so training BN keeps fp32 inputs and
+        # statistics; the decomposition below therefore runs in fp32. Graph inputs/outputs keep
+        # their declared dtype (cast at the boundary).
+        mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
+    mod = passes.decompose_training_batchnorm(mod, settings.running_var)
+    passes.assert_no_batchnorm(mod)
+    dumps["relax_after_passes.py"] = mod.script()
+    return mod, fusion, dumps
+
+
+def _write_dumps(dump_dir: Path, dumps: dict[str, str]) -> None:
+    dump_dir.mkdir(exist_ok=True)
+    for name, text in dumps.items():
+        (dump_dir / name).write_text(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Build
+
+
+def _build(mod, spec: TargetSpec, out_dir: Path, dump: bool) -> tuple[list[str], list[str]]:
+    """Build and export the library into ``out_dir``; returns (kernel names, CUDA archs)."""
+    if spec.device == "cuda":
+        return _build_cuda(mod, spec, out_dir, dump)
+    return _build_llvm(mod, spec, out_dir), []
+
+
+def _build_llvm(mod, spec: TargetSpec, out_dir: Path) -> list[str]:
+    from .cpu import build_cpu
+
+    fcompile = library_compiler(spec)  # fails before the build when a cross toolchain is missing
+    executable = build_cpu(mod, spec.tvm_target())
+    library = out_dir / LIBRARY_FILE
+    try:
+        if fcompile is None:
+            executable.export_library(str(library))
+        else:
+            executable.export_library(str(library), fcompile=fcompile)
+    except RuntimeError as e:  # TVM reports compiler/linker failures as RuntimeError with the output
+        raise BndeployError(f"target {spec.name!r}: linking {LIBRARY_FILE} failed: {_link_error(e)}") from None
+    verify_library_machine(library, spec)
+    return kernel_names(executable)
+
+
+def _link_error(error: Exception) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines if "error" in line.lower() and "compilation error" not in line.lower()),
+                  lines[0] if lines else "")
+    if "crti.o" in detail:
+        detail += " (the cross C library is missing: install the libc6-dev-<arch>-cross package)"
+    return detail.strip()
+
+
+def _build_cuda(mod, spec: TargetSpec, out_dir: Path, dump: bool) -> tuple[list[str], list[str]]:
+    try:
+        from . import cuda
+        build_cuda_library, check_cuda_toolchain = cuda.build_cuda_library, cuda.check_cuda_toolchain
+    except (ImportError, AttributeError):
+        raise BndeployError(
+            f"target {spec.name!r}: CUDA compilation is not available in this bndeploy build yet "
+            "(bndeploy.compile.cuda.build_cuda_library is missing)"
+        ) from None
+    check_cuda_toolchain()
+    info = build_cuda_library(mod, spec.tvm_target(), out_dir / LIBRARY_FILE,
+                              dump_dir=(out_dir / DUMP_DIR) if dump else None)
+    return list(info["kernels"]), list(info["archs"])
+
+
+_PACKED_FUNC = re.compile(r"^@(\S+) packed_func;$", re.MULTILINE)
+
+
+def kernel_names(executable) -> list[str]:
+    """The compiled kernels (PrimFuncs) the Relax VM calls, from the executable's listing."""
+    return [name for name in _PACKED_FUNC.findall(executable.as_text()) if not name.startswith("vm.")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifest
+
+
+def _manifest(source: SourceModel, spec: TargetSpec, archs, settings, fusion, kernels, out_dir: Path) -> dict:
+    import tvm
+
+    target = spec.manifest()
+    if archs:
+        target["archs"] = list(archs)
+    return {
+        **manifest_header("artifact"),
+        "target": target,
+        "mode": source.mode,
+        "dtype": settings.dtype,
+        "running_var": settings.running_var,
+        "library": {"file": LIBRARY_FILE, "sha256": sha256_of(out_dir / LIBRARY_FILE)},
+        "source": {"onnx": str(source.path), "onnx_sha256": source.sha256,
+                   "export_manifest": str(source.export_manifest) if source.export_manifest else None},
+        "inputs": source.inputs,
+        "outputs": source.outputs,
+        "fusion": fusion,
+        "kernels": kernels,
+        "versions": {"tvm": tvm.__version__, "bndeploy": __version__},
+    }
