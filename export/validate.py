@@ -1,4 +1,10 @@
-"""Every export is checked before it is written: ONNX checker, shape inference, ONNX Runtime vs torch."""
+"""Every export is checked before it is written: ONNX checker, shape inference, ONNX Runtime vs torch.
+
+The comparison and the tolerance are the runtime's (``bndeploy.runtime.compare``, ``FP32_TRAIN``): ORT and
+torch both compute in fp32 with different kernels and reduction orders, the same situation a train-mode
+artifact is checked in, and any semantic error (momentum, epsilon, variance kind, mode) is orders of
+magnitude larger.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,8 @@ import onnx
 
 from bndeploy.errors import BndeployError
 from bndeploy.export.reference import ReferenceRun
-
-# ORT and torch both compute in fp32 but with different kernels (conv algorithm, reduction order), so
-# they differ by a few fp32 ulps of the largest intermediate; 1e-4 absolute + 1e-4 relative covers the
-# reference CNN (logits of magnitude ~10, reductions over <= 1152 terms) with a wide margin, while any
-# semantic error (wrong momentum, eps, variance kind, mode) is orders of magnitude larger.
-ATOL = 1e-4
-RTOL = 1e-4
+from bndeploy.runtime.compare import compare
+from bndeploy.runtime.tolerance import FP32_TRAIN as TOLERANCE
 
 
 class ExportValidationError(BndeployError):
@@ -39,32 +40,23 @@ def run_onnxruntime(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> di
     return dict(zip(names, session.run(names, inputs)))
 
 
-def max_abs_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)), initial=0.0))
-
-
-def within_tolerance(actual: np.ndarray, expected: np.ndarray) -> bool:
-    return bool(np.allclose(actual, expected, atol=ATOL, rtol=RTOL, equal_nan=True))
-
-
 def compare_with_reference(model: onnx.ModelProto, inputs: dict[str, np.ndarray], reference: ReferenceRun) -> dict:
     """ONNX Runtime vs torch (outputs, running_mean) and vs the ONNX spec (running statistics).
 
     Raises ExportValidationError on a mismatch; returns the figures recorded in export.json, including
     the size of the population-vs-unbiased running_var difference between torch and the ONNX spec.
     """
-    ort_out = run_onnxruntime(model, inputs)
     figures, failures = {}, []
-    for name, actual in ort_out.items():
+    for name, actual in run_onnxruntime(model, inputs).items():
+        key = f"spec/{name}" if name in reference.spec else f"torch/{name}"
         expected = reference.spec.get(name, reference.outputs[name])
-        against = "onnx_spec" if name in reference.spec else "torch"
-        entry = {"against": against, "max_abs_error": max_abs_error(actual, expected)}
+        result = compare(actual, expected, TOLERANCE, name, "onnxruntime", key)
+        entry = {"against": key, "max_abs_error": result.max_abs_error}
         if name in reference.spec:
-            entry["torch_minus_spec_max_abs"] = max_abs_error(reference.outputs[name], reference.spec[name])
+            entry["torch_minus_spec_max_abs"] = float(np.abs(reference.outputs[name].astype(np.float64) - expected).max())
         figures[name] = entry
-        if actual.shape != expected.shape or not within_tolerance(actual, expected):
-            failures.append(f"{name}: onnxruntime vs {against} max |error| {entry['max_abs_error']:.3g} "
-                            f"(tolerance atol={ATOL}, rtol={RTOL})")
+        if not result.passed:
+            failures.append(f"{name}: {result.details().splitlines()[0]}")
     if failures:
         raise ExportValidationError("exported ONNX does not match the torch model: " + "; ".join(failures))
-    return {"tolerance": {"atol": ATOL, "rtol": RTOL}, "onnxruntime": figures}
+    return {"tolerance": TOLERANCE.to_dict(), "onnxruntime": figures}
