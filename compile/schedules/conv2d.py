@@ -1,4 +1,4 @@
-"""Direct NCHW conv2d with weights pre-packed as (O/ob, I, KH, KW, ob), scheduled for AVX-512.
+"""Direct NCHW conv2d with weights pre-packed as (O/ob, KH, KW, I, ob), scheduled for AVX-512.
 
 The micro-kernel keeps a tile of `ow_block` output columns x `oc_block` output channels in vector
 registers (oc vectorised 16 lanes per zmm, ow unrolled), and runs the whole reduction (ic, kh, kw)
@@ -17,6 +17,11 @@ from tvm import s_tir, te, tirx
 VECTOR_LANES = 16  # fp32 lanes per AVX-512 register
 ACCUMULATOR_BUDGET = 28  # of 32 zmm registers; the rest hold weights and broadcasts
 SCHEDULED_ATTR = "bndeploy.scheduled"
+OPAQUE_PATTERN = 8  # relax OpPatternKind.kOpaque: FuseOps must not merge a scheduled kernel
+
+
+def mark_scheduled(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    return func.with_attrs({SCHEDULED_ATTR: True, "op_pattern": OPAQUE_PATTERN})
 
 
 @dataclass(frozen=True)
@@ -75,9 +80,9 @@ def choose_tiling(spec: ConvSpec) -> Tiling | None:
 
 
 def pack_weight(weight: np.ndarray, oc_block: int) -> np.ndarray:
-    """OIHW -> (O/ob, I, KH, KW, ob): one contiguous oc vector per (ic, kh, kw)."""
+    """OIHW -> (O/ob, KH, KW, I, ob): one contiguous oc vector per (kh, kw, ic), read in that order."""
     o, i, kh, kw = weight.shape
-    return np.ascontiguousarray(weight.reshape(o // oc_block, oc_block, i, kh, kw).transpose(0, 2, 3, 4, 1))
+    return np.ascontiguousarray(weight.reshape(o // oc_block, oc_block, i, kh, kw).transpose(0, 3, 4, 2, 1))
 
 
 def conv2d_compute(spec: ConvSpec, tiling: Tiling, has_bias: bool, relu: bool):
@@ -93,26 +98,26 @@ def conv2d_compute(spec: ConvSpec, tiling: Tiling, has_bias: bool, relu: bool):
     ob = tiling.oc_block
 
     data = te.placeholder((n, c, h, w), "float32", name="data")
-    weight = te.placeholder((spec.out_channels // ob, c, kh, kw, ob), "float32", name="weight_packed")
+    weight = te.placeholder((spec.out_channels // ob, kh, kw, c, ob), "float32", name="weight_packed")
     inputs = [data, weight]
     padded_h, padded_w = h + pt + pb, w + pl + pr + extra_right
-    if (pt, pl, pb, pr, extra_right) != (0, 0, 0, 0, 0):
-        data_pad = te.compute(
-            (n, c, padded_h, padded_w),
-            lambda i, j, y, x: tirx.if_then_else(
-                tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w), data[i, j, y - pt, x - pl], tirx.const(0.0, "float32")
-            ),
-            name="pad",
-        )
-    else:
-        data_pad = data
+    # The padding copy also transposes to channels-last, so the innermost reduction loop (ic) reads
+    # consecutive floats instead of one float per channel plane.
+    data_pad = te.compute(
+        (n, padded_h, padded_w, c),
+        lambda i, y, x, j: tirx.if_then_else(
+            tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w), data[i, j, y - pt, x - pl], tirx.const(0.0, "float32")
+        ),
+        name="pad",
+    )
     ric = te.reduce_axis((0, c), name="ric")
     rkh = te.reduce_axis((0, kh), name="rkh")
     rkw = te.reduce_axis((0, kw), name="rkw")
+    # Channels-last accumulator so a tile's oc vector is contiguous (it lives in registers).
     conv = te.compute(
-        (n, spec.out_channels, oh, ow_padded),
-        lambda i, o, y, x: te.sum(
-            data_pad[i, ric, y * sh + rkh * dh, x * sw + rkw * dw] * weight[o // ob, ric, rkh, rkw, o % ob],
+        (n, oh, ow_padded, spec.out_channels),
+        lambda i, y, x, o: te.sum(
+            data_pad[i, y * sh + rkh * dh, x * sw + rkw * dw, ric] * weight[o // ob, rkh, rkw, ric, o % ob],
             axis=[ric, rkh, rkw],
         ),
         name="conv",
@@ -122,7 +127,7 @@ def conv2d_compute(spec: ConvSpec, tiling: Tiling, has_bias: bool, relu: bool):
         inputs.append(bias)
 
     def epilogue(i, o, y, x):
-        value = conv[i, o, y, x]
+        value = conv[i, y, x, o]
         if has_bias:
             value = value + bias[o]
         if relu:
@@ -136,10 +141,12 @@ def conv2d_compute(spec: ConvSpec, tiling: Tiling, has_bias: bool, relu: bool):
 def schedule_conv2d(func: tirx.PrimFunc, spec: ConvSpec, tiling: Tiling) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
     conv = sch.get_sblock("conv")
-    n, oc, oh, ow, ric, rkh, rkw = sch.get_loops(conv)
+    n, oh, ow, oc, ric, rkh, rkw = sch.get_loops(conv)
     oc_o, oc_i = sch.split(oc, [None, tiling.oc_block])
     ow_o, ow_i = sch.split(ow, [None, tiling.ow_block])
-    sch.reorder(n, oc_o, oh, ow_o, ric, rkh, rkw, ow_i, oc_i)
+    # ic innermost of the reduction: a long loop LLVM will not unroll into the tile (kw would be, and
+    # then it shares broadcasts across kw steps and spills the accumulators).
+    sch.reorder(n, oc_o, oh, ow_o, rkh, rkw, ric, ow_i, oc_i)
     out = sch.get_sblock("out")
     sch.reverse_compute_at(out, ow_o)
     sch.set_scope(conv, 0, "local")
@@ -149,11 +156,11 @@ def schedule_conv2d(func: tirx.PrimFunc, spec: ConvSpec, tiling: Tiling) -> tirx
     sch.vectorize(oc_i)
     _schedule_epilogue(sch, out)
     _schedule_pad(sch)
-    init = sch.decompose_reduction(conv, ric)
+    init = sch.decompose_reduction(conv, rkh)
     init_loops = sch.get_loops(init)
     sch.vectorize(init_loops[-1])
     sch.unroll(init_loops[-2])
-    return sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+    return mark_scheduled(sch.mod["main"])
 
 
 def _schedule_epilogue(sch: s_tir.Schedule, out) -> None:
@@ -163,12 +170,9 @@ def _schedule_epilogue(sch: s_tir.Schedule, out) -> None:
 
 
 def _schedule_pad(sch: s_tir.Schedule) -> None:
-    try:
-        pad = sch.get_sblock("pad")
-    except Exception:  # no padding stage
-        return
-    n, c, y, x = sch.get_loops(pad)
-    sch.parallel(sch.fuse(n, c))
+    pad = sch.get_sblock("pad")
+    n, y, x, c = sch.get_loops(pad)
+    sch.parallel(sch.fuse(n, y))
 
 
 def build_conv2d_primfunc(spec: ConvSpec, tiling: Tiling, has_bias: bool, relu: bool) -> tirx.PrimFunc:

@@ -1,0 +1,89 @@
+"""Training-mode BatchNorm statistics in one pass over x: per-channel mean and population variance.
+
+Shifted sums: with K = x[0, c, 0] (a sample of the channel), accumulate S1 = sum(x - K) and
+S2 = sum((x - K)^2) in float64, then mean = K + S1/M and var = (S2 - S1^2/M) / M. Because K is a value
+of the channel, x - K is of the order of the spread, not of the mean, so the subtraction does not
+cancel catastrophically the way E[x^2] - E[x]^2 does (inputs of mean 1e4 and unit spread lose every
+digit in float32 that way). float64 costs nothing here: the kernel is bound by reading x once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import s_tir, te, tirx
+
+from .conv2d import mark_scheduled
+
+
+@dataclass(frozen=True)
+class BatchStatsSpec:
+    batch: int
+    channels: int
+    height: int
+    width: int
+
+    @property
+    def plane(self) -> int:
+        return self.height * self.width
+
+    @property
+    def lanes(self) -> int:
+        """Vector lanes of partial sums along the contiguous H*W axis (that divide it)."""
+        return next(v for v in (16, 8, 4, 2, 1) if self.plane % v == 0)
+
+
+def batch_stats_compute(spec: BatchStatsSpec) -> tirx.PrimFunc:
+    n, c, plane, lanes = spec.batch, spec.channels, spec.plane, spec.lanes
+    count = float(n * plane)
+    x = te.placeholder((n, c, plane), "float32", name="x")
+    shift = te.compute((c,), lambda ch: x[0, ch, 0].astype("float64"), name="shift")
+    rn = te.reduce_axis((0, n), name="rn")
+    rj = te.reduce_axis((0, plane // lanes), name="rj")
+    shifted_sums = te.comm_reducer(
+        lambda a, b: (a[0] + b[0], a[1] + b[1]),
+        lambda t0, t1: (tirx.const(0.0, t0), tirx.const(0.0, t1)),
+        name="shifted_sums",
+    )
+
+    def partial(ch, lane):
+        d = x[rn, ch, rj * lanes + lane].astype("float64") - shift[ch]
+        return shifted_sums((d, d * d), axis=[rn, rj])
+
+    s1_lanes, s2_lanes = te.compute((c, lanes), partial, name="partial")
+    rl = te.reduce_axis((0, lanes), name="rl")
+    s1, s2 = te.compute(
+        (c,), lambda ch: shifted_sums((s1_lanes[ch, rl], s2_lanes[ch, rl]), axis=[rl]), name="total"
+    )
+    mean = te.compute((c,), lambda ch: (shift[ch] + s1[ch] / count).astype("float32"), name="mean")
+    var = te.compute(
+        (c,),
+        lambda ch: tirx.max((s2[ch] - s1[ch] * s1[ch] / count) / count, tirx.const(0.0, "float64")).astype("float32"),
+        name="var",
+    )
+    return te.create_prim_func([x, mean, var])
+
+
+def schedule_batch_stats(func: tirx.PrimFunc, spec: BatchStatsSpec) -> tirx.PrimFunc:
+    sch = s_tir.Schedule(func)
+    partial = sch.get_sblock("partial")
+    ch, lane, rn, rj = sch.get_loops(partial)
+    sch.reorder(ch, rn, rj, lane)
+    sch.parallel(ch)
+    sch.vectorize(lane)
+    sch.compute_inline(sch.get_sblock("shift"))  # a loop-invariant load LLVM hoists
+    for name in ("total", "mean", "var"):
+        sch.reverse_compute_at(sch.get_sblock(name), ch)
+    sch.set_scope(partial, 0, "local")
+    sch.set_scope(partial, 1, "local")
+    sch.set_scope(sch.get_sblock("total"), 0, "local")
+    sch.set_scope(sch.get_sblock("total"), 1, "local")
+    init = sch.decompose_reduction(partial, rn)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return mark_scheduled(sch.mod["main"])
+
+
+def build_batch_stats_primfunc(spec: BatchStatsSpec) -> tirx.PrimFunc:
+    """Hook for graph passes: PrimFunc(x: (N, C, H*W) f32) -> (mean: (C,) f32, var: (C,) f32)."""
+    return schedule_batch_stats(batch_stats_compute(spec), spec)

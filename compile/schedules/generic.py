@@ -1,0 +1,156 @@
+"""Default CPU schedules for the kernels bndeploy does not hand-write (elementwise chains, reductions):
+parallel outer loops, vectorised inner loops. TVM's own CPU pipeline leaves these serial and scalar."""
+
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm import s_tir, tirx
+
+from .conv2d import SCHEDULED_ATTR
+
+log = logging.getLogger(__name__)
+
+VECTOR_WIDTHS = (16, 8, 4)
+INNER_FUSE_LIMIT = 1 << 14  # trailing loops fused into the vectorised loop while their product stays below
+MIN_PARALLEL_WORK = 1 << 12  # elements below which threads cost more than they save
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _is_reduction(sch: s_tir.Schedule, block) -> bool:
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+def _inline_producers(sch: s_tir.Schedule) -> None:
+    """Inline every injective intermediate block, so one loop nest per output remains."""
+    changed = True
+    while changed:
+        changed = False
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            if _is_reduction(sch, block) or not sch.get_consumers(block):
+                continue
+            try:
+                sch.compute_inline(block)
+                changed = True
+                break
+            except s_tir.ScheduleError:
+                continue
+
+
+def vectorize_and_parallelize(sch: s_tir.Schedule, loops: list) -> None:
+    """Fuse trailing loops into one vectorised loop, the leading ones into one parallel loop."""
+    extents = [_extent(sch, loop) for loop in loops]
+    if not loops or any(e is None for e in extents):
+        return
+    total = 1
+    for e in extents:
+        total *= e
+    inner_count, inner_extent = 0, 1
+    for e in reversed(extents):
+        if inner_count and inner_extent * e > INNER_FUSE_LIMIT:
+            break
+        inner_extent *= e
+        inner_count += 1
+    outer = loops[: len(loops) - inner_count]
+    inner = sch.fuse(*loops[len(loops) - inner_count :]) if inner_count > 1 else loops[-1]
+    width = next((v for v in VECTOR_WIDTHS if inner_extent % v == 0), None)
+    if width is not None:
+        inner_rest, lanes = sch.split(inner, [None, width])
+        sch.vectorize(lanes)
+    else:
+        inner_rest = inner
+    if total < MIN_PARALLEL_WORK:
+        return
+    if outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    elif width is None or inner_extent // width > 1:
+        sch.parallel(inner_rest)
+
+
+def schedule_injective(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    sch = s_tir.Schedule(func)
+    _inline_producers(sch)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        vectorize_and_parallelize(sch, sch.get_loops(block))
+    return sch.mod["main"]
+
+
+def schedule_reduction(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Each reduction: spatial loops parallel; the innermost reduction loop split into vector lanes of
+    partial sums (rfactor), summed at the end. Its epilogue (e.g. the division of a mean) follows it."""
+    sch = s_tir.Schedule(func)
+    _inline_producers(sch)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if _is_reduction(sch, block):
+            _schedule_one_reduction(sch, block)
+        elif not sch.get_producers(block):
+            vectorize_and_parallelize(sch, sch.get_loops(block))
+        else:
+            try:
+                sch.reverse_compute_inline(block)
+            except s_tir.ScheduleError:
+                vectorize_and_parallelize(sch, sch.get_loops(block))
+    return sch.mod["main"]
+
+
+def _schedule_one_reduction(sch: s_tir.Schedule, block) -> None:
+    iter_types = [iv.iter_type for iv in sch.get(block).iter_vars]
+    loops = sch.get_loops(block)
+    if len(loops) != len(iter_types) or iter_types != sorted(iter_types):
+        return  # not (spatial..., reduction...): leave TVM's default
+    n_spatial = iter_types.count(tirx.IterVar.DataPar)
+    spatial, reduction = loops[:n_spatial], loops[n_spatial:]
+    last = _extent(sch, reduction[-1])
+    width = next((v for v in VECTOR_WIDTHS if last and last % v == 0 and last > v), None)
+    if width is not None:
+        _, lanes = sch.split(reduction[-1], [None, width])
+        partial = sch.rfactor(lanes, factor_axis=len(spatial))
+        _vectorize_partial(sch, partial, n_spatial)
+    if spatial:
+        total = 1
+        for loop in spatial:
+            total *= _extent(sch, loop) or 1
+        fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        if total > 1:
+            sch.parallel(fused)
+
+
+def _vectorize_partial(sch: s_tir.Schedule, partial, n_spatial: int) -> None:
+    """The rfactor block's loops are (spatial..., lane, reductions...): move the lane innermost."""
+    loops = sch.get_loops(partial)
+    lane = loops[n_spatial]
+    sch.reorder(*loops[:n_spatial], *loops[n_spatial + 1 :], lane)
+    sch.vectorize(lane)
+    sch.decompose_reduction(partial, loops[n_spatial + 1])
+    init = sch.get_sblock(sch.get(partial).name_hint + "_init")
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    if func.attrs is not None and SCHEDULED_ATTR in func.attrs:
+        return func
+    sch = s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    has_reduction = any(_is_reduction(sch, b) for b in blocks)
+    scheduler = schedule_reduction if has_reduction else schedule_injective
+    try:
+        return scheduler(func).with_attr(SCHEDULED_ATTR, True)
+    except (s_tir.ScheduleError, tvm.TVMError) as err:
+        log.info("bndeploy: default schedule kept for a kernel (%s)", str(err).splitlines()[-1][:200])
+        return func
+
+
+@tvm.transform.module_pass(opt_level=0, name="bndeploy.ScheduleCPUKernels")
+def schedule_cpu_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    updates = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc):
+            updates[gv] = schedule_func(func)
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod
