@@ -70,6 +70,8 @@ class PipelineResult:
         text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
         text.insert(1, "  ".join("-" * w for w in widths))
         notes = [f"{r.model}/{r.mode}/{r.target}: {r.detail}" for r in self.rows if r.detail]
+        if any(r.result == "compiled" for r in self.rows):
+            notes.append("compiled: CUDA artifacts were built (device code inside) but not run: no CUDA device here")
         verdict = {EXIT_OK: "PASS", EXIT_MISMATCH: "FAIL (mismatch)", EXIT_ERROR: "ERROR"}[self.exit_code]
         return "\n".join(text + [""] + notes + [f"result: {verdict} in {self.seconds:.1f} s; outputs in {self.out}"])
 
@@ -82,7 +84,7 @@ def _cells(r: Row) -> tuple[str, ...]:
 
 def run_pipeline(settings: PipelineSettings = PipelineSettings(), user_model=None, progress=None) -> PipelineResult:
     """Run every (model, mode, target); ``user_model`` is a ``bndeploy.export.LoadedModel`` to use instead."""
-    from bndeploy.export import DEFAULT_PIPELINE_MODELS, load_model
+    from bndeploy.export import DEFAULT_PIPELINE_MODELS
 
     say = progress or (lambda message: None)
     start = time.perf_counter()
@@ -91,20 +93,26 @@ def run_pipeline(settings: PipelineSettings = PipelineSettings(), user_model=Non
     result = PipelineResult(out=out.absolute())
     names = [user_model.name] if user_model is not None else list(settings.models or DEFAULT_PIPELINE_MODELS)
     for name in names:
-        say(f"{name}: export")
-        try:
-            loaded = user_model if user_model is not None else load_model(name)
-            exports = _export(loaded, out / name / "export", settings.modes)
-        except Exception as e:  # one broken model must not hide the others' results
-            result.rows += [Row(name, mode, "-", detail=f"export: {_describe(e)}") for mode in settings.modes]
-            continue
-        for mode in settings.modes:
-            result.rows += _compile_and_check(name, mode, exports[mode], targets, out / name / mode, settings, say)
+        _run_model(name, user_model, out, targets, settings, say, result)
     result.seconds = time.perf_counter() - start
     (out / "summary.txt").write_text(result.table() + "\n")
     write_json(out / "summary.json", {"exit_code": result.exit_code, "seconds": result.seconds,
                                       "rows": [asdict(r) | {"ratio": r.ratio} for r in result.rows]})
     return result
+
+
+def _run_model(name, user_model, out: Path, targets, settings, say, result: PipelineResult) -> None:
+    from bndeploy.export import load_model
+
+    say(f"{name}: export")
+    try:
+        loaded = user_model if user_model is not None else load_model(name)
+        exports = _export(loaded, out / name / "export", settings.modes)
+    except Exception as e:  # one broken model must not hide the others' results
+        result.rows += [Row(name, mode, "-", detail=f"export: {_describe(e)}") for mode in settings.modes]
+        return
+    for mode in settings.modes:
+        result.rows += _compile_and_check(name, mode, exports[mode], targets, out / name / mode, settings, say)
 
 
 def _describe(error: Exception) -> str:
@@ -135,20 +143,20 @@ def _export(loaded, out: Path, modes) -> dict[str, Path]:
 
 
 def _compile_and_check(name, mode, export_dir: Path, targets, out: Path, settings, say) -> list[Row]:
+    """One compile for all targets (the ONNX is imported and rewritten once), then a check of each."""
     from bndeploy.compile import CompileSettings, compile_model
 
-    rows = []
-    for target in targets:
-        row = Row(name, mode, target)
-        rows.append(row)
-        say(f"{name}/{mode}: compile for {target}")
-        try:
-            artifact = compile_model(export_dir / "model.onnx", [target], out / target, CompileSettings())[0]
-        except Exception as e:  # one broken model must not hide the others' results
+    rows = [Row(name, mode, target) for target in targets]
+    say(f"{name}/{mode}: compile for {', '.join(targets)}")
+    try:
+        artifacts = compile_model(export_dir / "model.onnx", list(targets), out, CompileSettings())
+    except Exception as e:  # one broken model must not hide the others' results
+        for row in rows:
             row.detail = f"compile: {_describe(e)}"
-            continue
+        return rows
+    for row, artifact in zip(rows, artifacts):
         row.folded = _folded(artifact)
-        _check(row, artifact, out / f"{target}.report", settings.timing_rounds, say)
+        _check(row, artifact, artifact.parent / f"{artifact.name}-check", settings.timing_rounds, say)
     return rows
 
 
@@ -157,11 +165,11 @@ def _folded(artifact: Path) -> str:
     return f"{sum(1 for f in fusion if f.get('folded'))}/{len(fusion)}"
 
 
-def _check(row: Row, artifact: Path, report_prefix: Path, rounds: int, say) -> None:
+def _check(row: Row, artifact: Path, report_base: Path, rounds: int, say) -> None:
     from bndeploy.runtime import check, load_artifact
 
     if not _device_available(artifact):
-        row.result, row.detail = "compiled", "not run: no CUDA device on this machine"
+        row.result = "compiled"
         return
     say(f"{row.model}/{row.mode}: check on {row.target}")
     try:
@@ -169,12 +177,12 @@ def _check(row: Row, artifact: Path, report_prefix: Path, rounds: int, say) -> N
     except Exception as e:  # one broken artifact must not hide the others' results
         row.detail = f"check: {_describe(e)}"
         return
-    report.write_json(report_prefix.with_suffix(".json"))
-    report.write_junit(report_prefix.with_suffix(".junit.xml"))
+    report.write_json(f"{report_base}.json")
+    report.write_junit(f"{report_base}.junit.xml")
     row.result = "pass" if report.passed else "FAIL"
     row.max_error = max((c.max_abs_error for c in report.comparisons), default=None)
     if not report.passed:
-        row.detail = "; ".join(c.title for c in report.failures) + f" (see {report_prefix.with_suffix('.json')})"
+        row.detail = "; ".join(c.title for c in report.failures) + f" (see {report_base}.json)"
     row.bndeploy_ms, row.onnxruntime_ms = _latency(load_artifact(artifact), rounds)
 
 

@@ -13,17 +13,20 @@ TVM callback of the caller is replaced.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
 import json
 import os
 import re
+import select
 import shutil
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -423,13 +426,70 @@ def write_request(path: Path, mod, target, out_path: Path, dump_dir: Path | None
 
 
 def _run_child(request: Path, result: Path, env: dict) -> None:
-    # Run this file as a script: the child needs nothing of bndeploy.compile but this module.
-    cmd = [sys.executable, str(Path(__file__).resolve()), str(request)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
-    if proc.returncode != 0 or not result.exists():
-        raise BndeployError(
-            f"CUDA build process failed (exit {proc.returncode}):\n{(proc.stderr or proc.stdout)[-4000:]}"
-        )
+    """Hand the request to the build worker (started on first use; importing TVM there costs seconds)."""
+    with _WORKER_LOCK:
+        global _WORKER
+        if _WORKER is None or not _WORKER.serves(env):
+            if _WORKER is not None:
+                _WORKER.close()
+            _WORKER = _BuildWorker(env)
+        try:
+            _WORKER.build(request, result)
+        except BndeployError:
+            _WORKER.close()
+            _WORKER = None
+            raise
+
+
+class _BuildWorker:
+    """A child process that runs this file with ``--serve``: one request path per stdin line, one reply line.
+
+    It keeps TVM (with the CUDA runtime and, without a GPU, the driver stub) loaded across builds, so a
+    pipeline compiling many CUDA artifacts pays TVM's import once.
+    """
+
+    def __init__(self, env: dict) -> None:
+        self.env = env
+        self.log = tempfile.TemporaryFile(mode="w+")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve"]
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, bufsize=1)
+
+    def serves(self, env: dict) -> bool:
+        return self.env == env and self.proc.poll() is None
+
+    def build(self, request: Path, result: Path) -> None:
+        self.proc.stdin.write(f"{request}\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], _BUILD_TIMEOUT_S)
+        reply = self.proc.stdout.readline() if ready else ""
+        if reply.strip() != "done" or not result.exists():
+            self.log.seek(0)
+            detail = self.log.read()[-4000:] or ("timed out" if not ready else "no output")
+            raise BndeployError(f"CUDA build process failed (exit {self.proc.poll()}):\n{detail}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+_WORKER: _BuildWorker | None = None
+_WORKER_LOCK = threading.Lock()
+
+
+@atexit.register
+def _stop_worker() -> None:
+    if _WORKER is not None:
+        _WORKER.close()
+
+
+def _serve() -> None:
+    replies, sys.stdout = sys.stdout, sys.stderr  # anything a build prints must not corrupt the replies
+    for line in sys.stdin:
+        _child_main(line.strip())
+        print("done", file=replies, flush=True)
 
 
 def _child_env(nvcc: str, stub_dir: Path | None) -> dict:
@@ -626,4 +686,7 @@ def _run_cuobjdump(cuobjdump: str, *args) -> str:
 
 if __name__ == "__main__":
     _load_tvm_cuda_runtime()
-    _child_main(sys.argv[1])
+    if sys.argv[1] == "--serve":
+        _serve()
+    else:
+        _child_main(sys.argv[1])
