@@ -55,8 +55,9 @@ class Artifact:
         import tvm.runtime
 
         arrays = validate_inputs(inputs, self.inputs)
+        on_cpu = self.device == "cpu"
         dev = _tvm_device(self.device)
-        args = [tvm.runtime.tensor(arrays[spec.name], dev) for spec in self.inputs]
+        args = [_cpu_view(arrays[s.name]) if on_cpu else tvm.runtime.tensor(arrays[s.name], dev) for s in self.inputs]
         try:
             result = self._vm["main"](*args)
         except Exception as e:  # TVM raises its own error types for shape checks, OOM, launch failures
@@ -67,7 +68,9 @@ class Artifact:
                 f"{self.directory}: the library returned {len(values)} outputs, "
                 f"{MANIFEST_NAME} lists {len(self.outputs)}"
             )
-        return {spec.name: value.numpy() for spec, value in zip(self.outputs, values)}
+        # On the CPU the outputs are handed over without a copy; each array keeps its TVM buffer alive.
+        to_numpy = np.from_dlpack if on_cpu else (lambda value: value.numpy())
+        return {spec.name: to_numpy(value) for spec, value in zip(self.outputs, values)}
 
 
 def load_artifact(directory: str | Path, device: str | None = None) -> Artifact:
@@ -156,6 +159,27 @@ def _tvm_device(device: str):
 
     kind, _, index = device.partition(":")
     return tvm.runtime.cuda(int(index or 0)) if kind == "cuda" else tvm.runtime.cpu(0)
+
+
+# TVM's kernels may assume their buffers are aligned to this many bytes (vector loads).
+TVM_ALIGNMENT = 64
+
+
+def _cpu_view(array: np.ndarray):
+    """A TVM tensor sharing ``array``'s memory (no copy) when it is contiguous and aligned, else a copy."""
+    import tvm.runtime
+
+    if not (array.flags.c_contiguous and array.ctypes.data % TVM_ALIGNMENT == 0):
+        array = _aligned_copy(array)
+    return tvm.runtime.from_dlpack(array)
+
+
+def _aligned_copy(array: np.ndarray) -> np.ndarray:
+    raw = np.empty(array.nbytes + TVM_ALIGNMENT, dtype=np.uint8)
+    offset = -raw.ctypes.data % TVM_ALIGNMENT
+    aligned = raw[offset:offset + array.nbytes].view(array.dtype).reshape(array.shape)
+    aligned[...] = array
+    return aligned
 
 
 def _is_sequence(value) -> bool:
