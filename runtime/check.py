@@ -9,7 +9,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from bndeploy.errors import BndeployError
-from bndeploy.runtime.artifact import Artifact, load_artifact
+from bndeploy.runtime.artifact import Artifact
+from bndeploy.runtime.remote import RpcEndpoint, open_artifact
 from bndeploy.runtime.compare import Comparison, compare
 from bndeploy.runtime.inputs import cast_floats_to, generate_inputs, load_inputs_file
 from bndeploy.runtime.report import Report
@@ -30,6 +31,7 @@ def check(
     inputs: InputsSpec = None,
     seed: int | None = None,
     device: str | None = None,
+    remote: RpcEndpoint | None = None,
 ) -> Report:
     """Run the artifact once and compare each output with each reference in ``against``.
 
@@ -38,9 +40,10 @@ def check(
     ``inputs``: a dict of arrays, an .npz/.npy path, or None for the export's recorded inputs;
     ``seed`` generates inputs instead. ``tolerances``: None (documented defaults for the artifact's
     dtype and mode), one Tolerance for all outputs, a Tolerances, or {output: Tolerance | (atol, rtol)}.
+    ``remote``: run on a device behind TVM RPC instead of here (references are still computed here).
     """
     against = validate_against(against)
-    artifact = load_artifact(artifact_dir, device)
+    artifact = open_artifact(artifact_dir, device, remote)
     feed, inputs_source, export = choose_inputs(artifact, inputs, seed)
     if "torch" in against and inputs_source != RECORDED_INPUTS:
         raise BndeployError(

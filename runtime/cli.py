@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from bndeploy.errors import BndeployError
-from bndeploy.runtime.artifact import load_artifact
+from bndeploy.runtime.device_cli import add_rpc_arguments, endpoint_from_args
+from bndeploy.runtime.remote import open_artifact
 from bndeploy.runtime.check import REFERENCES, check, choose_inputs
 from bndeploy.runtime.tolerance import Tolerance, Tolerances, default_tolerance, parse_tolerance_option
 
@@ -39,10 +40,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inputs", type=Path, help=".npz keyed by input name, or .npy for a single input (default: the export's recorded inputs)")
     parser.add_argument("--seed", type=int, help="generate inputs from this seed instead")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the artifact's device)")
+    add_rpc_arguments(parser)
 
 
 def run_command(args) -> int:
-    artifact = load_artifact(args.artifact, args.device)
+    artifact = open_artifact(args.artifact, args.device, endpoint_from_args(args))
     inputs, source, _ = choose_inputs(artifact, args.inputs, args.seed)
     outputs = artifact.run(inputs)
     save_npz(args.out, outputs)
@@ -59,6 +61,7 @@ def check_command(args) -> int:
         inputs=args.inputs,
         seed=args.seed,
         device=args.device,
+        remote=endpoint_from_args(args),
     )
     print(report.summary().splitlines()[-1] if args.quiet else report.summary())
     for path, write in ((args.json, report.write_json), (args.junit, report.write_junit), (args.html, report.write_html)):

@@ -28,12 +28,13 @@ from bndeploy.errors import ArtifactError, BndeployError
 from bndeploy.files import read_manifest
 from bndeploy.runtime.artifact import MANIFEST_NAME, Artifact, verified_library
 from bndeploy.runtime.inputs import validate_inputs
-from bndeploy.runtime.specs import TensorSpec, specs_from_manifest
+from bndeploy.runtime.specs import TensorSpec
 
 DEFAULT_TIMEOUT = 120.0  # seconds for a whole remote run: connect, upload, load, run, download
 DEFAULT_SERVER_PORT = 9090
 DEFAULT_TRACKER_PORT = 9190
 REMOTE_DEVICES = ("cpu", "cuda")
+INNER_DEADLINE_SHARE = 0.9  # of the timeout, for the socket waits inside a run (the watchdog takes all)
 
 Runner = Callable[[Path, Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -105,14 +106,33 @@ class RemoteArtifact(Artifact):
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = validate_inputs(inputs, self.inputs)
-        what = f"running {self.directory.name} on the device ({self.endpoint.describe()})"
+        load_tvm_client()
+        what = f"running {self.directory} on the device ({self.endpoint.describe()})"
         return call_with_deadline(lambda deadline: self._exchange(arrays, deadline), self.endpoint.timeout, what)
 
     def _exchange(self, arrays: dict[str, np.ndarray], deadline: float) -> dict[str, np.ndarray]:
         session = open_session(self.endpoint, deadline)
-        module = upload_library(session, self.library, self.manifest)
-        values = run_on_device(session, module, self.kind, [arrays[s.name] for s in self.inputs], self.directory)
+        try:
+            module = upload_library(session, self.library, self.manifest)
+            values = run_on_device(session, module, self.kind, [arrays[s.name] for s in self.inputs], self.directory)
+        finally:
+            module = session = None
+            end_sessions()
         return outputs_by_name(values, self.outputs, self.directory)
+
+
+def load_tvm_client() -> None:
+    """Import TVM's RPC client and VM before the clock starts: loading TVM takes seconds here, and
+    the timeout is the device's."""
+    import tvm.rpc  # noqa: F401
+    import tvm.runtime.vm  # noqa: F401
+
+
+def open_artifact(artifact_dir: str | Path, device: str | None = None, remote: RpcEndpoint | None = None):
+    """The artifact on this machine's ``device``, or on the remote device behind ``remote``."""
+    from bndeploy.runtime.artifact import load_artifact
+
+    return open_remote_artifact(artifact_dir, remote) if remote is not None else load_artifact(artifact_dir, device)
 
 
 def open_remote_artifact(artifact_dir: str | Path, endpoint: RpcEndpoint) -> RemoteArtifact:
@@ -160,40 +180,56 @@ def open_session(endpoint: RpcEndpoint, deadline: float):
     try:
         return rpc.connect(host, port, key, session_timeout=math.ceil(endpoint.timeout))
     except Exception as e:  # TVM raises InternalError/RPCError with C++ text
-        raise BndeployError(f"cannot open an RPC session with {where}: {connection_problem(host, port, e, deadline)}") from None
+        message = f"cannot open an RPC session with {where}: {connection_problem(host, port, e, deadline)}"
+    raise BndeployError(message)
 
 
 def upload_library(session, library: Path, manifest: dict):
     """Upload the library under a name unique to its content and load it on the device."""
     remote_name = f"bndeploy-{manifest['library']['sha256'][:16]}.so"
-    try:
-        session.upload(str(library), target=remote_name)
-    except Exception as e:
-        raise BndeployError(f"uploading {library} to the device failed: {first_line(e)}") from None
-    try:
-        return session.load_module(remote_name)
-    except Exception as e:
-        target = manifest.get("target") or {}
-        raise BndeployError(
-            f"the device could not load {library} (compiled for target {target.get('name', '?')}, "
-            f"{target.get('triple') or 'this machine'}): {first_line(e)}; compile for the device's CPU "
-            "(e.g. --target cortex-a72 for a Raspberry Pi 4, cortex-a78ae for a Jetson Orin)"
-        ) from None
+    tvm_step(f"uploading {library} to the device", session.upload, str(library), remote_name)
+    target = manifest.get("target") or {}
+    return tvm_step(
+        f"the device could not load {library} (compiled for target {target.get('name', '?')}, "
+        f"{target.get('triple') or 'this machine'}; compile for the device's CPU, e.g. --target cortex-a72 "
+        "for a Raspberry Pi 4, cortex-a78ae for a Jetson Orin)",
+        session.load_module, remote_name)
 
 
-def run_on_device(session, module, kind: str, arrays: list[np.ndarray], directory: Path) -> list:
+def run_on_device(session, module, kind: str, arrays: list[np.ndarray], directory: Path) -> list[np.ndarray]:
+    return tvm_step(f"running {directory} on the device's {kind}", _run_vm, session, module, kind, arrays)
+
+
+def _run_vm(session, module, kind: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
     import tvm.runtime
     from tvm.runtime.vm import VirtualMachine  # tvm.relax is absent from runtime-only installs
 
+    device = session.cpu(0) if kind == "cpu" else session.cuda(0)
+    vm = VirtualMachine(module, device)
+    # The stateful interface is the one that works over RPC: with vm["main"](...) a returned tuple
+    # stays a remote object, while get_outputs fetches each tensor.
+    vm.set_input("main", *[tvm.runtime.tensor(array, device) for array in arrays])
+    vm.invoke_stateful("main")
+    return [value.numpy() for value in flatten(vm.get_outputs("main"))]
+
+
+def tvm_step(what: str, function, *args):
+    """Call TVM; turn its error into a BndeployError that keeps no traceback (a traceback's frames
+    would keep the remote session open)."""
     try:
-        device = session.cpu(0) if kind == "cpu" else session.cuda(0)
-        vm = VirtualMachine(module, device)
-        args = [tvm.runtime.tensor(array, device) for array in arrays]
-        result = vm["main"](*args)
-        values = list(result) if _is_sequence(result) else [result]
-        return [value.numpy() for value in values]
-    except Exception as e:
-        raise BndeployError(f"running {directory} on the device's {kind} failed: {first_line(e)}") from None
+        return function(*args)
+    except Exception as e:  # TVM raises InternalError/RPCError/TVMError carrying C++ text
+        message = f"{what}: {first_line(e)}"
+    raise BndeployError(message)
+
+
+def end_sessions() -> None:
+    """Close the RPC connection now: TVM closes it when the last remote object is freed, and the
+    session, module, VM and tensors refer to each other, so only a garbage collection frees them.
+    A server serves one session at a time, so a lingering one would block the next run."""
+    import gc
+
+    gc.collect()
 
 
 def outputs_by_name(values: list[np.ndarray], specs: list[TensorSpec], directory: Path) -> dict[str, np.ndarray]:
@@ -214,7 +250,7 @@ def request_device(endpoint: RpcEndpoint, deadline: float) -> tuple[str, int, st
     try:
         sock = tracker_socket(endpoint, deadline)
     except OSError as e:
-        raise BndeployError(f"cannot reach the {endpoint.describe()}: {socket_problem(e)}") from None
+        raise BndeployError(f"cannot reach the tracker {endpoint.host}:{endpoint.port}: {socket_problem(e, TRACKER_HINT)}") from None
     try:
         base.sendjson(sock, [base.TrackerCode.REQUEST, endpoint.key, "", 1])
         answer = base.recvjson(sock)
@@ -224,7 +260,7 @@ def request_device(endpoint: RpcEndpoint, deadline: float) -> tuple[str, int, st
             f"{tracker_keys_hint(endpoint)}"
         ) from None
     except OSError as e:
-        raise BndeployError(f"the {endpoint.describe()} dropped the request: {socket_problem(e)}") from None
+        raise BndeployError(f"the {endpoint.describe()} dropped the request: {socket_problem(e, TRACKER_HINT)}") from None
     finally:
         sock.close()
     if not isinstance(answer, list) or answer[0] != base.TrackerCode.SUCCESS:
@@ -261,12 +297,12 @@ def tracker_summary(host: str, port: int, timeout: float = 10.0) -> dict:
     try:
         sock = tracker_socket(endpoint, time.monotonic() + timeout)
     except OSError as e:
-        raise BndeployError(f"cannot reach the tracker {host}:{port}: {socket_problem(e)}") from None
+        raise BndeployError(f"cannot reach the tracker {host}:{port}: {socket_problem(e, TRACKER_HINT)}") from None
     try:
         base.sendjson(sock, [base.TrackerCode.SUMMARY])
         answer = base.recvjson(sock)
     except OSError as e:
-        raise BndeployError(f"the tracker {host}:{port} did not answer a summary: {socket_problem(e)}") from None
+        raise BndeployError(f"the tracker {host}:{port} did not answer a summary: {socket_problem(e, TRACKER_HINT)}") from None
     finally:
         sock.close()
     if not isinstance(answer, list) or answer[0] != base.TrackerCode.SUCCESS:
@@ -285,7 +321,9 @@ def registered_keys(summary: dict) -> dict[str, int]:
 
 def tracker_keys_hint(endpoint: RpcEndpoint) -> str:
     try:
-        keys = registered_keys(tracker_summary(endpoint.host, endpoint.port, timeout=5.0))
+        # Within the share of the timeout the watchdog leaves after the inner deadline.
+        summary_timeout = max(0.2, endpoint.timeout * (1 - INNER_DEADLINE_SHARE) / 2)
+        keys = registered_keys(tracker_summary(endpoint.host, endpoint.port, timeout=summary_timeout))
     except BndeployError:
         return "the tracker did not answer a summary either"
     if endpoint.key in keys:
@@ -305,7 +343,8 @@ def call_with_deadline(work: Callable[[float], object], timeout: float, what: st
     never answers); TVM's FFI releases the GIL, so the caller gets its error on time and the stuck
     daemon thread is abandoned.
     """
-    deadline = time.monotonic() + timeout
+    # The steps inside stop a little earlier, so their own, more specific timeout errors win.
+    deadline = time.monotonic() + timeout * INNER_DEADLINE_SHARE
     outcome: dict[str, object] = {}
 
     def target() -> None:
@@ -330,7 +369,7 @@ def call_with_deadline(work: Callable[[float], object], timeout: float, what: st
 def remaining(deadline: float) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
-        raise TimeoutError("deadline passed")
+        raise BndeployError("the RPC timeout passed before the device answered (raise --rpc-timeout)")
     return left
 
 
@@ -344,9 +383,13 @@ def connection_problem(host: str, port: int, error: Exception, deadline: float) 
     return f"{first_line(error)} (the port accepts connections: is it a TVM RPC server, and is the key right?)"
 
 
-def socket_problem(error: OSError) -> str:
+SERVER_HINT = "is `bndeploy device serve` running there?"
+TRACKER_HINT = "is the tracker running (`bndeploy device tracker`)?"
+
+
+def socket_problem(error: OSError, hint: str = SERVER_HINT) -> str:
     if isinstance(error, ConnectionRefusedError):
-        return "connection refused (nothing listens there: is `bndeploy device serve` running?)"
+        return f"connection refused (nothing listens there: {hint})"
     if isinstance(error, TimeoutError):
         return "timed out (host down or unreachable, or a firewall drops the packets)"
     if isinstance(error, socket.gaierror):
@@ -359,8 +402,11 @@ def first_line(error: BaseException) -> str:
     return lines[-1].strip() if lines else type(error).__name__
 
 
-def _is_sequence(value) -> bool:
-    return not hasattr(value, "numpy") and hasattr(value, "__len__")
+def flatten(value) -> list:
+    """A (possibly nested) tuple of tensors, or one tensor, as a flat list in order."""
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in flatten(item)]
+    return [value]
 
 
 # --------------------------------------------------------------------------------------------------
