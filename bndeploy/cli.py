@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from bndeploy import __version__
 from bndeploy.errors import BndeployError
@@ -50,14 +52,47 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_ERROR
+    _signals_received.clear()
+    previous = _sigterm_interrupts()
     try:
         return int(args.func(args) or 0)
     except BndeployError as e:
         print(f"bndeploy {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print(f"bndeploy {args.command}: interrupted; nothing was left half-written", file=sys.stderr)
-        return 130
+        return _interrupted(args.command)
+    except Exception:
+        # An interrupt raised inside a TVM callback comes back out of the FFI as a RuntimeError.
+        if not _signals_received:
+            raise
+        return _interrupted(args.command)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+_signals_received: list[int] = []
+
+
+def _interrupted(command: str) -> int:
+    """Exit status 128 + signal number, the shell's convention (130 for Ctrl-C, 143 for SIGTERM)."""
+    print(f"bndeploy {command}: interrupted; nothing was left half-written", file=sys.stderr)
+    return 128 + (_signals_received[-1] if _signals_received else signal.SIGINT)
+
+
+def _sigterm_interrupts() -> dict:
+    """Make SIGTERM (kill, CI cancellation, container stop) unwind like Ctrl-C, so atomic_directory
+    removes its temporary directory instead of the process dying with it half-written; SIGINT gets
+    the same handler so that an interrupt is recognised even when TVM re-raises it as another error.
+    Returns the previous handlers (none when not on the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def interrupt(signum, frame):
+        _signals_received.append(signum)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 if __name__ == "__main__":

@@ -94,9 +94,14 @@ def _replace_directory(new: Path, out: Path, force: bool) -> None:
         if not force:
             raise BndeployError(f"{out} was created by another process while this one worked; nothing written")
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, old / out.name)
-        os.rename(new, out)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(out, old / out.name)
+            os.rename(new, out)
+        except OSError:
+            # Another forced writer moved its directory in between: it wins whole, this one stops.
+            raise BndeployError(f"{out} was replaced by another process while this one worked; nothing written") from None
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
     else:
         try:
             os.rename(new, out)

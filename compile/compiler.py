@@ -109,10 +109,17 @@ def load_source(onnx_path) -> SourceModel:
     if not path.is_file():
         raise BndeployError(f"{path}: ONNX file not found")
     try:
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model)
-    except Exception as e:  # protobuf DecodeError, onnx ValidationError, ...
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError, ...
         raise BndeployError(f"{path}: not a valid ONNX model ({_first_line(e)})") from None
+    _refuse_external_data_outside(model, path.parent)
+    _check_opset(model, path)
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+        onnx.checker.check_model(model)
+    except Exception as e:  # onnx ValidationError, missing external file, ...
+        raise BndeployError(f"{path}: not a valid ONNX model ({_first_line(e)})") from None
+    _check_batchnorm_shapes(model, path)
     sha = sha256_of(path)
     export_path = path.parent / EXPORT_MANIFEST_FILE
     export = _matching_export_manifest(export_path, path, sha)
@@ -120,6 +127,61 @@ def load_source(onnx_path) -> SourceModel:
         return SourceModel(path, sha, model, export_path, export["mode"], export["inputs"], export["outputs"])
     inputs, outputs = _interface_from_graph(model)
     return SourceModel(path, sha, model, None, _mode_of(model), inputs, outputs)
+
+
+# BatchNormalization-14 is the first version with training_mode (earlier ones carry is_test/spatial/
+# consumed_inputs and other semantics); newer than this onnx package knows cannot be checked at all.
+MIN_OPSET = 14
+
+
+def _check_opset(model: onnx.ModelProto, path: Path) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and not MIN_OPSET <= opset.version <= newest:
+            raise UnsupportedModelError(
+                f"{path}: ONNX opset {opset.version} is not supported; bndeploy compiles opsets "
+                f"{MIN_OPSET}..{newest} (it exports opset 20): re-export or convert the model "
+                "(onnx.version_converter)"
+            )
+
+
+def _refuse_external_data_outside(model: onnx.ModelProto, folder: Path) -> None:
+    """Refuse, before any file is opened, external tensor data that resolves outside the model's folder
+    (``../x``, absolute paths, symlinks leading out): a model file must not make bndeploy read elsewhere."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    base = folder.resolve()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        resolved = (base / location).resolve()
+        if Path(location).is_absolute() or not resolved.is_relative_to(base):
+            raise BndeployError(
+                f"{folder}: tensor {tensor.name!r} stores its data at "
+                f"{location!r}, outside the model's folder {base}; refusing to read it (path traversal)"
+            )
+
+
+def _check_batchnorm_shapes(model: onnx.ModelProto, path: Path) -> None:
+    """Each BatchNormalization's scale/bias/mean/var must be 1-D of the input's channel count."""
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    for value in list(model.graph.input) + list(model.graph.value_info):
+        dims = value.type.tensor_type.shape.dim
+        shapes.setdefault(value.name, [d.dim_value if d.HasField("dim_value") else None for d in dims])
+    for node in _batchnorm_nodes(model):
+        x_shape = shapes.get(node.input[0]) or []
+        channels = x_shape[1] if len(x_shape) > 1 else None
+        for role, name in zip(("scale", "bias", "mean", "var"), node.input[1:]):
+            shape = shapes.get(name)
+            if shape is None:
+                continue
+            if len(shape) != 1 or (channels is not None and shape[0] not in (channels, None)):
+                raise UnsupportedModelError(
+                    f"{path}: BatchNormalization {_node_name(node)!r}: {role} {name!r} has shape {shape}, "
+                    f"expected [{channels if channels is not None else 'C'}] (one value per channel of "
+                    f"{node.input[0]!r}, shape {x_shape})"
+                )
 
 
 def _matching_export_manifest(export_path: Path, onnx_path: Path, sha: str) -> dict | None:

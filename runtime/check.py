@@ -63,6 +63,7 @@ def check(
         inputs_source=inputs_source,
         against=against,
     )
+    report.notes += nonfinite_notes(feed, actual)
     if "torch" in against:
         report.comparisons += compare_with_torch(artifact, outputs, actual, export, tols)
         report.notes += running_var_notes(artifact, outputs, export)
@@ -71,6 +72,23 @@ def check(
         report.comparisons += comparisons
         report.notes += notes
     return report
+
+
+def nonfinite_notes(feed: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray]) -> list[str]:
+    """Say where NaN/Inf entered and came out: they propagate, and are compared position by position."""
+    def counts(arrays):
+        found = {}
+        for name, a in arrays.items():
+            a = np.asarray(a)
+            if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+                found[name] = f"{name} ({int(np.isnan(a).sum())} NaN, {int(np.isinf(a).sum())} Inf)"
+        return found
+
+    inputs, outputs = counts(feed), counts(actual)
+    if not inputs and not outputs:
+        return []
+    return [f"non-finite values: inputs {', '.join(inputs.values()) or 'none'}; outputs "
+            f"{', '.join(outputs.values()) or 'none'} (a NaN must meet a NaN, an Inf the same Inf, in the reference)"]
 
 
 def validate_against(against: Sequence[str]) -> tuple[str, ...]:

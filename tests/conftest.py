@@ -25,3 +25,18 @@ def exported(export_root):
         return cache[name]
 
     return get
+
+
+# --------------------------------------------------------------------------------------------------
+# Hypothesis profiles (tests/test_properties.py). "ci", the default, is small and derandomized so CI
+# is reproducible; BNDEPLOY_HYPOTHESIS_PROFILE=long explores far more of the parameter space.
+# Every example exports, compiles and runs a model (about a second or more), hence deadline=None.
+import os  # noqa: E402
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=10, deadline=None, derandomize=True, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=300, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("BNDEPLOY_HYPOTHESIS_PROFILE", "ci"))

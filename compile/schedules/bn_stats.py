@@ -57,12 +57,15 @@ def batch_stats_compute(spec: BatchStatsSpec) -> tirx.PrimFunc:
         (c,), lambda ch: shifted_sums((s1_lanes[ch, rl], s2_lanes[ch, rl]), axis=[rl]), name="total"
     )
     mean = te.compute((c,), lambda ch: (shift[ch] + s1[ch] / count).astype("float32"), name="mean")
-    var = te.compute(
-        (c,),
-        lambda ch: tirx.max((s2[ch] - s1[ch] * s1[ch] / count) / count, tirx.const(0.0, "float64")).astype("float32"),
-        name="var",
-    )
+    var = te.compute((c,), lambda ch: _clamp_negative((s2[ch] - s1[ch] * s1[ch] / count) / count).astype("float32"),
+                     name="var")
     return te.create_prim_func([x, mean, var])
+
+
+def _clamp_negative(value):
+    """max(value, 0) for a float64 value that keeps NaN (tir's max(NaN, 0) is 0, which would hide a NaN input's channel)."""
+    zero = tirx.const(0.0, "float64")
+    return tirx.Select(value < zero, zero, value)
 
 
 def schedule_batch_stats(func: tirx.PrimFunc, spec: BatchStatsSpec) -> tirx.PrimFunc:
