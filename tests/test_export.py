@@ -205,6 +205,7 @@ def _tiny_train_bn():
     return bn.train(), torch.randn(5, 8, 6, 6)
 
 
+@pytest.mark.filterwarnings("ignore")  # torch warns about exporting in train mode: that is the point here
 def test_upstream_dynamo_exporter_drops_training_mode():
     bn, x = _tiny_train_bn()
     program = torch.onnx.export(copy.deepcopy(bn), (x,), dynamo=True, optimize=False, verbose=False)
@@ -214,6 +215,7 @@ def test_upstream_dynamo_exporter_drops_training_mode():
     assert np.abs(got - bn(x).detach().numpy()).max() > 1.0
 
 
+@pytest.mark.filterwarnings("ignore")  # the deprecated exporter's tracing warnings
 def test_upstream_torchscript_exporter_mutates_running_stats():
     bn, x = _tiny_train_bn()
     before = bn.running_mean.clone()
