@@ -3,18 +3,19 @@
 Each row: median over interleaved rounds (every implementation runs once per round, so shared or
 throttled cores slow all of them alike), ratio to ONNX Runtime, achieved GFLOP/s or GB/s, and the
 physical bound: GEMM peak measured with torch in the same run for convs, memory bandwidth measured
-with a numpy copy in the same run for BatchNorm (bytes moved / bandwidth).
+with a parallel numpy copy in the same run for BatchNorm (bytes moved / bandwidth).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from bndeploy.timing import interleaved_medians_ms
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +42,20 @@ class Row:
 # timing
 
 
-def time_interleaved(fns: dict[str, callable], rounds: int, calls: int) -> dict[str, float]:
-    """Median per-call milliseconds; each round runs every implementation `calls` times in turn.
+def parallel_copier(dst: np.ndarray, src: np.ndarray, threads: int):
+    """A callable copying src to dst on `threads` threads (np.copyto releases the GIL): the memory
+    bound must use every core the measured runtimes use, or a 2-thread kernel beats its own "bound"."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    Between implementations: a pause (the previous one's pool threads spin for a while after each
-    call, e.g. libgomp under torch, and would steal the cores) and one untimed warm-up call."""
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            time.sleep(0.05)
-            fn()
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            samples[name].append((time.perf_counter() - start) / calls * 1e3)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    pool = ThreadPoolExecutor(max_workers=threads)
+    pieces = list(zip(np.array_split(dst.reshape(-1), threads), np.array_split(src.reshape(-1), threads)))
+    return lambda: list(pool.map(lambda pair: np.copyto(*pair), pieces))
 
 
-def measure_bandwidth(nbytes: int, rounds: int) -> float:
-    """GB/s of a numpy copy (read + write) of `nbytes`: the memory bound used for BatchNorm."""
+def measure_bandwidth(nbytes: int, rounds: int, threads: int) -> float:
+    """GB/s of a parallel copy (read + write) of `nbytes`: the memory bound used for BatchNorm."""
     src = np.ones(nbytes // 4, np.float32)
-    dst = np.empty_like(src)
-    ms = time_interleaved({"copy": lambda: np.copyto(dst, src)}, rounds, 3)["copy"]
+    ms = interleaved_medians_ms({"copy": parallel_copier(np.empty_like(src), src, threads)}, rounds, 3)["copy"]
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
@@ -72,7 +65,7 @@ def measure_gemm_peak(threads: int) -> float:
 
     torch.set_num_threads(threads)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    ms = time_interleaved({"mm": lambda: a @ b}, 5, 2)["mm"]
+    ms = interleaved_medians_ms({"mm": lambda: a @ b}, 5, 2)["mm"]
     return 2 * 2048**3 / (ms * 1e-3) / 1e9
 
 
@@ -157,7 +150,7 @@ def conv_case(n: int, c: int, hw: int, threads: int, rounds: int, peak: float) -
     with torch.no_grad():
         expected = module(x_torch).numpy()
         error = float(np.abs(run(xt).numpy() - expected).max())
-        ms = time_interleaved(
+        ms = interleaved_medians_ms(
             {
                 "bndeploy": lambda: run(xt),
                 "onnxruntime": lambda: session.run(None, {"x": x}),
@@ -241,9 +234,9 @@ def bn_case(training: bool, threads: int, rounds: int) -> Row:
     copy_dst = np.empty_like(x)
     with torch.no_grad():
         expected = session.run(None, {"x": x})[0]
-        ms = time_interleaved(
+        ms = interleaved_medians_ms(
             {"bndeploy": lambda: run(xt), "onnxruntime": lambda: session.run(None, {"x": x}), "torch": lambda: bn(x_torch),
-             "copy": lambda: np.copyto(copy_dst, x)},  # the bandwidth bound, measured in the same rounds
+             "copy": parallel_copier(copy_dst, x, threads)},  # the bandwidth bound, measured in the same rounds
             rounds, 3,
         )
     passes = 3 if training else 2  # training reads x twice (statistics, normalise), writes y once
@@ -270,14 +263,14 @@ def format_table(rows: list[Row], context: dict) -> str:
     text.insert(1, "  ".join("-" * w for w in widths))
     foot = (f"threads {context['threads']}, {context['rounds']} interleaved rounds (medians); measured here: "
             f"GEMM peak {context['gemm_peak_gflops']:.0f} GFLOP/s (torch 2048^3 matmul), "
-            f"memory bandwidth {context['bandwidth_gbs']:.1f} GB/s (numpy copy, read+write; BatchNorm bounds use "
+            f"memory bandwidth {context['bandwidth_gbs']:.1f} GB/s (parallel numpy copy, read+write; BatchNorm bounds use "
             "the copy timed in their own rounds). "
             "Shared cores make absolute times noisy; compare ratios.")
     return "\n".join(text + ["", foot])
 
 
 def run_suite(suite: str, threads: int, rounds: int) -> tuple[list[Row], dict]:
-    bandwidth = measure_bandwidth(int(np.prod(BN_SHAPE)) * 4, rounds)
+    bandwidth = measure_bandwidth(int(np.prod(BN_SHAPE)) * 4, rounds, threads)
     peak = measure_gemm_peak(threads)
     rows = []
     convs = CONV_SUITE if suite == "default" else CONV_SUITE[:1]

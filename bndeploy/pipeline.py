@@ -29,7 +29,7 @@ class PipelineSettings:
     targets: tuple[str, ...] = ()             # empty: cpu, plus cuda when nvcc is installed
     out: Path = Path("bndeploy-out")
     force: bool = False
-    timing_rounds: int = 10
+    timing_rounds: int = 3
 
 
 @dataclass
@@ -205,7 +205,7 @@ def _latency(artifact, rounds: int) -> tuple[float, float]:
     feed = load_export_references(artifact.manifest, artifact.directory).inputs()
     session = ort.InferenceSession(artifact.manifest["source"]["onnx"], providers=["CPUExecutionProvider"])
     medians = interleaved_medians_ms({"bndeploy": lambda: artifact.run(feed),
-                                      "onnxruntime": lambda: session.run(None, feed)}, rounds=rounds)
+                                      "onnxruntime": lambda: session.run(None, feed)}, rounds=rounds, calls=5)
     return medians["bndeploy"], medians["onnxruntime"]
 
 
@@ -221,7 +221,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="state_dict for file.py:factory")
     p.add_argument("--out", default="bndeploy-out", help="output folder (default: ./bndeploy-out)")
     p.add_argument("--force", action="store_true", help="replace an --out folder not made by the pipeline")
-    p.add_argument("--rounds", type=int, default=10, help="timing rounds per artifact")
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds per artifact (each: 5 calls of each runtime)")
     p.set_defaults(func=run)
 
 

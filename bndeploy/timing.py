@@ -1,4 +1,10 @@
-"""Latency measurement shared by the pipeline and the benchmark: interleaved rounds, medians."""
+"""Latency measurement shared by the pipeline and the benchmark: interleaved rounds, medians.
+
+Runtimes keep their worker threads spinning after a call (TVM's pool for ~100 ms, ONNX Runtime's for
+~50 ms, measured here by the process's CPU time while idle). On a machine with few cores that spin steals
+the next runtime's cores, so a plain back-to-back interleave makes whichever runs second look slow.
+Each runtime's turn therefore starts after a pause that outlasts the spinning, plus one untimed call.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +12,20 @@ import statistics
 import time
 from typing import Callable
 
+# Longer than the longest post-call spin measured here (TVM's thread pool: ~0.1 s).
+SPIN_PAUSE_S = 0.2
 
-def interleaved_medians_ms(candidates: dict[str, Callable[[], object]], rounds: int = 20,
-                           warmup: int = 2) -> dict[str, float]:
-    """Median wall time in ms of each callable, measured round-robin so drift hits all of them alike."""
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
+
+def interleaved_medians_ms(candidates: dict[str, Callable[[], object]], rounds: int = 7, calls: int = 3,
+                           pause_s: float = SPIN_PAUSE_S) -> dict[str, float]:
+    """Median per-call wall time in ms of each callable; each round times ``calls`` calls of each in turn."""
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
-            start = time.perf_counter()
+            time.sleep(pause_s)
             fn()
-            samples[name].append((time.perf_counter() - start) * 1e3)
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls * 1e3)
     return {name: statistics.median(values) for name, values in samples.items()}

@@ -6,6 +6,7 @@ sha256 is checked before it is loaded, because loading a shared library runs its
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 from pathlib import Path
@@ -143,7 +144,17 @@ def normalise_arch(arch: str) -> str:
     return _ARCH_ALIASES.get(arch, arch)
 
 
+def use_all_cpus() -> None:
+    """Run TVM's CPU kernels on every core this process may use, as ONNX Runtime and torch do.
+
+    TVM's own default counts physical cores only (1 on a 2-vCPU VM); a user's TVM_NUM_THREADS wins.
+    Takes effect when TVM's thread pool starts, at the first parallel kernel.
+    """
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
+
 def _load_vm(library: Path, device: str):
+    use_all_cpus()
     import tvm.runtime
     from tvm.runtime.vm import VirtualMachine  # tvm.relax is absent from runtime-only installs
 
