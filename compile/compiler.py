@@ -322,8 +322,11 @@ def _build_cuda(mod, spec: TargetSpec, out_dir: Path, dump: bool) -> tuple[list[
             "(bndeploy.compile.cuda.build_cuda_library is missing)"
         ) from None
     check_cuda_toolchain()
-    info = build_cuda_library(mod, spec.tvm_target(), out_dir / LIBRARY_FILE,
-                              dump_dir=(out_dir / DUMP_DIR) if dump else None)
+    library_compiler(spec)  # fails before the build when the host's cross toolchain is missing
+    library = out_dir / LIBRARY_FILE
+    info = build_cuda_library(mod, spec.tvm_target(), library, dump_dir=(out_dir / DUMP_DIR) if dump else None,
+                              host_compiler=spec.cross.compiler if spec.cross else None)
+    verify_library_machine(library, spec)
     return list(info["kernels"]), list(info["archs"])
 
 

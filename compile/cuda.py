@@ -389,12 +389,14 @@ def _cuda_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
 
 def build_cuda_library(
-    mod: tvm.IRModule, target: tvm.target.Target, out_path: Path, dump_dir: Path | None = None
+    mod: tvm.IRModule, target: tvm.target.Target, out_path: Path, dump_dir: Path | None = None,
+    host_compiler: str | None = None,
 ) -> dict:
     """GPU-schedule `mod`, build it for `target` and export a library with SASS + PTX to `out_path`.
 
     Returns {"kernels": [device kernel names], "archs": ["sm_80"]}. With `dump_dir`, the generated
-    CUDA source is written there as cuda_source.cu.
+    CUDA source is written there as cuda_source.cu. ``host_compiler``: the cross gcc that links the
+    library when the target's host is another CPU (Jetson: aarch64); None for this machine's compiler.
     """
     nvcc = check_cuda_toolchain()
     if target.kind.name != "cuda":
@@ -405,7 +407,7 @@ def build_cuda_library(
     with tempfile.TemporaryDirectory(prefix="bndeploy-cuda-build-") as tmp:
         request = Path(tmp, "request.json")
         result = Path(tmp, "result.json")
-        write_request(request, mod, target, Path(out_path), dump_dir, nvcc)
+        write_request(request, mod, target, Path(out_path), dump_dir, nvcc, host_compiler)
         _run_child(request, result, _child_env(nvcc, stub_dir))
         outcome = json.loads(result.read_text())
     if "error" in outcome:
@@ -414,8 +416,10 @@ def build_cuda_library(
     return outcome
 
 
-def write_request(path: Path, mod, target, out_path: Path, dump_dir: Path | None, nvcc: str) -> None:
+def write_request(path: Path, mod, target, out_path: Path, dump_dir: Path | None, nvcc: str,
+                  host_compiler: str | None = None) -> None:
     path.write_text(json.dumps({
+        "host_compiler": host_compiler,
         "module": tvm.ir.save_json(mod),
         "target": tvm.ir.save_json(target),
         "out_path": str(Path(out_path).absolute()),
@@ -607,7 +611,12 @@ def _build_in_this_process(request: dict) -> dict:
         raise BndeployError("TVM produced no CUDA device code (its compile callback was never called)")
     out_path = Path(request["out_path"])
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    executable.export_library(str(out_path))
+    if request.get("host_compiler"):
+        from tvm.support import cc
+
+        executable.export_library(str(out_path), fcompile=cc.cross_compiler(request["host_compiler"]))
+    else:
+        executable.export_library(str(out_path))
     if request["dump_dir"]:
         Path(request["dump_dir"]).mkdir(parents=True, exist_ok=True)
         Path(request["dump_dir"], CUDA_SOURCE_NAME).write_text("\n".join(sources))

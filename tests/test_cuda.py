@@ -371,3 +371,19 @@ def test_conv_runs_on_the_gpu(conv_builds):
     dev = tvm.cuda(0)
     got = relax.VirtualMachine(tvm.runtime.load_module(str(path)), dev)["main"](tvm.runtime.tensor(x, device=dev))
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="aarch64 cross compiler not installed")
+def test_jetson_orin_artifact_has_aarch64_host_code_and_sm87_device_code(exported, tmp_path):
+    """cuda-sm87's host is the Orin's aarch64 CPU: the library must be linked by the cross toolchain
+    (the host linker failed with 'file in wrong format' before) and carry sm_87 SASS + PTX."""
+    from bndeploy.compile import CompileSettings, compile_model
+    from bndeploy.compile.targets import read_elf_identity
+
+    artifact = compile_model(exported("conv-bn")["inference"] / "model.onnx", ["cuda-sm87"], tmp_path / "orin",
+                             CompileSettings())[0]
+    assert read_elf_identity(artifact / "model.so") == (183, 64)  # EM_AARCH64, ELFCLASS64
+    info = cuda.inspect_cuda_library(artifact / "model.so")
+    assert info["archs"] == ["sm_87"] and info["ptx"] == ["compute_87"]
+    assert info["kernels"]
