@@ -17,7 +17,7 @@ from tvm.relax.frontend.onnx import from_onnx
 
 from bndeploy.bench import bn_relax_module
 from bndeploy.compile.cpu import build_cpu, schedule_module
-from bndeploy.compile.schedules import SCHEDULED_ATTR, BatchStatsSpec, ConvSpec, build_batch_stats_primfunc, build_conv2d_primfunc, choose_tiling
+from bndeploy.compile.schedules import SCHEDULED_ATTR, BatchStatsSpec, ConvSpec, Tiling, build_batch_stats_primfunc, build_conv2d_primfunc, choose_tiling
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
 ATOL = RTOL = 1e-4
@@ -67,6 +67,15 @@ def test_conv_kernel_is_register_tiled_parallel_and_vectorised():
     assert bool(func.attrs[SCHEDULED_ATTR])
 
 
+@pytest.mark.parametrize("channels, width, tiling", [(64, 56, Tiling(64, 7)), (256, 14, Tiling(64, 7)), (32, 14, Tiling(32, 14))])
+def test_tiling_fills_registers_with_fewest_loads(channels, width, tiling):
+    assert choose_tiling(ConvSpec(1, channels, width, width, channels, (3, 3), padding=(1, 1, 1, 1))) == tiling
+
+
+def test_batch_statistics_use_many_accumulator_lanes():
+    assert BatchStatsSpec(32, 64, 56, 56).lanes == 64 and BatchStatsSpec(3, 5, 7, 7).lanes == 1
+
+
 @pytest.mark.parametrize(
     "x_shape, layers",
     [
@@ -107,7 +116,7 @@ def test_batchnorm_matches_unscheduled_build(training):
         np.testing.assert_allclose(g, w, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("shape", [(8, 4, 32, 32), (3, 5, 7, 7)])  # 16-lane and scalar (49) planes
+@pytest.mark.parametrize("shape", [(8, 4, 32, 32), (3, 5, 7, 7)])  # 64-lane and scalar (49) planes
 def test_train_statistics_are_accurate_for_mean_1e4(shape):
     rng = np.random.default_rng(4)
     x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
