@@ -12,6 +12,7 @@ import pytest
 import compile_cases as cases
 from bndeploy.cli import main
 from bndeploy.compile import CompileSettings, compile_model
+from bndeploy.errors import BndeployError
 from bndeploy.files import manifest_header, sha256_of, write_json
 
 
@@ -90,16 +91,15 @@ def test_several_targets_get_one_directory_each(tmp_path):
     assert json.loads((dirs[1] / "artifact.json").read_text())["target"]["tvm"]["mcpu"] == "x86-64-v3"
 
 
-def test_cuda_target_without_cuda_module_is_a_clear_error(tmp_path):
+def test_cuda_target_without_nvcc_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch):
+    from bndeploy.compile import cuda
+
     onnx.save(cases.batchnorm_case().model, tmp_path / "model.onnx")
-    try:
-        import bndeploy.compile.cuda  # noqa: F401
-    except ImportError:
-        with pytest.raises(Exception, match="CUDA compilation is not available"):
-            compile_model(tmp_path / "model.onnx", ["cuda"], tmp_path / "a", CompileSettings())
-        assert not (tmp_path / "a").exists()
-    else:
-        pytest.skip("bndeploy.compile.cuda exists; its own tests cover CUDA builds")
+    monkeypatch.setattr(cuda, "_find_nvcc", lambda: None)
+    with pytest.raises(BndeployError, match="nvcc"):
+        compile_model(tmp_path / "model.onnx", ["cuda"], tmp_path / "a", CompileSettings())
+    assert not (tmp_path / "a").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
 
 def test_cli_compiles_end_to_end(tmp_path, capsys):
