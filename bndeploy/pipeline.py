@@ -12,6 +12,7 @@ import json
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ class PipelineSettings:
     targets: tuple[str, ...] = ()             # empty: cpu, plus cuda when nvcc is installed
     out: Path = Path("bndeploy-out")
     force: bool = False
-    timing_rounds: int = 3
+    timing_rounds: int = 2
 
 
 @dataclass
@@ -92,8 +93,12 @@ def run_pipeline(settings: PipelineSettings = PipelineSettings(), user_model=Non
     targets = settings.targets or default_targets()
     result = PipelineResult(out=out.absolute())
     names = [user_model.name] if user_model is not None else list(settings.models or DEFAULT_PIPELINE_MODELS)
-    for name in names:
-        _run_model(name, user_model, out, targets, settings, say, result)
+    later: list = []
+    # Two CUDA builds at a time: each is mostly nvcc and TVM codegen in its own worker process.
+    with ThreadPoolExecutor(max_workers=2) as background:
+        for name in names:
+            _run_model(name, user_model, out, settings.modes, targets, say, background, later, result)
+    _finish(later, settings.timing_rounds, say)
     result.seconds = time.perf_counter() - start
     (out / "summary.txt").write_text(result.table() + "\n")
     write_json(out / "summary.json", {"exit_code": result.exit_code, "seconds": result.seconds,
@@ -101,18 +106,18 @@ def run_pipeline(settings: PipelineSettings = PipelineSettings(), user_model=Non
     return result
 
 
-def _run_model(name, user_model, out: Path, targets, settings, say, result: PipelineResult) -> None:
+def _run_model(name, user_model, out: Path, modes, targets, say, background, later, result: PipelineResult) -> None:
     from bndeploy.export import load_model
 
     say(f"{name}: export")
     try:
         loaded = user_model if user_model is not None else load_model(name)
-        exports = _export(loaded, out / name / "export", settings.modes)
+        exports = _export(loaded, out / name / "export", modes)
     except Exception as e:  # one broken model must not hide the others' results
-        result.rows += [Row(name, mode, "-", detail=f"export: {_describe(e)}") for mode in settings.modes]
+        result.rows += [Row(name, mode, "-", detail=f"export: {_describe(e)}") for mode in modes]
         return
-    for mode in settings.modes:
-        result.rows += _compile_and_check(name, mode, exports[mode], targets, out / name / mode, settings, say)
+    for mode in modes:
+        result.rows += _compile_and_check(name, mode, exports[mode], targets, out / name / mode, say, background, later)
 
 
 def _describe(error: Exception) -> str:
@@ -142,22 +147,54 @@ def _export(loaded, out: Path, modes) -> dict[str, Path]:
     return export(loaded, out, ExportSettings(modes=tuple(modes)))
 
 
-def _compile_and_check(name, mode, export_dir: Path, targets, out: Path, settings, say) -> list[Row]:
-    """One compile for all targets (the ONNX is imported and rewritten once), then a check of each."""
+def _compile_and_check(name, mode, export_dir: Path, targets, out: Path, say, background, later) -> list[Row]:
+    """Compile and check the CPU targets now; CUDA builds (nvcc in a worker process) go to ``background``
+    so they overlap with the CPU work. Latency measurements and GPU checks wait in ``later`` until no
+    build runs, so nothing competes with a timed run."""
+    rows = {target: Row(name, mode, target) for target in targets}
+    groups = [[t for t in targets if not t.startswith("cuda")], [t for t in targets if t.startswith("cuda")]]
+    for group in filter(None, groups):
+        build = lambda group=group: _compile(rows, group, export_dir, out, say)
+        if group[0].startswith("cuda"):
+            later.append(background.submit(build))
+            continue
+        for row, artifact in build():
+            _check(row, artifact, say)
+            later.append((row, artifact))
+    return list(rows.values())
+
+
+def _compile(rows: dict, group: list[str], export_dir: Path, out: Path, say) -> list:
+    """One compile_model call for the group (the ONNX is imported and rewritten once)."""
     from bndeploy.compile import CompileSettings, compile_model
 
-    rows = [Row(name, mode, target) for target in targets]
-    say(f"{name}/{mode}: compile for {', '.join(targets)}")
+    say(f"{rows[group[0]].model}/{rows[group[0]].mode}: compile for {', '.join(group)}")
+    target_out = out / group[0] if len(group) == 1 else out
     try:
-        artifacts = compile_model(export_dir / "model.onnx", list(targets), out, CompileSettings())
+        artifacts = compile_model(export_dir / "model.onnx", group, target_out, CompileSettings())
     except Exception as e:  # one broken model must not hide the others' results
-        for row in rows:
-            row.detail = f"compile: {_describe(e)}"
-        return rows
-    for row, artifact in zip(rows, artifacts):
-        row.folded = _folded(artifact)
-        _check(row, artifact, artifact.parent / f"{artifact.name}-check", settings.timing_rounds, say)
-    return rows
+        for target in group:
+            rows[target].detail = f"compile: {_describe(e)}"
+        return []
+    for target, artifact in zip(group, artifacts):
+        rows[target].folded = _folded(artifact)
+    return [(rows[target], artifact) for target, artifact in zip(group, artifacts)]
+
+
+def _finish(later: list, rounds: int, say) -> None:
+    """After every build: check the CUDA artifacts (where a GPU is), then time every checked artifact."""
+    checked = []
+    for item in later:
+        if isinstance(item, tuple):
+            checked.append(item)
+            continue
+        for row, artifact in item.result():
+            _check(row, artifact, say)
+            checked.append((row, artifact))
+    for row, artifact in checked:
+        if row.result in ("pass", "FAIL"):
+            say(f"{row.model}/{row.mode}: time on {row.target}")
+            row.bndeploy_ms, row.onnxruntime_ms = _latency(artifact, rounds)
 
 
 def _folded(artifact: Path) -> str:
@@ -165,8 +202,8 @@ def _folded(artifact: Path) -> str:
     return f"{sum(1 for f in fusion if f.get('folded'))}/{len(fusion)}"
 
 
-def _check(row: Row, artifact: Path, report_base: Path, rounds: int, say) -> None:
-    from bndeploy.runtime import check, load_artifact
+def _check(row: Row, artifact: Path, say) -> None:
+    from bndeploy.runtime import check
 
     if not _device_available(artifact):
         row.result = "compiled"
@@ -177,13 +214,13 @@ def _check(row: Row, artifact: Path, report_base: Path, rounds: int, say) -> Non
     except Exception as e:  # one broken artifact must not hide the others' results
         row.detail = f"check: {_describe(e)}"
         return
+    report_base = artifact.parent / f"{artifact.name}-check"
     report.write_json(f"{report_base}.json")
     report.write_junit(f"{report_base}.junit.xml")
     row.result = "pass" if report.passed else "FAIL"
     row.max_error = max((c.max_abs_error for c in report.comparisons), default=None)
     if not report.passed:
         row.detail = "; ".join(c.title for c in report.failures) + f" (see {report_base}.json)"
-    row.bndeploy_ms, row.onnxruntime_ms = _latency(load_artifact(artifact), rounds)
 
 
 def _device_available(artifact: Path) -> bool:
@@ -195,13 +232,15 @@ def _device_available(artifact: Path) -> bool:
     return bool(tvm.cuda(0).exist)
 
 
-def _latency(artifact, rounds: int) -> tuple[float, float]:
-    import numpy as np
+def _latency(artifact_dir: Path, rounds: int) -> tuple[float, float]:
     import onnxruntime as ort
+
+    from bndeploy.runtime import load_artifact
 
     from bndeploy.runtime.sources import load_export_references
     from bndeploy.timing import interleaved_medians_ms
 
+    artifact = load_artifact(artifact_dir)
     feed = load_export_references(artifact.manifest, artifact.directory).inputs()
     session = ort.InferenceSession(artifact.manifest["source"]["onnx"], providers=["CPUExecutionProvider"])
     medians = interleaved_medians_ms({"bndeploy": lambda: artifact.run(feed),
@@ -221,7 +260,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="state_dict for file.py:factory")
     p.add_argument("--out", default="bndeploy-out", help="output folder (default: ./bndeploy-out)")
     p.add_argument("--force", action="store_true", help="replace an --out folder not made by the pipeline")
-    p.add_argument("--rounds", type=int, default=3, help="timing rounds per artifact (each: 5 calls of each runtime)")
+    p.add_argument("--rounds", type=int, default=2, help="timing rounds per artifact (each: 5 calls of each runtime)")
     p.set_defaults(func=run)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,6 +55,11 @@ class SourceModel:
 
 Progress = Callable[[str], None]
 
+# TVM's ONNX importer and pass infrastructure are not safe to run from two threads at once (seen: the
+# importer's assertions fire); compiles from several threads take turns in these steps. CUDA builds
+# happen in a worker process and overlap freely.
+_IN_PROCESS_TVM = threading.Lock()
+
 
 def compile_model(onnx_path, targets: list[str], out, settings: CompileSettings = CompileSettings(),
                   progress: Progress | None = None) -> list[Path]:
@@ -70,7 +76,8 @@ def compile_model(onnx_path, targets: list[str], out, settings: CompileSettings 
         check_output_dir(out_dir, settings.force)
     source = load_source(onnx_path)
     say(f"importing {source.path.name} ({source.mode} mode) into TVM Relax")
-    mod, fusion, dumps = lower_to_relax(source, settings)
+    with _IN_PROCESS_TVM:
+        mod, fusion, dumps = lower_to_relax(source, settings)
     written = []
     for index, (spec, out_dir) in enumerate(zip(specs, out_dirs), start=1):
         say(f"[{index}/{len(specs)}] building for target {spec.name} -> {out_dir}")
@@ -282,8 +289,9 @@ def _write_dumps(dump_dir: Path, dumps: dict[str, str]) -> None:
 def _build(mod, spec: TargetSpec, out_dir: Path, dump: bool) -> tuple[list[str], list[str]]:
     """Build and export the library into ``out_dir``; returns (kernel names, CUDA archs)."""
     if spec.device == "cuda":
-        return _build_cuda(mod, spec, out_dir, dump)
-    return _build_llvm(mod, spec, out_dir), []
+        return _build_cuda(mod, spec, out_dir, dump)  # runs in a worker process: no lock needed
+    with _IN_PROCESS_TVM:
+        return _build_llvm(mod, spec, out_dir), []
 
 
 def _build_llvm(mod, spec: TargetSpec, out_dir: Path) -> list[str]:

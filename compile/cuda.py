@@ -430,26 +430,31 @@ def write_request(path: Path, mod, target, out_path: Path, dump_dir: Path | None
 
 
 def _run_child(request: Path, result: Path, env: dict) -> None:
-    """Hand the request to the build worker (started on first use; importing TVM there costs seconds)."""
-    with _WORKER_LOCK:
-        global _WORKER
-        if _WORKER is None or not _WORKER.serves(env):
-            if _WORKER is not None:
-                _WORKER.close()
-            _WORKER = _BuildWorker(env)
-        try:
-            _WORKER.build(request, result)
-        except BndeployError:
-            _WORKER.close()
-            _WORKER = None
-            raise
+    """Hand the request to an idle build worker, or a new one (importing TVM there costs seconds)."""
+    worker = _take_worker(env)
+    try:
+        worker.build(request, result)
+    except BaseException:
+        worker.close()
+        raise
+    with _IDLE_LOCK:
+        _IDLE_WORKERS.append(worker)
+
+
+def _take_worker(env: dict) -> "_BuildWorker":
+    with _IDLE_LOCK:
+        for worker in _IDLE_WORKERS:
+            if worker.serves(env):
+                _IDLE_WORKERS.remove(worker)
+                return worker
+    return _BuildWorker(env)
 
 
 class _BuildWorker:
     """A child process that runs this file with ``--serve``: one request path per stdin line, one reply line.
 
     It keeps TVM (with the CUDA runtime and, without a GPU, the driver stub) loaded across builds, so a
-    pipeline compiling many CUDA artifacts pays TVM's import once.
+    pipeline compiling many CUDA artifacts pays TVM's import once per worker.
     """
 
     def __init__(self, env: dict) -> None:
@@ -479,14 +484,15 @@ class _BuildWorker:
         self.log.close()
 
 
-_WORKER: _BuildWorker | None = None
-_WORKER_LOCK = threading.Lock()
+# Workers kept for the next build: as many as builds ever ran at the same time (one per calling thread).
+_IDLE_WORKERS: list[_BuildWorker] = []
+_IDLE_LOCK = threading.Lock()
 
 
 @atexit.register
-def _stop_worker() -> None:
-    if _WORKER is not None:
-        _WORKER.close()
+def _stop_workers() -> None:
+    for worker in _IDLE_WORKERS:
+        worker.close()
 
 
 def _serve() -> None:
