@@ -321,14 +321,8 @@ def _link_error(error: Exception) -> str:
 
 
 def _build_cuda(mod, spec: TargetSpec, out_dir: Path, dump: bool) -> tuple[list[str], list[str]]:
-    try:
-        from . import cuda
-        build_cuda_library, check_cuda_toolchain = cuda.build_cuda_library, cuda.check_cuda_toolchain
-    except (ImportError, AttributeError):
-        raise BndeployError(
-            f"target {spec.name!r}: CUDA compilation is not available in this bndeploy build yet "
-            "(bndeploy.compile.cuda.build_cuda_library is missing)"
-        ) from None
+    from .cuda import build_cuda_library, check_cuda_toolchain
+
     check_cuda_toolchain()
     library_compiler(spec)  # fails before the build when the host's cross toolchain is missing
     library = out_dir / LIBRARY_FILE
