@@ -247,26 +247,43 @@ def request_device(endpoint: RpcEndpoint, deadline: float) -> tuple[str, int, st
     """Ask the tracker for a free device with the endpoint's key: (host, port, match key)."""
     from tvm.rpc import base
 
+    answer = tracker_exchange(
+        endpoint, deadline, [base.TrackerCode.REQUEST, endpoint.key, "", 1],
+        dropped=f"the {endpoint.describe()} dropped the request", refused=f"the {endpoint.describe()} refused the request",
+        timed_out=lambda: (f"the {endpoint.describe()} gave no free device within {endpoint.timeout:g} s; "
+                           f"{tracker_keys_hint(endpoint)}"),
+    )
+    host, port, match_key = answer
+    return str(host), int(port), str(match_key)
+
+
+def tracker_exchange(endpoint: RpcEndpoint, deadline: float, message: list, dropped: str, refused: str,
+                     timed_out: Callable[[], str] | None = None):
+    """Send one message to the tracker and return the payload of its SUCCESS answer.
+
+    ``dropped`` and ``refused`` begin the error for a broken exchange and a refusal; ``timed_out`` (when
+    given) words a timeout, which otherwise counts as a broken exchange.
+    """
+    from tvm.rpc import base
+
     try:
         sock = tracker_socket(endpoint, deadline)
     except OSError as e:
         raise BndeployError(f"cannot reach the tracker {endpoint.host}:{endpoint.port}: {socket_problem(e, TRACKER_HINT)}") from None
     try:
-        base.sendjson(sock, [base.TrackerCode.REQUEST, endpoint.key, "", 1])
+        base.sendjson(sock, message)
         answer = base.recvjson(sock)
-    except TimeoutError:
-        raise BndeployError(
-            f"the {endpoint.describe()} gave no free device within {endpoint.timeout:g} s; "
-            f"{tracker_keys_hint(endpoint)}"
-        ) from None
+    except TimeoutError as e:
+        if timed_out is None:
+            raise BndeployError(f"{dropped}: {socket_problem(e, TRACKER_HINT)}") from None
+        raise BndeployError(timed_out()) from None
     except OSError as e:
-        raise BndeployError(f"the {endpoint.describe()} dropped the request: {socket_problem(e, TRACKER_HINT)}") from None
+        raise BndeployError(f"{dropped}: {socket_problem(e, TRACKER_HINT)}") from None
     finally:
         sock.close()
     if not isinstance(answer, list) or answer[0] != base.TrackerCode.SUCCESS:
-        raise BndeployError(f"the {endpoint.describe()} refused the request: {answer!r}")
-    host, port, match_key = answer[1]
-    return str(host), int(port), str(match_key)
+        raise BndeployError(f"{refused}: {answer!r}")
+    return answer[1]
 
 
 def tracker_socket(endpoint: RpcEndpoint, deadline: float) -> socket.socket:
@@ -294,20 +311,9 @@ def tracker_summary(host: str, port: int, timeout: float = 10.0) -> dict:
     from tvm.rpc import base
 
     endpoint = RpcEndpoint(host, port, via_tracker=True, timeout=timeout)
-    try:
-        sock = tracker_socket(endpoint, time.monotonic() + timeout)
-    except OSError as e:
-        raise BndeployError(f"cannot reach the tracker {host}:{port}: {socket_problem(e, TRACKER_HINT)}") from None
-    try:
-        base.sendjson(sock, [base.TrackerCode.SUMMARY])
-        answer = base.recvjson(sock)
-    except OSError as e:
-        raise BndeployError(f"the tracker {host}:{port} did not answer a summary: {socket_problem(e, TRACKER_HINT)}") from None
-    finally:
-        sock.close()
-    if not isinstance(answer, list) or answer[0] != base.TrackerCode.SUCCESS:
-        raise BndeployError(f"the tracker {host}:{port} refused a summary: {answer!r}")
-    return answer[1]
+    return tracker_exchange(endpoint, time.monotonic() + timeout, [base.TrackerCode.SUMMARY],
+                            dropped=f"the tracker {host}:{port} did not answer a summary",
+                            refused=f"the tracker {host}:{port} refused a summary")
 
 
 def registered_keys(summary: dict) -> dict[str, int]:
