@@ -73,16 +73,11 @@ def measure_gemm_peak(threads: int) -> float:
 # implementations
 
 
-def default_target(threads: int):
-    import tvm
+def host_target():
+    """Exactly what `bndeploy compile --target cpu` builds for, so the bench measures what users get."""
+    from bndeploy.compile.targets import host_cpu_target
 
-    return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu(), "num-cores": threads})
-
-
-def host_cpu() -> str:
-    import tvm
-
-    return str(tvm.target.codegen.llvm_get_system_cpu()) if hasattr(tvm.target.codegen, "llvm_get_system_cpu") else "native"
+    return host_cpu_target().tvm_target()
 
 
 def ort_session(model, threads: int):
@@ -94,14 +89,14 @@ def ort_session(model, threads: int):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def tvm_runner(mod, threads: int):
+def tvm_runner(mod):
     import tvm
     from tvm import relax
 
     from bndeploy.compile.cpu import build_cpu
 
     start = time.perf_counter()
-    vm = relax.VirtualMachine(build_cpu(mod, default_target(threads)), tvm.cpu())
+    vm = relax.VirtualMachine(build_cpu(mod, host_target()), tvm.cpu())
     compile_s = time.perf_counter() - start
 
     def run(*arrays):
@@ -143,7 +138,7 @@ def conv_case(n: int, c: int, hw: int, threads: int, rounds: int, peak: float) -
         [numpy_helper.from_array(weight.astype(np.float32), "w"), numpy_helper.from_array(bias, "b")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    run, compile_s = tvm_runner(from_onnx(model, keep_params_in_input=False), threads)
+    run, compile_s = tvm_runner(from_onnx(model, keep_params_in_input=False))
     session = ort_session(model, threads)
     xt, x_torch = tvm.runtime.tensor(x), torch.from_numpy(x)
     torch.set_num_threads(threads)
@@ -217,7 +212,7 @@ def bn_case(training: bool, threads: int, rounds: int) -> Row:
 
     shape = BN_SHAPE
     mod, params = bn_relax_module(shape, training)
-    run, compile_s = tvm_runner(mod, threads)
+    run, compile_s = tvm_runner(mod)
     session = ort_session(bn_onnx_model(shape, training, params), threads)
     x = (np.random.default_rng(2).standard_normal(shape, dtype=np.float32) * 2 + 3).astype(np.float32)
     xt, x_torch = tvm.runtime.tensor(x), torch.from_numpy(x)
