@@ -38,10 +38,20 @@ ensure_qemu() {
         || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null; }
 }
 
+# Prints the arm64 packages to unpack, or nothing when apt knows none (a fresh machine's apt has no
+# arm64 lists until `apt-get update`). Never fails: an empty answer is the caller's cue to update.
 arm64_package_closure() {
-    apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces \
-        --no-enhances "${ROOT_PACKAGES[@]/%/:arm64}" 2>/dev/null \
-        | grep -E '^[a-z0-9][^ <]*:arm64$' | grep -vE '^(dpkg|tar|install-info):' | sort -u
+    { apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces \
+        --no-enhances "${ROOT_PACKAGES[@]/%/:arm64}" 2>/dev/null || true; } \
+        | { grep -E '^[a-z0-9][^ <]*:arm64$' || true; } | { grep -vE '^(dpkg|tar|install-info):' || true; } | sort -u
+}
+
+# Downloads the given packages into $CACHE/pkgs; fails when any of them cannot be fetched (for instance
+# lists older than the mirror, which no longer has those versions).
+download_packages() {
+    rm -rf "$CACHE/pkgs" && mkdir -p "$CACHE/pkgs"  # only this closure gets unpacked
+    # shellcheck disable=SC2086
+    (cd "$CACHE/pkgs" && apt-get download -qq $1 2>&1) | { grep -v "^W: Download is performed unsandboxed" || true; }
 }
 
 ensure_root() {
@@ -53,15 +63,14 @@ ensure_root() {
     fi
     local packages
     packages="$(arm64_package_closure)"
-    if [[ -z "$packages" ]]; then
-        apt-get update -qq
+    if [[ -z "$packages" ]] || ! download_packages "$packages"; then
+        say "updating apt's package lists (arm64 packages unknown or out of date)"
+        apt-get update -qq || die "apt-get update failed"
         packages="$(arm64_package_closure)"
+        [[ -n "$packages" ]] || die "apt knows no arm64 packages for ${ROOT_PACKAGES[*]} (is the arm64 architecture in apt's sources?)"
+        download_packages "$packages" || die "apt-get download of the arm64 packages failed"
     fi
-    [[ -n "$packages" ]] || die "apt knows no arm64 packages for ${ROOT_PACKAGES[*]} (is the arm64 architecture in apt's sources?)"
-    say "downloading $(wc -w <<<"$packages") arm64 packages"
-    mkdir -p "$CACHE/pkgs"
-    # shellcheck disable=SC2086
-    (cd "$CACHE/pkgs" && apt-get download -qq $packages 2>&1 | grep -v "^W: Download is performed unsandboxed" || true)
+    say "downloaded $(wc -w <<<"$packages") arm64 packages"
     local tmp="$ROOT.partial"
     rm -rf "$tmp" && mkdir -p "$tmp"
     for deb in "$CACHE"/pkgs/*_arm64.deb; do dpkg -x "$deb" "$tmp"; done
