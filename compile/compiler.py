@@ -253,10 +253,11 @@ def _interface_from_graph(model: onnx.ModelProto) -> tuple[list[dict], list[dict
 def lower_to_relax(source: SourceModel, settings: CompileSettings):
     """Import, report and rewrite every BN; returns (module, fusion report, IR dumps by file name)."""
     from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
+
+    from .onnx_import import import_onnx
 
     try:
-        mod = from_onnx(source.model, keep_params_in_input=False)
+        mod = import_onnx(source.model)
     except Exception as e:  # the importer raises assorted TVM and Python errors
         raise UnsupportedModelError(f"{source.path}: TVM's ONNX importer failed: {_first_line(e)}") from None
     bn_names = [_node_name(n) for n in _batchnorm_nodes(source.model)]

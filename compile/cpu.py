@@ -12,7 +12,19 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-from bndeploy.compile.schedules import rewrite_to_kernels, schedule_cpu_kernels
+from bndeploy.compile.nan_semantics import legalize_ops
+from bndeploy.compile.schedules import convert_to_channels_last, rewrite_to_kernels, schedule_cpu_kernels
+
+
+def scheduling_passes(target: tvm.target.Target) -> list:
+    """Relax module -> scheduled TIR kernels: channels-last, kernels routed, legalised, fused, scheduled."""
+    return (
+        [convert_to_channels_last, rewrite_to_kernels]
+        + cpu_generic.library_dispatch_passes(target)
+        + [legalize_ops(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+           relax.transform.FuseOps(), relax.transform.FuseTIR()]
+        + [schedule_cpu_kernels]
+    )
 
 
 def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
@@ -20,10 +32,7 @@ def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                [rewrite_to_kernels]
-                + cpu_generic.library_dispatch_passes(target)
-                + cpu_generic.legalize_passes(target)
-                + [schedule_cpu_kernels]
+                scheduling_passes(target)
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
             )
@@ -33,13 +42,9 @@ def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
 
 def schedule_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """The module as build_cpu schedules it (kernels routed, legalised, fused, scheduled), before VM
-    lowering: for tests and IR dumps."""
+    """The module as build_cpu schedules it, before VM lowering: for tests and IR dumps."""
     with target:
-        seq = tvm.transform.Sequential(
-            [rewrite_to_kernels] + cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target) + [schedule_cpu_kernels]
-        )
-        return seq(mod)
+        return tvm.transform.Sequential(scheduling_passes(target))(mod)
 
 
 def build_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> relax.Executable:

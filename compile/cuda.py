@@ -343,8 +343,10 @@ def _schedule_rules():
 
 def schedule_passes(target: tvm.target.Target) -> list:
     """TVM's CUDA legalization passes with bndeploy's reduction rule added to the dlight rules."""
+    from .nan_semantics import legalize_ops
+
     return [
-        relax.transform.LegalizeOps(),
+        legalize_ops(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),

@@ -1,24 +1,30 @@
 """bndeploy's CPU kernels and schedules: applied by `bndeploy.compile.cpu.build_cpu`, no tuning needed.
 
-- conv2d.py: NCHW conv2d (+bias +ReLU) with compile-time packed weights, register-tiled for AVX-512.
+- isa.py: the target's vector ISA (lanes, registers, FMA pipes): what every tile is sized from.
+- conv2d.py: NHWC conv2d kernels (direct, grouped, depthwise) with packed weights and the tile model.
+- conv_schedule.py: the register-tiled schedule of a conv kernel fused with its epilogue.
 - bn_stats.py: one-pass, numerically sound training-mode BatchNorm statistics.
 - generic.py: parallel + vectorised schedules for every other (elementwise, reduction) kernel.
-- relax_rewrite.py: routes Relax conv2d chains and batch statistics to those kernels.
+- relax_rewrite.py: channels-last layout; routes Relax conv2d and batch statistics to those kernels.
 """
 
 from .bn_stats import BatchStatsSpec, build_batch_stats_primfunc
-from .conv2d import SCHEDULED_ATTR, ConvSpec, Tiling, build_conv2d_primfunc, choose_tiling, pack_weight
-from .generic import schedule_cpu_kernels, schedule_func
-from .relax_rewrite import rewrite_to_kernels
+from .conv2d import ConvSpec, Tiling, choose_tiling, conv2d_compute, pack_weight
+from .generic import SCHEDULED_ATTR, schedule_cpu_kernels, schedule_func
+from .isa import VectorISA, isa_for_target
+from .relax_rewrite import convert_to_channels_last, rewrite_to_kernels
 
 __all__ = [
     "SCHEDULED_ATTR",
     "BatchStatsSpec",
     "ConvSpec",
     "Tiling",
+    "VectorISA",
     "build_batch_stats_primfunc",
-    "build_conv2d_primfunc",
     "choose_tiling",
+    "conv2d_compute",
+    "convert_to_channels_last",
+    "isa_for_target",
     "pack_weight",
     "rewrite_to_kernels",
     "schedule_cpu_kernels",

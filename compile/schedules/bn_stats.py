@@ -14,15 +14,22 @@ from dataclasses import dataclass
 import tvm
 from tvm import s_tir, te, tirx
 
-from .conv2d import mark_scheduled
+from .generic import mark_scheduled
 
 
 @dataclass(frozen=True)
 class BatchStatsSpec:
+    """Statistics per channel of an NCHW tensor (channels_last=False) or an NHWC one (True)."""
+
     batch: int
     channels: int
     height: int
     width: int
+    channels_last: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.plane
 
     @property
     def plane(self) -> int:
@@ -37,6 +44,21 @@ class BatchStatsSpec:
         return next(v for v in (64, 32, 16, 8, 4, 2, 1) if self.plane % v == 0)
 
 
+def _shifted_sums():
+    return te.comm_reducer(
+        lambda a, b: (a[0] + b[0], a[1] + b[1]),
+        lambda t0, t1: (tirx.const(0.0, t0), tirx.const(0.0, t1)),
+        name="shifted_sums",
+    )
+
+
+def _mean_and_variance(shift, s1, s2, count: float, channels: int):
+    mean = te.compute((channels,), lambda ch: (shift[ch] + s1[ch] / count).astype("float32"), name="mean")
+    var = te.compute((channels,), lambda ch: _clamp_negative((s2[ch] - s1[ch] * s1[ch] / count) / count).astype("float32"),
+                     name="var")
+    return mean, var
+
+
 def batch_stats_compute(spec: BatchStatsSpec) -> tirx.PrimFunc:
     n, c, plane, lanes = spec.batch, spec.channels, spec.plane, spec.lanes
     count = float(n * plane)
@@ -44,11 +66,7 @@ def batch_stats_compute(spec: BatchStatsSpec) -> tirx.PrimFunc:
     shift = te.compute((c,), lambda ch: x[0, ch, 0].astype("float64"), name="shift")
     rn = te.reduce_axis((0, n), name="rn")
     rj = te.reduce_axis((0, plane // lanes), name="rj")
-    shifted_sums = te.comm_reducer(
-        lambda a, b: (a[0] + b[0], a[1] + b[1]),
-        lambda t0, t1: (tirx.const(0.0, t0), tirx.const(0.0, t1)),
-        name="shifted_sums",
-    )
+    shifted_sums = _shifted_sums()
 
     def partial(ch, lane):
         d = x[rn, ch, rj * lanes + lane].astype("float64") - shift[ch]
@@ -59,9 +77,7 @@ def batch_stats_compute(spec: BatchStatsSpec) -> tirx.PrimFunc:
     s1, s2 = te.compute(
         (c,), lambda ch: shifted_sums((s1_lanes[ch, rl], s2_lanes[ch, rl]), axis=[rl]), name="total"
     )
-    mean = te.compute((c,), lambda ch: (shift[ch] + s1[ch] / count).astype("float32"), name="mean")
-    var = te.compute((c,), lambda ch: _clamp_negative((s2[ch] - s1[ch] * s1[ch] / count) / count).astype("float32"),
-                     name="var")
+    mean, var = _mean_and_variance(shift, s1, s2, count, c)
     return te.create_prim_func([x, mean, var])
 
 
@@ -90,6 +106,60 @@ def schedule_batch_stats(func: tirx.PrimFunc, spec: BatchStatsSpec) -> tirx.Prim
     return mark_scheduled(sch.mod["main"])
 
 
+# Channels last: rows (N*H*W) of contiguous channels. Row chunks run in parallel, each summing a vector
+# of channels in registers; the chunks' sums (all shifted by the same K) are then added per channel.
+CHUNK_CANDIDATES = (32, 16, 8, 4, 2, 1)
+CHANNEL_LANES = 8  # float64 lanes of a 512-bit vector; narrower ISAs split it
+
+
+def row_chunks(spec: BatchStatsSpec) -> int:
+    """Row chunks summed in parallel: a divisor of the row count, so every chunk is whole."""
+    return next(t for t in CHUNK_CANDIDATES if spec.rows % t == 0 and spec.rows // t >= 4 or t == 1)
+
+
+def channels_last_stats_compute(spec: BatchStatsSpec) -> tirx.PrimFunc:
+    rows, c = spec.rows, spec.channels
+    chunks = row_chunks(spec)
+    per_chunk = rows // chunks
+    x = te.placeholder((rows, c), "float32", name="x")
+    shift = te.compute((c,), lambda ch: x[0, ch].astype("float64"), name="shift")
+    shifted_sums = _shifted_sums()
+    rr = te.reduce_axis((0, per_chunk), name="rr")
+
+    def partial(t, ch):
+        d = x[t * per_chunk + rr, ch].astype("float64") - shift[ch]
+        return shifted_sums((d, d * d), axis=[rr])
+
+    s1_chunks, s2_chunks = te.compute((chunks, c), partial, name="partial")
+    rt = te.reduce_axis((0, chunks), name="rt")
+    s1, s2 = te.compute((c,), lambda ch: shifted_sums((s1_chunks[rt, ch], s2_chunks[rt, ch]), axis=[rt]), name="total")
+    mean, var = _mean_and_variance(shift, s1, s2, float(rows), c)
+    return te.create_prim_func([x, mean, var])
+
+
+def schedule_channels_last_stats(func: tirx.PrimFunc, spec: BatchStatsSpec) -> tirx.PrimFunc:
+    sch = s_tir.Schedule(func)
+    partial = sch.get_sblock("partial")
+    sch.compute_inline(sch.get_sblock("shift"))  # a loop-invariant load LLVM hoists
+    chunk, channel, row = sch.get_loops(partial)
+    lanes = next(v for v in (CHANNEL_LANES, 4, 2, 1) if spec.channels % v == 0)
+    channel_outer, channel_inner = sch.split(channel, [None, lanes])
+    sch.reorder(chunk, channel_outer, row, channel_inner)
+    # The chunk's two sums stay in registers while it reads its rows.
+    write_backs = [sch.cache_write(partial, output, "local") for output in (0, 1)]
+    for write_back in write_backs:
+        sch.reverse_compute_at(write_back, channel_outer)
+        sch.vectorize(sch.get_loops(write_back)[-1])
+    sch.parallel(sch.fuse(chunk, channel_outer))
+    sch.vectorize(channel_inner)
+    init = sch.decompose_reduction(partial, row)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return mark_scheduled(sch.mod["main"])
+
+
 def build_batch_stats_primfunc(spec: BatchStatsSpec) -> tirx.PrimFunc:
-    """Hook for graph passes: PrimFunc(x: (N, C, H*W) f32) -> (mean: (C,) f32, var: (C,) f32)."""
+    """Hook for graph passes: PrimFunc(x) -> (mean: (C,) f32, var: (C,) f32), where x is (N, C, H*W)
+    for an NCHW tensor and (N*H*W, C) for an NHWC one."""
+    if spec.channels_last:
+        return schedule_channels_last_stats(channels_last_stats_compute(spec), spec)
     return schedule_batch_stats(batch_stats_compute(spec), spec)

@@ -1,9 +1,18 @@
-"""Direct NCHW conv2d with weights pre-packed as (O/ob, KH, KW, I, ob), scheduled for AVX-512.
+"""NHWC conv2d kernels with compile-time packed weights, register tiles sized from the target's vector ISA.
 
-The micro-kernel keeps a tile of `ow_block` output columns x `oc_block` output channels in vector
-registers (oc vectorised 16 lanes per zmm, ow unrolled), and runs the whole reduction (ic, kh, kw)
-over it: per step one weight vector load per 16 channels and one broadcast input load per column.
-Bias and ReLU run on the tile before it leaves registers.
+The CPU pipeline converts every conv2d to NHWC (channels contiguous), so a whole network runs in one
+layout and no kernel transposes. Each conv2d with constant weights becomes a call to an unscheduled
+TE kernel marked out-elementwise-fusable: TVM's FuseOps then fuses the elementwise chain after it (bias,
+residual add, ReLU/ReLU6/SiLU/HardSwish, ...) into the same PrimFunc, and `schedule_conv` writes that
+epilogue from the register tile, so a conv->BN->ReLU (->add) block reads and writes memory once.
+
+Two kernel kinds, both tiling `pixel_block` output pixels (of the flattened OH*OW axis, so a 7x7 map
+wastes no lanes on row ends) by `channel_block` output channels:
+- direct (dense and grouped): the tile's accumulators stay in vector registers over the whole reduction
+  (kh, kw, input channels of the group); per step one weight vector load per `lanes` channels and one
+  broadcast input per pixel. A grouped conv's channel block lies inside one group (RegNet's 8- and
+  16-channel groups take a half or a whole AVX-512 vector).
+- depthwise: vectors over channels, one FMA per tap and pixel, accumulators in registers.
 """
 
 from __future__ import annotations
@@ -11,30 +20,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import tvm
-from tvm import s_tir, te, tirx
+from tvm import te, tirx
 
-VECTOR_LANES = 16  # fp32 lanes per AVX-512 register
-ACCUMULATOR_BUDGET = 28  # of 32 zmm registers; the rest hold weights and broadcasts
-SCHEDULED_ATTR = "bndeploy.scheduled"
-OPAQUE_PATTERN = 8  # relax OpPatternKind.kOpaque: FuseOps must not merge a scheduled kernel
+from .isa import VectorISA
 
-
-def mark_scheduled(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    return func.with_attrs({SCHEDULED_ATTR: True, "op_pattern": OPAQUE_PATTERN})
+CONV_BLOCK_ATTR = "bndeploy.conv"  # block annotation: "<kind>:<pixel_block>:<channel_block>"
+OUT_EWISE_FUSABLE = 4  # relax OpPatternKind.kOutEWiseFusable: FuseOps appends elementwise consumers
+DIRECT, DEPTHWISE = "direct", "depthwise"
+MAX_CHANNEL_VECTORS = 4
 
 
 @dataclass(frozen=True)
 class ConvSpec:
+    """A 2-D convolution on NHWC data with OIHW weights (the ONNX weight layout)."""
+
     batch: int
-    in_channels: int
     height: int
     width: int
+    in_channels: int
     out_channels: int
     kernel: tuple[int, int]
     strides: tuple[int, int] = (1, 1)
     padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
     dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    # "NCHW": the kernel takes the NCHW tensor and its padding copy transposes it (a network's input,
+    # which would otherwise be transposed by a kernel of its own first).
+    input_layout: str = "NHWC"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        n, h, w, c = self.batch, self.height, self.width, self.in_channels
+        return (n, c, h, w) if self.input_layout == "NCHW" else (n, h, w, c)
 
     @property
     def out_height(self) -> int:
@@ -47,141 +64,224 @@ class ConvSpec:
         return (self.width + self.padding[1] + self.padding[3] - span) // self.strides[1] + 1
 
     @property
+    def pixels(self) -> int:
+        return self.out_height * self.out_width
+
+    @property
+    def in_per_group(self) -> int:
+        return self.in_channels // self.groups
+
+    @property
+    def out_per_group(self) -> int:
+        return self.out_channels // self.groups
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups == self.in_channels == self.out_channels and self.groups > 1
+
+    @property
+    def padded(self) -> bool:
+        return any(self.padding)
+
+    @property
     def flops(self) -> int:
         kh, kw = self.kernel
-        return 2 * self.batch * self.out_channels * self.out_height * self.out_width * self.in_channels * kh * kw
+        return 2 * self.batch * self.pixels * self.out_channels * self.in_per_group * kh * kw
 
 
 @dataclass(frozen=True)
 class Tiling:
-    oc_block: int
-    ow_block: int
+    kind: str  # DIRECT or DEPTHWISE
+    pixel_block: int  # output pixels per register tile
+    channel_block: int  # output channels per register tile
 
-    @property
-    def accumulators(self) -> int:
-        return self.ow_block * self.oc_block // VECTOR_LANES
+    def annotation(self) -> str:
+        return f"{self.kind}:{self.pixel_block}:{self.channel_block}"
 
-    @property
-    def loads_per_step(self) -> int:
-        """Weight vector loads plus input broadcasts per reduction step of the tile."""
-        return self.oc_block // VECTOR_LANES + self.ow_block
+    @staticmethod
+    def from_annotation(text: str) -> "Tiling":
+        kind, pixels, channels = str(text).split(":")
+        return Tiling(kind, int(pixels), int(channels))
 
 
-def choose_tiling(spec: ConvSpec) -> Tiling | None:
-    """Largest register tile that fits the accumulator budget, then the fewest loads per FMA, then
-    the least wasted (padded) output columns. 64x7 (11 loads per 28 FMAs) against 32x14 (16 loads),
-    kernel time / ONNX Runtime per interleaved round, 2 threads: (1,64,56) 0.97-1.02x vs 1.13-1.37x,
-    (1,256,14) 1.01-1.04x vs 1.01-1.47x, (8,128,28) 1.00-1.07x vs 1.08-1.14x."""
+def _ceil_to(value: int, block: int) -> int:
+    return -(-value // block) * block
+
+
+# --------------------------------------------------------------------------------------------------
+# Register tile model
+
+
+@dataclass(frozen=True)
+class TileCost:
+    """A register tile's predicted steady state, per reduction step (one input channel and tap)."""
+
+    accumulators: int  # vector registers holding the tile
+    loads: int  # vector and broadcast loads
+    useful: float  # share of the tile's lanes that compute real outputs (padding and zero weights waste)
+
+    def cycles(self, isa: VectorISA) -> float:
+        return max(self.accumulators / isa.fma_pipes, self.loads / isa.load_ports, isa.fma_latency)
+
+    def efficiency(self, isa: VectorISA) -> float:
+        """Useful FMAs per cycle over the FMA pipes' peak."""
+        return self.useful * self.accumulators / (self.cycles(isa) * isa.fma_pipes)
+
+    def key(self, isa: VectorISA) -> tuple:
+        # Efficiencies within 1% tie (the model is not that precise); then fewer loads per FMA win.
+        return (round(self.efficiency(isa), 2), -self.loads / self.accumulators, self.accumulators)
+
+
+def _channel_blocks(isa: VectorISA) -> list[int]:
+    """Whole vectors, and a half vector where that is still 4 lanes or more (an 8-channel group on AVX-512)."""
+    half = [isa.lanes // 2] if isa.lanes // 2 >= 4 else []
+    return [vectors * isa.lanes for vectors in range(1, MAX_CHANNEL_VECTORS + 1)] + half
+
+
+def _fits_groups(spec: ConvSpec, channel_block: int) -> bool:
+    """A grouped conv's channel block lies inside one group: its input channels are that group's.
+    (A block spanning groups would need zero weights for the other groups' inputs, and 0 * NaN = NaN
+    would leak a NaN input into every group of the block.)"""
+    return spec.groups == 1 or spec.out_per_group % channel_block == 0
+
+
+def direct_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
+    """The register tile (pixels x channel vectors) the cost model rates best on this ISA.
+
+    Registers: accumulators + one weight vector per channel vector + the broadcast must fit the register
+    file. Per reduction step the tile issues one FMA per accumulator and loads its weight vectors and one
+    broadcast per pixel; the step takes the longest of FMA issue, load issue and FMA latency. Efficiency
+    is useful FMAs per cycle (lanes wasted on padded pixels, padded channels and partial vectors count as
+    lost) over the FMA peak; ties go to fewer loads per FMA, then more accumulators."""
     best, best_key = None, None
-    for oc_block in (64, 32, 16):
-        if spec.out_channels % oc_block:
+    for channel_block in _channel_blocks(isa):
+        if not _fits_groups(spec, channel_block):
             continue
-        max_ow = ACCUMULATOR_BUDGET * VECTOR_LANES // oc_block
-        for ow_block in range(1, min(max_ow, spec.out_width) + 1):
-            padded = -(-spec.out_width // ow_block) * ow_block
-            useful = spec.out_width / padded
-            tiling = Tiling(oc_block, ow_block)
-            key = (tiling.accumulators * useful, -tiling.loads_per_step / tiling.accumulators, -padded)
-            if best_key is None or key > best_key:
-                best, best_key = tiling, key
+        vectors = -(-channel_block // isa.lanes)
+        lane_use = channel_block / (vectors * isa.lanes)
+        max_rows = (isa.registers - vectors - isa.broadcast_registers) // vectors
+        channel_use = spec.out_channels / _ceil_to(spec.out_channels, channel_block)
+        for rows in range(1, min(max_rows, spec.pixels) + 1):
+            useful = lane_use * channel_use * spec.pixels / _ceil_to(spec.pixels, rows)
+            cost = TileCost(rows * vectors, rows + vectors, useful)
+            if best_key is None or cost.key(isa) > best_key:
+                best, best_key = Tiling(DIRECT, rows, channel_block), cost.key(isa)
     return best
 
 
-def pack_weight(weight: np.ndarray, oc_block: int) -> np.ndarray:
-    """OIHW -> (O/ob, KH, KW, I, ob): one contiguous oc vector per (kh, kw, ic), read in that order."""
-    o, i, kh, kw = weight.shape
-    return np.ascontiguousarray(weight.reshape(o // oc_block, oc_block, i, kh, kw).transpose(0, 3, 4, 2, 1))
+def depthwise_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
+    """Channels in vectors (a block must divide the channel count: inputs have no padded channels),
+    pixels in rows; per tap one input vector load and one FMA per accumulator, weights hoisted."""
+    best, best_key = None, None
+    blocks = [b for b in _channel_blocks(isa) if spec.out_channels % b == 0]
+    for channel_block in blocks:
+        vectors = -(-channel_block // isa.lanes)
+        lane_use = channel_block / (vectors * isa.lanes)
+        max_rows = (isa.registers - 2 * vectors - 1) // vectors
+        for rows in range(1, min(max_rows, spec.pixels) + 1):
+            useful = lane_use * spec.pixels / _ceil_to(spec.pixels, rows)
+            cost = TileCost(rows * vectors, rows * vectors + vectors, useful)
+            if best_key is None or cost.key(isa) > best_key:
+                best, best_key = Tiling(DEPTHWISE, rows, channel_block), cost.key(isa)
+    return best
 
 
-def conv2d_compute(spec: ConvSpec, tiling: Tiling, has_bias: bool, relu: bool):
-    """TE definition; the output width is computed padded up to whole tiles, then cropped."""
-    n, c, h, w = spec.batch, spec.in_channels, spec.height, spec.width
-    kh, kw = spec.kernel
-    (sh, sw), (dh, dw) = spec.strides, spec.dilation
+def choose_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
+    if isa.lanes < 4:
+        return None  # no vector unit to tile for: TVM's generic kernel
+    return depthwise_tiling(spec, isa) if spec.depthwise else direct_tiling(spec, isa)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight packing
+
+
+def pack_weight(weight: np.ndarray, spec: ConvSpec, tiling: Tiling) -> np.ndarray:
+    """OIHW weights in the order the kernel reads them.
+
+    direct: (ceil(O/cb), KH, KW, I/groups, cb): per (tap, input channel of the block's group) one
+    contiguous vector of the block's output channels; padded channels (O not a multiple of cb) are zero.
+    depthwise: (KH, KW, C): per tap one contiguous vector of channels.
+    """
+    if tiling.kind == DEPTHWISE:
+        return np.ascontiguousarray(weight[:, 0].transpose(1, 2, 0))
+    cb = tiling.channel_block
+    out_channels, in_per_group, kh, kw = weight.shape
+    padded = np.zeros((_ceil_to(out_channels, cb), in_per_group, kh, kw), weight.dtype)
+    padded[:out_channels] = weight
+    return np.ascontiguousarray(padded.reshape(-1, cb, in_per_group, kh, kw).transpose(0, 3, 4, 2, 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# TE definitions
+
+
+def _i64(*values: int):
+    # Relax's legalised kernels use int64 shapes; FuseTIR merges buffers only when their types agree.
+    return tuple(tirx.IntImm("int64", int(v)) for v in values)
+
+
+def _padded_input(data, spec: ConvSpec):
+    """NHWC input with its zero border, or the input itself when the conv has no padding."""
+    if not spec.padded:
+        assert spec.input_layout == "NHWC", "an NCHW input is transposed by the padding copy"
+        return data
+    n, h, w, c = spec.batch, spec.height, spec.width, spec.in_channels
     pt, pl, pb, pr = spec.padding
-    oh, ow = spec.out_height, spec.out_width
-    ow_padded = -(-ow // tiling.ow_block) * tiling.ow_block
-    # Extra right padding so the padded tile columns read defined (zero) input.
-    extra_right = max(0, (ow_padded - 1) * sw + (kw - 1) * dw + 1 - (w + pl + pr))
-    ob = tiling.oc_block
-
-    data = te.placeholder((n, c, h, w), "float32", name="data")
-    weight = te.placeholder((spec.out_channels // ob, kh, kw, c, ob), "float32", name="weight_packed")
-    inputs = [data, weight]
-    padded_h, padded_w = h + pt + pb, w + pl + pr + extra_right
-    # The padding copy also transposes to channels-last, so the innermost reduction loop (ic) reads
-    # consecutive floats instead of one float per channel plane.
-    data_pad = te.compute(
-        (n, padded_h, padded_w, c),
+    zero = tirx.const(0.0, "float32")
+    nchw = spec.input_layout == "NCHW"
+    return te.compute(
+        _i64(n, h + pt + pb, w + pl + pr, c),
         lambda i, y, x, j: tirx.if_then_else(
-            tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w), data[i, j, y - pt, x - pl], tirx.const(0.0, "float32")
+            tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w),
+            data[i, j, y - pt, x - pl] if nchw else data[i, y - pt, x - pl, j], zero
         ),
         name="pad",
     )
-    ric = te.reduce_axis((0, c), name="ric")
-    rkh = te.reduce_axis((0, kh), name="rkh")
-    rkw = te.reduce_axis((0, kw), name="rkw")
-    # Channels-last accumulator so a tile's oc vector is contiguous (it lives in registers).
-    conv = te.compute(
-        (n, oh, ow_padded, spec.out_channels),
-        lambda i, y, x, o: te.sum(
-            data_pad[i, y * sh + rkh * dh, x * sw + rkw * dw, ric] * weight[o // ob, rkh, rkw, ric, o % ob],
-            axis=[ric, rkh, rkw],
-        ),
-        name="conv",
-    )
-    if has_bias:
-        bias = te.placeholder((spec.out_channels,), "float32", name="bias")
-        inputs.append(bias)
-
-    def epilogue(i, o, y, x):
-        value = conv[i, y, x, o]
-        if has_bias:
-            value = value + bias[o]
-        if relu:
-            value = tirx.max(value, tirx.const(0.0, "float32"))
-        return value
-
-    out = te.compute((n, spec.out_channels, oh, ow), epilogue, name="out")
-    return te.create_prim_func(inputs + [out])
 
 
-def schedule_conv2d(func: tirx.PrimFunc, spec: ConvSpec, tiling: Tiling) -> tirx.PrimFunc:
-    sch = s_tir.Schedule(func)
-    conv = sch.get_sblock("conv")
-    n, oh, ow, oc, ric, rkh, rkw = sch.get_loops(conv)
-    oc_o, oc_i = sch.split(oc, [None, tiling.oc_block])
-    ow_o, ow_i = sch.split(ow, [None, tiling.ow_block])
-    # ic innermost of the reduction: a long loop LLVM will not unroll into the tile (kw would be, and
-    # then it shares broadcasts across kw steps and spills the accumulators).
-    sch.reorder(n, oc_o, oh, ow_o, rkh, rkw, ric, ow_i, oc_i)
-    out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, ow_o)
-    sch.set_scope(conv, 0, "local")
-    outer = sch.fuse(n, oc_o, oh)
-    sch.parallel(outer)
-    sch.unroll(ow_i)
-    sch.vectorize(oc_i)
-    _schedule_epilogue(sch, out)
-    _schedule_pad(sch)
-    init = sch.decompose_reduction(conv, rkh)
-    init_loops = sch.get_loops(init)
-    sch.vectorize(init_loops[-1])
-    sch.unroll(init_loops[-2])
-    return mark_scheduled(sch.mod["main"])
+def _input_position(spec: ConvSpec, p, rkh, rkw):
+    """(row, column) of the padded input that output pixel p (flattened, tail clamped) reads at a tap."""
+    last = tirx.IntImm("int64", spec.pixels - 1)
+    pixel = tirx.min(p, last)
+    ow = tirx.IntImm("int64", spec.out_width)
+    (sh, sw), (dh, dw) = spec.strides, spec.dilation
+    return pixel // ow * sh + rkh * dh, pixel % ow * sw + rkw * dw
 
 
-def _schedule_epilogue(sch: s_tir.Schedule, out) -> None:
-    loops = sch.get_loops(out)
-    sch.unroll(loops[-2])  # oc of the tile
-    sch.unroll(loops[-1])
+def conv2d_compute(spec: ConvSpec, tiling: Tiling):
+    """PrimFunc(data NHWC, packed weight) -> out NHWC; unscheduled, for FuseOps to extend."""
+    data = te.placeholder(_i64(*spec.input_shape), "float32", name="data")
+    source = _padded_input(data, spec)
+    kh, kw = spec.kernel
+    rkh = te.reduce_axis(_i64(0, kh), name="rkh")
+    rkw = te.reduce_axis(_i64(0, kw), name="rkw")
+    pixels = _ceil_to(spec.pixels, tiling.pixel_block)
+    cb = tiling.channel_block
+    if tiling.kind == DEPTHWISE:
+        weight = te.placeholder(_i64(kh, kw, spec.out_channels), "float32", name="weight_packed")
+        shape = _i64(spec.batch, pixels, spec.out_channels)
 
+        def accumulate(i, p, o):
+            y, x = _input_position(spec, p, rkh, rkw)
+            return te.sum(source[i, y, x, o] * weight[rkh, rkw, o], axis=[rkh, rkw])
+    else:
+        group_inputs = spec.in_per_group
+        blocks = -(-spec.out_channels // cb)
+        weight = te.placeholder(_i64(blocks, kh, kw, group_inputs, cb), "float32", name="weight_packed")
+        ric = te.reduce_axis(_i64(0, group_inputs), name="ric")
+        shape = _i64(spec.batch, pixels, blocks * cb)
+        cb64, per_group = tirx.IntImm("int64", cb), tirx.IntImm("int64", spec.out_per_group)
+        in_group = tirx.IntImm("int64", spec.in_per_group)
 
-def _schedule_pad(sch: s_tir.Schedule) -> None:
-    pad = sch.get_sblock("pad")
-    n, y, x, c = sch.get_loops(pad)
-    sch.parallel(sch.fuse(n, y))
+        def accumulate(i, p, o):
+            y, x = _input_position(spec, p, rkh, rkw)
+            start = o // per_group * in_group if spec.groups > 1 else 0  # the first input of o's group
+            return te.sum(source[i, y, x, start + ric] * weight[o // cb64, rkh, rkw, ric, o % cb64],
+                          axis=[rkh, rkw, ric])
 
-
-def build_conv2d_primfunc(spec: ConvSpec, tiling: Tiling, has_bias: bool, relu: bool) -> tirx.PrimFunc:
-    return schedule_conv2d(conv2d_compute(spec, tiling, has_bias, relu), spec, tiling)
+    conv = te.compute(shape, accumulate, name="conv", attrs={CONV_BLOCK_ATTR: tiling.annotation()})
+    ow = tirx.IntImm("int64", spec.out_width)
+    out = te.compute(_i64(spec.batch, spec.out_height, spec.out_width, spec.out_channels),
+                     lambda i, y, x, o: conv[i, y * ow + x, o], name="conv_out")
+    return te.create_prim_func([data, weight, out]).with_attr("op_pattern", OUT_EWISE_FUSABLE)

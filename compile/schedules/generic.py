@@ -8,7 +8,14 @@ import logging
 import tvm
 from tvm import s_tir, tirx
 
-from .conv2d import SCHEDULED_ATTR
+from .conv_schedule import NotAConvKernel, has_conv_block, schedule_conv
+
+SCHEDULED_ATTR = "bndeploy.scheduled"
+OPAQUE_PATTERN = 8  # relax OpPatternKind.kOpaque: FuseOps must not merge a scheduled kernel
+
+
+def mark_scheduled(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    return func.with_attrs({SCHEDULED_ATTR: True, "op_pattern": OPAQUE_PATTERN})
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +141,11 @@ def _vectorize_partial(sch: s_tir.Schedule, partial, n_spatial: int) -> None:
 def schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
     if func.attrs is not None and SCHEDULED_ATTR in func.attrs:
         return func
+    if has_conv_block(func):
+        try:
+            return schedule_conv(func).with_attr(SCHEDULED_ATTR, True)
+        except (NotAConvKernel, s_tir.ScheduleError) as err:
+            log.warning("bndeploy: conv kernel left to the generic schedule (%s)", str(err).splitlines()[-1][:200])
     sch = s_tir.Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     has_reduction = any(_is_reduction(sch, b) for b in blocks)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import replace
+
 import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .bn_stats import BatchStatsSpec, build_batch_stats_primfunc
-from .conv2d import ConvSpec, build_conv2d_primfunc, choose_tiling, pack_weight
+from .conv2d import DEPTHWISE, ConvSpec, choose_tiling, conv2d_compute, pack_weight
+from .isa import isa_for_target
 
 
 def _op_name(expr) -> str | None:
@@ -35,11 +37,12 @@ def _dtype(expr) -> str | None:
 
 @mutator
 class _KernelRewriter(PyExprMutator):
-    """Replaces `relu?(add?(conv2d(x, W_const), bias_const))` by one call to a scheduled kernel, and
+    """Replaces each NHWC conv2d with constant weights by a call to bndeploy's conv kernel, and
     `variance(x)` / `mean(square(x - mean(x)))` over (N, H, W) by the one-pass statistics kernel."""
 
-    def __init__(self, mod: tvm.IRModule):
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
         super().__init__(mod)
+        self._isa = isa_for_target(target)
         self._kernels: dict[tuple, tvm.ir.GlobalVar] = {}
         self._stats_calls: list[tuple[relax.Expr, relax.Var]] = []
 
@@ -62,56 +65,36 @@ class _KernelRewriter(PyExprMutator):
         return self._kernels[key]
 
     def visit_call_(self, call: relax.Call):
-        name = _op_name(call)
         replacement = None
-        if name in ("relax.nn.relu", "relax.add", "relax.nn.conv2d"):
-            replacement = self._rewrite_conv_chain(call)
+        if _op_name(call) == "relax.nn.conv2d":
+            replacement = self._rewrite_conv(call)
         if replacement is None:
             replacement = self._rewrite_batch_stats(call)
         return replacement if replacement is not None else super().visit_call_(call)
 
-    # conv2d chains -------------------------------------------------------------------------------
+    # conv2d --------------------------------------------------------------------------------------
 
-    def _rewrite_conv_chain(self, call: relax.Call):
-        relu = _op_name(call) == "relax.nn.relu"
-        node = self._value_of(call.args[0]) if relu else call
-        bias = None
-        if _op_name(node) == "relax.add":
-            lhs, rhs = (self._value_of(a) for a in node.args)
-            if _op_name(lhs) == "relax.nn.conv2d" and isinstance(rhs, Constant):
-                node, bias = lhs, rhs
-            elif _op_name(rhs) == "relax.nn.conv2d" and isinstance(lhs, Constant):
-                node, bias = rhs, lhs
-            else:
-                return None
-        if _op_name(node) != "relax.nn.conv2d":
-            return None
-        spec = _conv_spec(node)
-        if spec is None:
-            return None
-        bias_values = _channel_vector(bias, spec.out_channels) if bias is not None else None
-        if bias is not None and bias_values is None:
-            return None
-        tiling = choose_tiling(spec)
+    def _rewrite_conv(self, call: relax.Call):
+        """An NHWC conv2d with constant OIHW weights -> bndeploy's kernel for its class, weights packed."""
+        spec = _conv_spec(call)
+        tiling = choose_tiling(spec, self._isa) if spec is not None else None
         if tiling is None:
             return None
-        has_bias = bias_values is not None
-        gv = self._kernel(
-            ("conv2d", spec, tiling, has_bias, relu),
-            lambda: build_conv2d_primfunc(spec, tiling, has_bias, relu),
-            f"bndeploy_conv2d{'_bias' if has_bias else ''}{'_relu' if relu else ''}",
-        )
-        weight = pack_weight(node.args[1].value.numpy(), tiling.oc_block)
-        args = [self.visit_expr(node.args[0]), relax.const(weight)]
-        if has_bias:
-            args.append(relax.const(bias_values))
-        out_shape = (spec.batch, spec.out_channels, spec.out_height, spec.out_width)
-        return relax.call_tir(gv, args, relax.TensorType(out_shape, "float32"))
+        data = call.args[0]
+        source = self._value_of(data)
+        if spec.padded and _op_name(source) == "relax.permute_dims" and _is_nchw_to_nhwc(source):
+            data, spec = source.args[0], replace(spec, input_layout="NCHW")
+        gv = self._kernel(("conv2d", spec, tiling), lambda: conv2d_compute(spec, tiling),
+                          f"bndeploy_conv2d_{'depthwise' if tiling.kind == DEPTHWISE else 'direct'}")
+        weight = pack_weight(call.args[1].value.numpy(), spec, tiling)
+        out_shape = (spec.batch, spec.out_height, spec.out_width, spec.out_channels)
+        return relax.call_tir(gv, [self.visit_expr(data), relax.const(weight)],
+                              relax.TensorType(out_shape, "float32"))
 
     # batch statistics ----------------------------------------------------------------------------
 
     def _rewrite_batch_stats(self, call: relax.Call):
-        """mean(x) and variance(x) / mean((x - mean(x))^2) over (N, H, W) of an NCHW tensor: TVM would
+        """mean(x) and variance(x) / mean((x - mean(x))^2) over (N, H, W) of an NCHW or NHWC tensor: TVM would
         read x three times (mean, variance, then normalise); one kernel computes both in one pass."""
         name = _op_name(call)
         if name == "relax.variance":
@@ -123,12 +106,18 @@ class _KernelRewriter(PyExprMutator):
             return None
         shape = _static_shape(x)
         axes = call.attrs.axis
-        if shape is None or len(shape) != 4 or _dtype(x) != "float32":
+        if shape is None or len(shape) != 4 or _dtype(x) != "float32" or axes is None:
             return None
-        if axes is None or sorted(int(a) % 4 for a in axes) != [0, 2, 3]:
+        reduced = sorted(int(a) % 4 for a in axes)
+        if reduced == [0, 2, 3]:  # NCHW
+            spec, keepdims_shape = BatchStatsSpec(*shape), (1, shape[1], 1, 1)
+        elif reduced == [0, 1, 2]:  # NHWC, as the channels-last pass leaves a train-mode BatchNorm
+            n, h, w, c = shape
+            spec, keepdims_shape = BatchStatsSpec(n, c, h, w, channels_last=True), (1, 1, 1, c)
+        else:
             return None
-        stats = self._batch_stats(self.visit_expr(x), BatchStatsSpec(*shape))
-        out_shape = (1, shape[1], 1, 1) if call.attrs.keepdims else (shape[1],)
+        stats = self._batch_stats(self.visit_expr(x), spec)
+        out_shape = keepdims_shape if call.attrs.keepdims else (spec.channels,)
         return relax.op.reshape(relax.TupleGetItem(stats, which), out_shape)
 
     def _batch_stats(self, x: relax.Expr, spec: BatchStatsSpec) -> relax.Var:
@@ -137,7 +126,8 @@ class _KernelRewriter(PyExprMutator):
             if seen.same_as(x):
                 return stats
         gv = self._kernel(("bn_stats", spec), lambda: build_batch_stats_primfunc(spec), "bndeploy_batch_stats")
-        flat = self.builder_.emit(relax.op.reshape(x, (spec.batch, spec.channels, spec.height * spec.width)))
+        flat_shape = (spec.rows, spec.channels) if spec.channels_last else (spec.batch, spec.channels, spec.plane)
+        flat = self.builder_.emit(relax.op.reshape(x, flat_shape))
         channel = relax.TensorType((spec.channels,), "float32")
         stats = self.builder_.emit(relax.call_tir(gv, [flat], [channel, channel]))
         self._stats_calls.append((x, stats))
@@ -163,20 +153,26 @@ def _centered_square_source(expr, value_of):
     return x
 
 
+def _is_nchw_to_nhwc(permute: relax.Call) -> bool:
+    axes = permute.attrs.axes
+    return axes is not None and [int(a) for a in axes] == [0, 2, 3, 1]
+
+
 def _conv_spec(conv: relax.Call) -> ConvSpec | None:
     attrs = conv.attrs
     data, weight = conv.args
-    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "OIHW", "NHWC"):
         return None
-    if int(attrs.groups) != 1 or not isinstance(weight, Constant):
+    if not isinstance(weight, Constant):
         return None
     if _dtype(data) != "float32" or weight.value.dtype != "float32" or str(attrs.out_dtype) not in ("", "None", "void", "float32"):
         return None
     shape = _static_shape(data)
     if shape is None:
         return None
-    out_channels, in_channels, kh, kw = weight.value.shape
-    if in_channels != shape[1]:
+    out_channels, in_per_group, kh, kw = weight.value.shape
+    groups = int(attrs.groups)
+    if in_per_group * groups != shape[3]:
         return None
     return ConvSpec(
         *shape,
@@ -185,27 +181,24 @@ def _conv_spec(conv: relax.Call) -> ConvSpec | None:
         strides=tuple(int(s) for s in attrs.strides),
         padding=tuple(int(p) for p in attrs.padding),
         dilation=tuple(int(d) for d in attrs.dilation),
+        groups=groups,
     )
 
 
-def _channel_vector(const: Constant, channels: int) -> np.ndarray | None:
-    """A per-output-channel bias of shape (C,), (C,1,1) or (1,C,1,1), as float32 (C,)."""
-    values = const.value.numpy()
-    if values.dtype != np.float32 or values.size != channels:
-        return None
-    if values.ndim == 4 and values.shape != (1, channels, 1, 1):
-        return None
-    if values.ndim == 3 and values.shape != (channels, 1, 1):
-        return None
-    if values.ndim not in (1, 3, 4):
-        return None
-    return values.reshape(channels)
+# Channels-last for every conv2d: the layout bndeploy's kernels compute in. ConvertLayout carries it
+# through elementwise ops, pooling and reductions, so a network transposes only at its edges.
+CHANNELS_LAST = {"relax.nn.conv2d": ["NHWC", "OIHW"]}
+
+
+@tvm.transform.module_pass(opt_level=0, name="bndeploy.ConvertToChannelsLast")
+def convert_to_channels_last(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    return relax.transform.ConvertLayout(CHANNELS_LAST)(mod)
 
 
 @tvm.transform.module_pass(opt_level=0, name="bndeploy.RewriteToKernels")
 def rewrite_to_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     mod = relax.transform.FoldConstant()(mod)  # e.g. the reshape of an ONNX Conv bias
-    rewriter = _KernelRewriter(mod)
+    rewriter = _KernelRewriter(mod, tvm.target.Target.current())
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gv, rewriter.rewrite(func))

@@ -1,0 +1,85 @@
+"""Legalisations that put NaN where ONNX Runtime puts it.
+
+TVM lowers a float `max(a, b)` to `select(a > b, a, b)`, which turns `relu(NaN)` into 0 and
+`clip(NaN)` into its lower bound: a compiled artifact would hide a broken sensor behind plausible numbers.
+ONNX Runtime propagates NaN through Relu, Clip, Max and Min (from either operand). These legalisations
+replace TVM's for those ops, in every target's pipeline; every other op (and the fused conv epilogues,
+which are these same ops after fusion) inherits them. MaxPool is left as TVM lowers it: its NaN
+behaviour already matches ONNX Runtime's, which depends on where in the window the NaN sits.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, te, tirx, topi
+
+
+def _relu(x: te.Tensor) -> te.Tensor:
+    zero = tirx.const(0.0, x.dtype)
+    return te.compute(x.shape, lambda *i: tirx.Select(x(*i) < zero, zero, x(*i)), name="relu", tag="elemwise")
+
+
+def _clip(x: te.Tensor, low: float, high: float) -> te.Tensor:
+    lo, hi = tirx.const(low, x.dtype), tirx.const(high, x.dtype)
+
+    def clipped(*i):
+        value = x(*i)
+        return tirx.Select(value < lo, lo, tirx.Select(value > hi, hi, value))
+
+    return te.compute(x.shape, clipped, name="clip", tag="elemwise")
+
+
+def _is_nan(t: te.Tensor):
+    return topi.isnan(t)  # not `t != t`: TVM's simplifier assumes floats are never NaN and folds it to False
+
+
+def _maximum(a: te.Tensor, b: te.Tensor) -> te.Tensor:
+    """a where a > b or a is NaN, else b (so a NaN in either operand comes out)."""
+    return topi.where(topi.logical_or(topi.greater(a, b), _is_nan(a)), a, b)
+
+
+def _minimum(a: te.Tensor, b: te.Tensor) -> te.Tensor:
+    return topi.where(topi.logical_or(topi.less(a, b), _is_nan(a)), a, b)
+
+
+def _float(call: relax.Call) -> bool:
+    dtype = getattr(call.ty, "dtype", "")
+    return str(dtype).startswith(("float", "bfloat"))
+
+
+def _legalize_relu(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    return bb.call_te(_relu, call.args[0], primfunc_name_hint="relu") if _float(call) else _default(bb, call)
+
+
+def _legalize_clip(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    bounds = call.args[1:]
+    if not _float(call) or not all(isinstance(b, (tirx.FloatImm, tirx.IntImm)) for b in bounds):
+        return _default(bb, call)
+    low, high = (float(b.value) for b in bounds)
+    return bb.call_te(_clip, call.args[0], low, high, primfunc_name_hint="clip")
+
+
+def _legalize_binary(compute):
+    def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        if not _float(call):
+            return _default(bb, call)
+        return bb.call_te(compute, call.args[0], call.args[1], primfunc_name_hint=compute.__name__.strip("_"))
+
+    return legalize
+
+
+def _default(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    return tvm.ir.Op.get(call.op.name).get_attr("FLegalize")(bb, call)
+
+
+NAN_PRESERVING = {
+    "relax.nn.relu": _legalize_relu,
+    "relax.clip": _legalize_clip,
+    "relax.maximum": _legalize_binary(_maximum),
+    "relax.minimum": _legalize_binary(_minimum),
+}
+
+
+def legalize_ops() -> tvm.transform.Pass:
+    """TVM's LegalizeOps with the NaN-preserving legalisations above."""
+    return relax.transform.LegalizeOps(customize_legalize_map=NAN_PRESERVING)

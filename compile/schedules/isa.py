@@ -1,0 +1,79 @@
+"""The vector ISA a CPU target compiles for: what register tiles and vector widths are sized from.
+
+Each class is described by the facts a register-tiled kernel depends on (fp32 lanes per vector register,
+architectural vector registers, how the FMA gets a broadcast operand, FMA pipes and latency), taken from
+the vendors' optimisation manuals. The kernels never name a CPU: they ask for the target's `VectorISA`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+
+
+@dataclass(frozen=True)
+class VectorISA:
+    name: str
+    lanes: int  # fp32 lanes per vector register
+    registers: int  # architectural vector registers
+    broadcast_registers: int  # registers a tile row's broadcast input needs (0: the FMA takes it from memory)
+    fma_pipes: int = 2  # vector FMAs issued per cycle
+    fma_latency: int = 4  # cycles before an FMA's result feeds the next FMA of the same accumulator
+    load_ports: int = 2  # vector (or broadcast) loads per cycle
+
+    @property
+    def vector_bits(self) -> int:
+        return 32 * self.lanes
+
+    @property
+    def min_accumulators(self) -> int:
+        """Independent accumulators that keep every FMA pipe busy despite the latency."""
+        return self.fma_pipes * self.fma_latency
+
+
+# AVX-512: 32 zmm. An embedded broadcast ({1to16}) could feed an FMA from memory, but LLVM broadcasts a
+# value used by several FMAs into a register (seen in the generated code), so the tile must leave one.
+AVX512 = VectorISA("avx512", lanes=16, registers=32, broadcast_registers=1)
+# AVX2 + FMA: 16 ymm; the broadcast (vbroadcastss) needs a register.
+AVX2 = VectorISA("avx2", lanes=8, registers=16, broadcast_registers=1)
+SSE = VectorISA("sse", lanes=4, registers=16, broadcast_registers=1, fma_pipes=2)
+# AArch64 Advanced SIMD: 32 q registers; fmla by element reads a lane of a loaded input register.
+NEON64 = VectorISA("neon", lanes=4, registers=32, broadcast_registers=1)
+# ARMv7 NEON: 16 q registers (d0-d31), a single 128-bit FMA pipe on Cortex-A7x cores in AArch32.
+NEON32 = VectorISA("neon-armv7", lanes=4, registers=16, broadcast_registers=1, fma_pipes=1)
+SCALAR = VectorISA("scalar", lanes=1, registers=16, broadcast_registers=1, fma_pipes=1)
+
+
+def isa_for_target(target: tvm.target.Target) -> VectorISA:
+    """The widest vector ISA the target's code may use."""
+    triple = str(target.attrs.get("mtriple", "") or "")
+    arch = triple.split("-")[0] if triple else _host_arch()
+    if arch.startswith("x86_64") or arch in ("i686", "x86"):
+        return _x86_isa(target)
+    if arch.startswith("aarch64") or arch.startswith("arm64"):
+        return NEON64
+    if arch.startswith("arm") and _mentions_neon(target):
+        return NEON32
+    return SCALAR
+
+
+def _x86_isa(target: tvm.target.Target) -> VectorISA:
+    from tvm.target.codegen import target_has_features
+
+    with target:
+        if target_has_features("avx512f"):
+            return AVX512
+        if target_has_features("avx2") and target_has_features("fma"):
+            return AVX2
+    return SSE
+
+
+def _mentions_neon(target: tvm.target.Target) -> bool:
+    return any("neon" in str(attr) for attr in (target.attrs.get("mattr") or []))
+
+
+def _host_arch() -> str:
+    import platform
+
+    return platform.machine().lower()
