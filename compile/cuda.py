@@ -343,7 +343,7 @@ def _schedule_rules():
 
 def schedule_passes(target: tvm.target.Target) -> list:
     """TVM's CUDA legalization passes with bndeploy's reduction rule added to the dlight rules."""
-    from .nan_semantics import legalize_ops
+    from bndeploy.compile.nan_semantics import legalize_ops
 
     return [
         legalize_ops(),
