@@ -1,299 +1,348 @@
-"""`bndeploy bench`: bndeploy's CPU build against ONNX Runtime and PyTorch eager, same process.
+"""`bndeploy bench`: bndeploy's own path (export -> compile -> runtime) against ONNX Runtime and PyTorch eager.
 
-Each row: median over interleaved rounds (every implementation runs once per round, so shared or
-throttled cores slow all of them alike), ratio to ONNX Runtime, achieved GFLOP/s or GB/s, and the
-physical bound: GEMM peak measured with torch in the same run for convs, memory bandwidth measured
-with a parallel numpy copy in the same run for BatchNorm (bytes moved / bandwidth).
+Every case is a torch module that goes through exactly what a user runs: `bndeploy.export` writes the
+ONNX (BatchNorm visible), `compile_model` builds the artifact for the chosen target, and the runtime's
+`load_artifact(...).run` is what is timed. ONNX Runtime (default graph optimisations, as deployed) runs the
+same ONNX file and PyTorch eager the same module, all with the same number of threads, in one process, in
+interleaved rounds (medians). Each row also gives the achieved rate against this machine's bound (the
+FMA peak measured by the kernel the artifact carries, or the memory bandwidth), the compile time, and
+where the artifact spends its time (`bndeploy profile`'s kernel classes).
+
+Suites: default (the three conv3x3+BN+ReLU reference shapes and BatchNorm in both modes), quick, conv
+(every conv class of real CNNs), zoo (six torchvision networks at batch 1 and 8), zoo-smoke (CI-sized).
 """
 
 from __future__ import annotations
 
-import logging
+import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from bndeploy.machine import cpu_description, usable_cpus
 from bndeploy.timing import interleaved_medians_ms
 
-log = logging.getLogger(__name__)
-
-CONV_SUITE = [(1, 64, 56), (8, 128, 28), (1, 256, 14)]
+REFERENCE_CONVS = [(1, 64, 56), (8, 128, 28), (1, 256, 14)]
 BN_SHAPE = (32, 64, 56, 56)
-EPS = 1e-5
+ZOO_BATCHES = (1, 8)
+TARGET_CALL_S = 0.05  # each timed sample repeats the call until it lasts about this long
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shape: str
+    build: Callable[[], "object"]  # () -> torch.nn.Module (eval mode)
+    input_shape: tuple[int, ...]
+    mode: str = "inference"
+    memory_bound: bool = False  # rate in GB/s against the bandwidth, else GFLOP/s against the FMA peak
 
 
 @dataclass
 class Row:
     case: str
     shape: str
+    mode: str
     ms: dict[str, float]
-    work: float  # FLOP for convs, bytes for BatchNorm
-    unit: str  # "GFLOP/s" or "GB/s"
-    bound_ms: float
+    compile_s: float
+    flops: int
+    nbytes: int
+    bound_ms: float | None
+    slowest_class: str
+    max_error: float
     notes: list[str] = field(default_factory=list)
 
-    def rate(self, impl: str) -> float:
-        return self.work / (self.ms[impl] * 1e-3) / 1e9
+    @property
+    def ratio(self) -> float:
+        return self.ms["bndeploy"] / self.ms["onnxruntime"]
 
-
-# ---------------------------------------------------------------------------------------------
-# timing
-
-
-def parallel_copier(dst: np.ndarray, src: np.ndarray, threads: int):
-    """A callable copying src to dst on `threads` threads (np.copyto releases the GIL): the memory
-    bound must use every core the measured runtimes use, or a 2-thread kernel beats its own "bound"."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(max_workers=threads)
-    pieces = list(zip(np.array_split(dst.reshape(-1), threads), np.array_split(src.reshape(-1), threads)))
-    return lambda: list(pool.map(lambda pair: np.copyto(*pair), pieces))
-
-
-def measure_bandwidth(nbytes: int, rounds: int, threads: int) -> float:
-    """GB/s of a parallel copy (read + write) of `nbytes`: the memory bound used for BatchNorm."""
-    src = np.ones(nbytes // 4, np.float32)
-    ms = interleaved_medians_ms({"copy": parallel_copier(np.empty_like(src), src, threads)}, rounds, 3)["copy"]
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-def measure_gemm_peak(threads: int) -> float:
-    """GFLOP/s of a 2048^3 fp32 torch matmul: a practical FMA peak of this machine."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    ms = interleaved_medians_ms({"mm": lambda: a @ b}, 5, 2)["mm"]
-    return 2 * 2048**3 / (ms * 1e-3) / 1e9
-
-
-# ---------------------------------------------------------------------------------------------
-# implementations
-
-
-def host_target():
-    """Exactly what `bndeploy compile --target cpu` builds for, so the bench measures what users get."""
-    from bndeploy.compile.targets import host_cpu_target
-
-    return host_cpu_target().tvm_target()
-
-
-def ort_session(model, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def tvm_runner(mod):
-    import tvm
-    from tvm import relax
-
-    from bndeploy.compile.cpu import build_cpu
-
-    start = time.perf_counter()
-    vm = relax.VirtualMachine(build_cpu(mod, host_target()), tvm.cpu())
-    compile_s = time.perf_counter() - start
-
-    def run(*arrays):
-        return vm["main"](*arrays)
-
-    return run, compile_s
+    def rate(self, memory_bound: bool) -> str:
+        seconds = self.ms["bndeploy"] * 1e-3
+        return f"{self.nbytes / seconds / 1e9:.1f} GB/s" if memory_bound else f"{self.flops / seconds / 1e9:.0f} GFLOP/s"
 
 
 # ---------------------------------------------------------------------------------------------
 # cases
 
 
-def conv_case(n: int, c: int, hw: int, threads: int, rounds: int, peak: float) -> Row:
-    """Conv3x3 C->C pad 1 -> BatchNorm (eval) -> ReLU; bndeploy and ORT get the BN folded."""
-    import onnx
+def _conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1):
+    def build():
+        import torch
+
+        from bndeploy.export.models import randomize_batchnorm_state
+
+        torch.manual_seed(0)
+        block = torch.nn.Sequential(
+            torch.nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
+            torch.nn.BatchNorm2d(c_out), torch.nn.ReLU())
+        return randomize_batchnorm_state(block, 1).eval()
+
+    return build
+
+
+def _batchnorm(channels: int):
+    def build():
+        import torch
+
+        from bndeploy.export.models import randomize_batchnorm_state
+
+        return randomize_batchnorm_state(torch.nn.BatchNorm2d(channels), 1).eval()
+
+    return build
+
+
+def _linear_bn(features_in: int, features_out: int):
+    def build():
+        import torch
+
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(features_in, features_out), torch.nn.ReLU()).eval()
+
+    return build
+
+
+def _zoo(name: str):
+    def build():
+        from bndeploy.export.zoo import zoo_model
+
+        return zoo_model(name)
+
+    return build
+
+
+def conv_case(n: int, c: int, hw: int) -> Case:
+    return Case("conv3x3+bn+relu", f"{n},{c},{hw}", _conv_bn_relu(c, c, 3), (n, c, hw, hw))
+
+
+def bn_case(mode: str) -> Case:
+    return Case(f"batchnorm2d {mode}", ",".join(map(str, BN_SHAPE)), _batchnorm(BN_SHAPE[1]), BN_SHAPE, mode,
+                memory_bound=True)
+
+
+CONV_CLASSES = [
+    Case("conv3x3 s1", "1,64,56->64", _conv_bn_relu(64, 64, 3), (1, 64, 56, 56)),
+    Case("conv3x3 s2", "1,64,56->128", _conv_bn_relu(64, 128, 3, 2), (1, 64, 56, 56)),
+    Case("conv1x1", "1,144,28->32", _conv_bn_relu(144, 32, 1), (1, 144, 28, 28)),
+    Case("conv1x1 expand", "1,40,28->240", _conv_bn_relu(40, 240, 1), (1, 40, 28, 28)),
+    Case("conv7x7 s2 stem", "1,3,224->64", _conv_bn_relu(3, 64, 7, 2), (1, 3, 224, 224)),
+    Case("depthwise3x3 s1", "1,144,56", _conv_bn_relu(144, 144, 3, 1, 144), (1, 144, 56, 56)),
+    Case("depthwise3x3 s2", "1,96,112", _conv_bn_relu(96, 96, 3, 2, 96), (1, 96, 112, 112)),
+    Case("depthwise5x5 s1", "1,240,28", _conv_bn_relu(240, 240, 5, 1, 240), (1, 240, 28, 28)),
+    Case("grouped3x3 (8/group)", "1,104,28", _conv_bn_relu(104, 104, 3, 1, 13), (1, 104, 28, 28)),
+    Case("grouped3x3 (16/group) s2", "1,128,28", _conv_bn_relu(128, 128, 3, 2, 8), (1, 128, 28, 28)),
+    Case("linear+relu", "8,1280->1000", _linear_bn(1280, 1000), (8, 1280)),
+]
+
+
+def zoo_cases(names, batches, image=224) -> list[Case]:
+    return [Case(name, f"batch {batch}", _zoo(name), (batch, 3, image, image)) for batch in batches for name in names]
+
+
+def suite_cases(suite: str) -> list[Case]:
+    from bndeploy.export.zoo import ZOO
+
+    if suite == "default":
+        return [conv_case(*shape) for shape in REFERENCE_CONVS] + [bn_case("inference"), bn_case("train")]
+    if suite == "quick":
+        return [conv_case(*REFERENCE_CONVS[0]), bn_case("inference")]
+    if suite == "conv":
+        return list(CONV_CLASSES)
+    if suite == "zoo":
+        return zoo_cases(ZOO, ZOO_BATCHES)
+    if suite == "zoo-smoke":
+        return zoo_cases(("resnet18",), (1,), image=64)
+    raise ValueError(f"unknown suite {suite!r}")
+
+
+SUITES = ("default", "quick", "conv", "zoo", "zoo-smoke")
+
+
+# ---------------------------------------------------------------------------------------------
+# running a case through the product
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    suite: str = "default"
+    target: str = "cpu"
+    threads: int = 0  # 0: every usable CPU
+    rounds: int = 7
+    work: Path | None = None  # exports and artifacts; a temporary folder when None
+
+
+def run_case(case: Case, settings: BenchSettings, work: Path, threads: int) -> tuple[Row, object]:
+    """Export, compile and time one case; returns the row and the profile of its artifact."""
     import torch
-    import tvm
-    from onnx import TensorProto, helper, numpy_helper
-    from tvm.relax.frontend.onnx import from_onnx
 
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, c, hw, hw), dtype=np.float32)
-    module = torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c), torch.nn.ReLU())
-    bn = module[1]
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.normal_()
-        bn.bias.normal_()
-    module.eval()
-    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy()
-    weight = module[0].weight.detach().numpy() * scale[:, None, None, None]
-    bias = (bn.bias.detach().numpy() - bn.running_mean.numpy() * scale).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1] * 4), helper.make_node("Relu", ["c"], ["y"])]
-    graph = helper.make_graph(
-        nodes, "conv_bn_relu",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))],
-        [numpy_helper.from_array(weight.astype(np.float32), "w"), numpy_helper.from_array(bias, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    run, compile_s = tvm_runner(from_onnx(model, keep_params_in_input=False))
-    session = ort_session(model, threads)
-    xt, x_torch = tvm.runtime.tensor(x), torch.from_numpy(x)
+    from bndeploy.compile import CompileSettings, compile_model
+    from bndeploy.export import ExportSettings, export
+    from bndeploy.export.loader import LoadedModel
+    from bndeploy.export.models import seeded_normal
+    from bndeploy.runtime import load_artifact
+    from bndeploy.runtime.profile import profile_loaded
+
+    folder = work / f"{case.name}-{case.shape}-{case.mode}".replace(" ", "_").replace("/", "_").replace(">", "")
+    module = case.build()
+    inputs = (seeded_normal(case.input_shape, 0),)
+    exported = export(LoadedModel(case.name, module, inputs), folder / "export",
+                      ExportSettings(modes=(case.mode,), force=True))[case.mode]
+    start = time.perf_counter()
+    (artifact_dir,) = compile_model(exported / "model.onnx", [settings.target], folder / "artifact",
+                                    CompileSettings(force=True))
+    compile_s = time.perf_counter() - start
+    artifact = load_artifact(artifact_dir)
+    feeds = {spec.name: t.numpy() for spec, t in zip(artifact.inputs, inputs)}
+    session = _ort_session(exported / "model.onnx", threads)
     torch.set_num_threads(threads)
+    module.train(case.mode == "train")
+    torch_input = inputs[0]
+    output_name = artifact.outputs[0].name
+    got = artifact.run(feeds)[output_name]
+    want = session.run([output_name], feeds)[0]
+    candidates = {
+        "bndeploy": lambda: artifact.run(feeds),
+        "onnxruntime": lambda: session.run(None, feeds),
+        "torch": lambda: module(torch_input),
+    }
     with torch.no_grad():
-        expected = module(x_torch).numpy()
-        error = float(np.abs(run(xt).numpy() - expected).max())
-        ms = interleaved_medians_ms(
-            {
-                "bndeploy": lambda: run(xt),
-                "onnxruntime": lambda: session.run(None, {"x": x}),
-                "torch": lambda: module(x_torch),
-            },
-            rounds, 5,
-        )
-    flops = 2.0 * n * c * c * 9 * hw * hw
-    return Row("conv3x3+bn+relu", f"{n},{c},{hw}", ms, flops, "GFLOP/s", flops / peak / 1e6,
-               [f"compile {compile_s:.1f} s", f"max|err| vs torch {error:.1e}"])
+        ms = interleaved_medians_ms(candidates, settings.rounds, _calls_per_sample(candidates["bndeploy"]))
+    prof = profile_loaded(artifact, feeds, rounds=3)
+    flops = sum(k.flops for k in prof.kernels)
+    nbytes = _min_traffic(case, feeds, got)
+    bound = prof.bounds.bound_ms(flops if not case.memory_bound else 0, nbytes)
+    slowest_kind, slowest_share = next(iter(prof.class_shares().items()), ("-", 0.0))
+    row = Row(case.name, case.shape, case.mode, ms, compile_s, flops, nbytes, bound, f"{slowest_kind} {100 * slowest_share:.0f}%",
+              float(np.nanmax(np.abs(got - want))) if got.size else 0.0)
+    return row, prof
 
 
-def bn_relax_module(shape, training: bool):
-    """Relax BatchNorm as bndeploy's graph passes emit it: inference as per-channel scale/shift,
-    training as mean, variance = mean((x - mean)^2), normalise, running-statistic updates."""
-    from tvm import relax
+def _ort_session(path: Path, threads: int):
+    import onnxruntime as ort
 
-    c = shape[1]
-    rng = np.random.default_rng(1)
-    gamma, beta = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
-    running_mean, running_var = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(shape, "float32"))
-    per_channel = lambda v: relax.const(v.reshape(1, c, 1, 1))  # noqa: E731
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            if not training:
-                scale = gamma / np.sqrt(running_var + EPS)
-                out = bb.emit_output(relax.op.add(relax.op.multiply(x, per_channel(scale)), per_channel(beta - running_mean * scale)))
-            else:
-                axes = [0, 2, 3]
-                mean = bb.emit(relax.op.mean(x, axes, keepdims=True))
-                centered = bb.emit(relax.op.subtract(x, mean))
-                var = bb.emit(relax.op.mean(relax.op.square(centered), axes, keepdims=True))
-                inv_std = bb.emit(relax.op.rsqrt(relax.op.add(var, relax.const(EPS, "float32"))))
-                y = bb.emit(relax.op.add(relax.op.multiply(relax.op.multiply(centered, inv_std), per_channel(gamma)), per_channel(beta)))
-                momentum = relax.const(0.9, "float32")
-                keep = lambda run, batch: relax.op.add(  # noqa: E731
-                    relax.op.multiply(relax.const(run), momentum),
-                    relax.op.multiply(relax.op.reshape(batch, (c,)), relax.const(0.1, "float32")))
-                out = bb.emit_output(relax.Tuple([y, bb.emit(keep(running_mean, mean)), bb.emit(keep(running_var, var))]))
-        bb.emit_func_output(out)
-    return bb.get(), (gamma, beta, running_mean, running_var)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def bn_onnx_model(shape, training: bool, params):
-    from onnx import TensorProto, helper, numpy_helper
-
-    gamma, beta, running_mean, running_var = params
-    outputs = ["y", "rm", "rv"] if training else ["y"]
-    node = helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], outputs, epsilon=EPS, momentum=0.9,
-                            training_mode=int(training))
-    graph = helper.make_graph(
-        [node], "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
-        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
-        [numpy_helper.from_array(a, n) for a, n in zip(params, ["g", "b", "m", "v"])],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+def _calls_per_sample(call: Callable[[], object]) -> int:
+    start = time.perf_counter()
+    call()
+    seconds = time.perf_counter() - start
+    return max(1, min(20, int(TARGET_CALL_S / max(seconds, 1e-6))))
 
 
-def bn_case(training: bool, threads: int, rounds: int) -> Row:
-    import torch
-    import tvm
-
-    shape = BN_SHAPE
-    mod, params = bn_relax_module(shape, training)
-    run, compile_s = tvm_runner(mod)
-    session = ort_session(bn_onnx_model(shape, training, params), threads)
-    x = (np.random.default_rng(2).standard_normal(shape, dtype=np.float32) * 2 + 3).astype(np.float32)
-    xt, x_torch = tvm.runtime.tensor(x), torch.from_numpy(x)
-    bn = torch.nn.BatchNorm2d(shape[1], eps=EPS, momentum=0.1)
-    with torch.no_grad():
-        bn.weight.copy_(torch.from_numpy(params[0]))
-        bn.bias.copy_(torch.from_numpy(params[1]))
-        bn.running_mean.copy_(torch.from_numpy(params[2]))
-        bn.running_var.copy_(torch.from_numpy(params[3]))
-    bn.train(training)
-    torch.set_num_threads(threads)
-    out = run(xt)
-    y = (out[0] if training else out).numpy()
-    copy_dst = np.empty_like(x)
-    with torch.no_grad():
-        expected = session.run(None, {"x": x})[0]
-        ms = interleaved_medians_ms(
-            {"bndeploy": lambda: run(xt), "onnxruntime": lambda: session.run(None, {"x": x}), "torch": lambda: bn(x_torch),
-             "copy": parallel_copier(copy_dst, x, threads)},  # the bandwidth bound, measured in the same rounds
-            rounds, 3,
-        )
-    passes = 3 if training else 2  # training reads x twice (statistics, normalise), writes y once
-    nbytes = float(passes * x.nbytes)
-    bandwidth = 2 * x.nbytes / (ms.pop("copy") * 1e-3)
-    return Row(f"batchnorm2d {'train' if training else 'infer'}", ",".join(map(str, shape)), ms, nbytes, "GB/s",
-               nbytes / bandwidth * 1e3, [f"compile {compile_s:.1f} s", f"max|err| vs ORT {float(np.abs(y - expected).max()):.1e}"])
+def _min_traffic(case: Case, feeds: dict, output: np.ndarray) -> int:
+    """Bytes a memory-bound case must move at least: inputs read once per pass, the output written."""
+    reads = sum(a.nbytes for a in feeds.values())
+    passes = 2 if case.mode == "train" else 1  # train BN reads x for its statistics, then to normalise
+    return passes * reads + output.nbytes
 
 
 # ---------------------------------------------------------------------------------------------
 # report
 
 
-def format_table(rows: list[Row], context: dict) -> str:
-    impls = ["bndeploy", "onnxruntime", "torch"]
-    header = ["case", "shape"] + [f"{i} ms" for i in impls] + ["bndeploy/ORT", "bndeploy rate", "bound ms", "% of bound", "notes"]
+def format_table(rows: list[Row], cases: list[Case], context: dict) -> str:
+    header = ["case", "shape", "mode", "bndeploy ms", "ORT ms", "torch ms", "bndeploy/ORT", "rate", "% of bound",
+              "compile s", "slowest class", "max|err| vs ORT"]
     lines = [header]
-    for r in rows:
-        lines.append([r.case, r.shape] + [f"{r.ms[i]:.3f}" for i in impls] + [
-            f"{r.ms['bndeploy'] / r.ms['onnxruntime']:.2f}x", f"{r.rate('bndeploy'):.0f} {r.unit}",
-            f"{r.bound_ms:.3f}", f"{100 * r.bound_ms / r.ms['bndeploy']:.0f}%", "; ".join(r.notes)])
+    for row, case in zip(rows, cases):
+        bound = f"{100 * row.bound_ms / row.ms['bndeploy']:.0f}%" if row.bound_ms else "-"
+        lines.append([row.case, row.shape, row.mode, f"{row.ms['bndeploy']:.3f}", f"{row.ms['onnxruntime']:.3f}",
+                      f"{row.ms['torch']:.3f}", f"{row.ratio:.2f}x", row.rate(case.memory_bound), bound,
+                      f"{row.compile_s:.1f}", row.slowest_class, f"{row.max_error:.1e}"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
-    foot = (f"threads {context['threads']}, {context['rounds']} interleaved rounds (medians); measured here: "
-            f"GEMM peak {context['gemm_peak_gflops']:.0f} GFLOP/s (torch 2048^3 matmul), "
-            f"memory bandwidth {context['bandwidth_gbs']:.1f} GB/s (parallel numpy copy, read+write; BatchNorm bounds use "
-            "the copy timed in their own rounds). "
-            "Shared cores make absolute times noisy; compare ratios.")
-    return "\n".join(text + ["", foot])
+    return "\n".join(text + ["", *summary_lines(rows, context)])
 
 
-def run_suite(suite: str, threads: int, rounds: int) -> tuple[list[Row], dict]:
-    bandwidth = measure_bandwidth(int(np.prod(BN_SHAPE)) * 4, rounds, threads)
-    peak = measure_gemm_peak(threads)
-    rows = []
-    convs = CONV_SUITE if suite == "default" else CONV_SUITE[:1]
-    for n, c, hw in convs:
-        rows.append(conv_case(n, c, hw, threads, rounds, peak))
-    if suite != "conv":
-        rows.append(bn_case(False, threads, rounds))
-        rows.append(bn_case(True, threads, rounds))
-    return rows, {"threads": threads, "rounds": rounds, "gemm_peak_gflops": peak, "bandwidth_gbs": bandwidth}
+def summary_lines(rows: list[Row], context: dict) -> list[str]:
+    lines = []
+    for mode_shape, group in _geomean_groups(rows).items():
+        ratios = [r.ratio for r in group]
+        geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        lines.append(f"geomean bndeploy/ORT {mode_shape}: {geomean:.2f}x over {len(ratios)} cases "
+                     f"(max {max(ratios):.2f}x, {group[ratios.index(max(ratios))].case})")
+    peak = context.get("fma_peak_gflops")
+    lines.append(
+        f"CPU: {context['cpu']}; target {context['target']} ({context['isa']}); {context['threads']} threads for every "
+        f"runtime; {context['rounds']} interleaved rounds, medians. Bounds measured here: FMA peak "
+        f"{f'{peak:.0f} GFLOP/s' if peak else 'not measured'} (the artifact's FMA loop), memory "
+        f"{context['bandwidth_gbs']:.1f} GB/s (parallel copy). Shared cores make absolute times noisy; compare ratios.")
+    return lines
+
+
+def _geomean_groups(rows: list[Row]) -> dict[str, list[Row]]:
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        key = row.shape if row.shape.startswith("batch") else "all"
+        groups.setdefault(key, []).append(row)
+    return groups
+
+
+def run_suite(settings: BenchSettings, say=print) -> tuple[list[Row], list[Case], dict]:
+    from bndeploy.compile.targets import resolve_target
+
+    threads = settings.threads or usable_cpus()
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    cases = suite_cases(settings.suite)
+    spec = resolve_target(settings.target)
+    rows, context = [], {"cpu": cpu_description(), "target": spec.name, "threads": threads, "rounds": settings.rounds}
+    with _work_folder(settings.work) as work:
+        for index, case in enumerate(cases, start=1):
+            say(f"[{index}/{len(cases)}] {case.name} {case.shape} ({case.mode}): export, compile for {spec.name}, time")
+            row, prof = run_case(case, settings, work, threads)
+            rows.append(row)
+            context.setdefault("fma_peak_gflops", prof.bounds.peak_gflops)
+            context.setdefault("bandwidth_gbs", prof.bounds.bandwidth_gbs)
+            context.setdefault("isa", prof.bounds.peak_source.split()[0])
+    return rows, cases, context
+
+
+class _work_folder:
+    def __init__(self, given: Path | None):
+        self._given, self._tmp = given, None
+
+    def __enter__(self) -> Path:
+        if self._given is not None:
+            self._given.mkdir(parents=True, exist_ok=True)
+            return self._given
+        self._tmp = tempfile.TemporaryDirectory(prefix="bndeploy-bench-")
+        return Path(self._tmp.name)
+
+    def __exit__(self, *exc):
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
 
 def main(args) -> int:
-    threads = args.threads or os.cpu_count() or 1
-    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
-    rows, context = run_suite(args.suite, threads, args.rounds)
-    print(format_table(rows, context))
+    settings = BenchSettings(args.suite, args.target, args.threads, args.rounds, args.work)
+    rows, cases, context = run_suite(settings, say=lambda line: print(line, flush=True))
+    print()
+    print(format_table(rows, cases, context))
     if args.json:
         from bndeploy.files import write_json
 
-        write_json(args.json, {"context": context, "rows": [asdict(r) for r in rows]})
+        write_json(args.json, {"context": context, "rows": [asdict(r) | {"ratio": r.ratio} for r in rows]})
     return 0
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="benchmark bndeploy CPU builds against ONNX Runtime and torch")
-    parser.add_argument("--suite", choices=["default", "quick", "conv"], default="default",
-                        help="default: three convs + BatchNorm inference/training; quick: one conv + BatchNorm; conv: convs only")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    parser.add_argument("--threads", type=int, default=0, help="threads for every implementation (default: all cores)")
+    parser = subparsers.add_parser("bench", help="benchmark bndeploy's compiled artifacts against ONNX Runtime and torch")
+    parser.add_argument("--suite", choices=SUITES, default="default",
+                        help="default: conv3x3+BN+ReLU reference shapes + BatchNorm both modes; quick: one conv + BN; "
+                             "conv: every conv class; zoo: six torchvision networks at batch 1 and 8; zoo-smoke: ResNet-18 "
+                             "at 64x64 (CI)")
+    parser.add_argument("--target", default="cpu", help="cpu (this host), x86-64-avx2 or x86-64-avx512 (default: %(default)s)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--threads", type=int, default=0, help="threads for every runtime (default: all usable CPUs)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    parser.add_argument("--work", type=Path, help="keep exports and artifacts in this folder (default: a temporary one)")
     parser.set_defaults(func=main)

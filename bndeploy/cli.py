@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "compile": "bndeploy.compile.cli",
     "run": "bndeploy.runtime.cli",
     "check": "bndeploy.runtime.cli",
+    "profile": "bndeploy.runtime.cli",
     "device": "bndeploy.runtime.device_cli",
     "pipeline": "bndeploy.pipeline",
     "bench": "bndeploy.bench",

@@ -82,10 +82,10 @@ def compile_model(onnx_path, targets: list[str], out, settings: CompileSettings 
     for index, (spec, out_dir) in enumerate(zip(specs, out_dirs), start=1):
         say(f"[{index}/{len(specs)}] building for target {spec.name} -> {out_dir}")
         with atomic_directory(out_dir, settings.force) as tmp:
-            kernels, archs = _build(mod, spec, tmp, settings.dump)
+            built = _build(mod, spec, tmp, settings.dump)
             if settings.dump:
                 _write_dumps(tmp / DUMP_DIR, dumps)
-            write_json(tmp / MANIFEST_FILE, _manifest(source, spec, archs, settings, fusion, kernels, tmp))
+            write_json(tmp / MANIFEST_FILE, _manifest(source, spec, settings, fusion, built, tmp))
         written.append(out_dir.absolute())
     return written
 
@@ -287,19 +287,35 @@ def _write_dumps(dump_dir: Path, dumps: dict[str, str]) -> None:
 # Build
 
 
-def _build(mod, spec: TargetSpec, out_dir: Path, dump: bool) -> tuple[list[str], list[str]]:
-    """Build and export the library into ``out_dir``; returns (kernel names, CUDA archs)."""
+@dataclass
+class BuildResult:
+    kernels: list[str]  # the kernels the Relax VM calls, in the executable's order
+    archs: list[str]  # CUDA architectures with device code (empty for CPU targets)
+    costs: dict[str, dict[str, int]]  # per kernel: useful FLOPs and parameter bytes per call (CPU targets)
+    fma_peak: dict | None = None  # the FMA-peak kernel the library carries for `bndeploy profile`
+
+
+def _build(mod, spec: TargetSpec, out_dir: Path, dump: bool) -> BuildResult:
+    """Build and export the library into ``out_dir``."""
     if spec.device == "cuda":
-        return _build_cuda(mod, spec, out_dir, dump)  # runs in a worker process: no lock needed
+        kernels, archs = _build_cuda(mod, spec, out_dir, dump)  # runs in a worker process: no lock needed
+        return BuildResult(kernels, archs, {})
     with _IN_PROCESS_TVM:
-        return _build_llvm(mod, spec, out_dir), []
+        return _build_llvm(mod, spec, out_dir)
 
 
-def _build_llvm(mod, spec: TargetSpec, out_dir: Path) -> list[str]:
-    from .cpu import build_cpu
+def _build_llvm(mod, spec: TargetSpec, out_dir: Path) -> BuildResult:
+    from .cpu import build_lowered, lower_cpu
+    from .kernel_costs import kernel_costs
+    from .schedules import isa_for_target
+    from .schedules.fma_peak import add_fma_peak
 
     fcompile = library_compiler(spec)  # fails before the build when a cross toolchain is missing
-    executable = build_cpu(mod, spec.tvm_target())
+    target = spec.tvm_target()
+    lowered = lower_cpu(mod, target)
+    costs = kernel_costs(lowered)
+    fma_peak = add_fma_peak(lowered, isa_for_target(target))
+    executable = build_lowered(lowered, target)
     library = out_dir / LIBRARY_FILE
     try:
         if fcompile is None:
@@ -309,7 +325,8 @@ def _build_llvm(mod, spec: TargetSpec, out_dir: Path) -> list[str]:
     except RuntimeError as e:  # TVM reports compiler/linker failures as RuntimeError with the output
         raise BndeployError(f"target {spec.name!r}: linking {LIBRARY_FILE} failed: {_link_error(e)}") from None
     verify_library_machine(library, spec)
-    return kernel_names(executable)
+    kernels = kernel_names(executable)
+    return BuildResult(kernels, [], {name: costs[name] for name in kernels if name in costs}, fma_peak)
 
 
 def _link_error(error: Exception) -> str:
@@ -345,12 +362,12 @@ def kernel_names(executable) -> list[str]:
 # Manifest
 
 
-def _manifest(source: SourceModel, spec: TargetSpec, archs, settings, fusion, kernels, out_dir: Path) -> dict:
+def _manifest(source: SourceModel, spec: TargetSpec, settings, fusion, built: BuildResult, out_dir: Path) -> dict:
     import tvm
 
     target = spec.manifest()
-    if archs:
-        target["archs"] = list(archs)
+    if built.archs:
+        target["archs"] = list(built.archs)
     return {
         **manifest_header("artifact"),
         "target": target,
@@ -363,6 +380,8 @@ def _manifest(source: SourceModel, spec: TargetSpec, archs, settings, fusion, ke
         "inputs": source.inputs,
         "outputs": source.outputs,
         "fusion": fusion,
-        "kernels": kernels,
+        "kernels": built.kernels,
+        "kernel_costs": built.costs,
+        "fma_peak": built.fma_peak,
         "versions": {"tvm": tvm.__version__, "bndeploy": __version__},
     }

@@ -47,6 +47,15 @@ def schedule_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModul
         return tvm.transform.Sequential(scheduling_passes(target))(mod)
 
 
+def lower_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Relax module -> VM-ready module with scheduled kernels (the input of `build_lowered`)."""
+    return cpu_pipeline(target)(mod)
+
+
+def build_lowered(lowered: tvm.IRModule, target: tvm.target.Target) -> relax.Executable:
+    return tvm.compile(lowered, target=target, relax_pipeline=None)
+
+
 def build_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> relax.Executable:
     """Compile a Relax module for an llvm target with bndeploy's CPU schedules."""
-    return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
+    return build_lowered(lower_cpu(mod, target), target)

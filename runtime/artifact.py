@@ -6,6 +6,7 @@ sha256 is checked before it is loaded, because loading a shared library runs its
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -28,13 +29,33 @@ _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8"
 class Artifact:
     """A loaded artifact. ``run`` takes and returns arrays keyed by ONNX tensor names."""
 
-    def __init__(self, directory: Path, manifest: dict, device: str, vm) -> None:
+    def __init__(self, directory: Path, manifest: dict, device: str, vm, module=None) -> None:
         self.directory = directory
         self.manifest = manifest
         self.device = device
         self.inputs: list[TensorSpec] = specs_from_manifest(manifest, "inputs", str(directory / MANIFEST_NAME))
         self.outputs: list[TensorSpec] = specs_from_manifest(manifest, "outputs", str(directory / MANIFEST_NAME))
         self._vm = vm
+        self._module = module
+
+    @contextlib.contextmanager
+    def instrumented(self, callback):
+        """Within the block, the VM calls ``callback(func, name, before_run, result, *args)`` around every
+        kernel it runs (TVM's VM instrumentation); return 0 from it to let the kernel run."""
+        self._vm.set_instrument(callback)
+        try:
+            yield self
+        finally:
+            self._vm.set_instrument(None)
+
+    def library_function(self, symbol: str):
+        """A function the library exports (e.g. the FMA-peak kernel), or None."""
+        if self._module is None:
+            return None
+        try:
+            return self._module.get_function(symbol, query_imports=True)
+        except (AttributeError, RuntimeError):
+            return None
 
     @property
     def mode(self) -> str:
@@ -82,7 +103,8 @@ def load_artifact(directory: str | Path, device: str | None = None) -> Artifact:
     library = verified_library(directory, manifest)
     device = select_device(manifest, device)
     check_host_architecture(manifest, directory)
-    return Artifact(directory, manifest, device, _load_vm(library, device))
+    module, vm = _load_vm(library, device)
+    return Artifact(directory, manifest, device, vm, module)
 
 
 def verified_library(directory: Path, manifest: dict) -> Path:
@@ -160,7 +182,7 @@ def _load_vm(library: Path, device: str):
 
     try:
         module = tvm.runtime.load_module(str(library))
-        return VirtualMachine(module, _tvm_device(device))
+        return module, VirtualMachine(module, _tvm_device(device))
     except Exception as e:
         raise ArtifactError(f"{library}: TVM could not load it: {_error_summary(e)}") from None
 

@@ -17,6 +17,7 @@ from bndeploy.runtime.tolerance import Tolerance, Tolerances, default_tolerance,
 
 
 def register(sub) -> None:
+    register_profile(sub)
     run = sub.add_parser("run", help="run a compiled artifact on inputs and save its outputs")
     _add_common(run)
     run.add_argument("--out", required=True, help="output .npz, one array per ONNX output name")
@@ -105,3 +106,24 @@ def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def register_profile(sub) -> None:
+    prof = sub.add_parser("profile", help="time an artifact kernel by kernel against this machine's bounds")
+    prof.add_argument("artifact", type=Path, help="artifact directory (artifact.json + library)")
+    prof.add_argument("--inputs", type=Path, help=".npz keyed by input name (default: the export's recorded inputs)")
+    prof.add_argument("--seed", type=int, help="generate inputs from this seed instead")
+    prof.add_argument("--rounds", type=int, default=10, help="runs timed (medians)")
+    prof.add_argument("--top", type=int, default=15, help="kernels shown, slowest first (0: all)")
+    prof.add_argument("--json", type=Path, metavar="FILE", help="also write every figure as JSON")
+    prof.set_defaults(func=profile_command)
+
+
+def profile_command(args) -> int:
+    from bndeploy.runtime.profile import profile, save_json
+
+    result = profile(args.artifact, inputs=args.inputs, seed=args.seed, rounds=args.rounds)
+    print(result.table(top=args.top or None))
+    if args.json is not None:
+        save_json(result, args.json)
+    return 0

@@ -16,17 +16,16 @@ import tvm
 from onnx import TensorProto, helper, numpy_helper
 from tvm import relax, tirx
 
-from bndeploy.bench import bn_relax_module
 from bndeploy.compile.cpu import build_cpu, schedule_module
 from bndeploy.compile.onnx_import import import_onnx
 from bndeploy.compile.schedules import SCHEDULED_ATTR, BatchStatsSpec, ConvSpec, build_batch_stats_primfunc, choose_tiling
 from bndeploy.compile.schedules.conv2d import DEPTHWISE, DIRECT
-from bndeploy.compile.schedules.isa import AVX2, AVX512, NEON32, NEON64, isa_for_target
+from bndeploy.compile.schedules.isa import AVX2, AVX512, NEON32, NEON64, NEON64_CARMEL, isa_for_target
 from bndeploy.compile.targets import resolve_target
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
 ATOL = RTOL = 1e-4
-ALL_ISAS = (AVX512, AVX2, NEON64, NEON32)
+ALL_ISAS = (AVX512, AVX2, NEON64, NEON64_CARMEL, NEON32)
 
 
 def runnable_x86_targets() -> list[str]:
@@ -67,6 +66,39 @@ def conv_onnx(x_shape, layers, rng):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def bn_relax_module(shape, training: bool, eps: float = 1e-5):
+    """Relax BatchNorm as bndeploy's graph passes emit it: inference as per-channel scale/shift,
+    training as mean, variance = mean((x - mean)^2), normalise, running-statistic updates."""
+    from tvm import relax
+
+    c = shape[1]
+    rng = np.random.default_rng(1)
+    gamma, beta = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    running_mean, running_var = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    per_channel = lambda v: relax.const(v.reshape(1, c, 1, 1))  # noqa: E731
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            if not training:
+                scale = gamma / np.sqrt(running_var + eps)
+                out = bb.emit_output(relax.op.add(relax.op.multiply(x, per_channel(scale)), per_channel(beta - running_mean * scale)))
+            else:
+                axes = [0, 2, 3]
+                mean = bb.emit(relax.op.mean(x, axes, keepdims=True))
+                centered = bb.emit(relax.op.subtract(x, mean))
+                var = bb.emit(relax.op.mean(relax.op.square(centered), axes, keepdims=True))
+                inv_std = bb.emit(relax.op.rsqrt(relax.op.add(var, relax.const(eps, "float32"))))
+                y = bb.emit(relax.op.add(relax.op.multiply(relax.op.multiply(centered, inv_std), per_channel(gamma)), per_channel(beta)))
+                momentum = relax.const(0.9, "float32")
+                keep = lambda run, batch: relax.op.add(  # noqa: E731
+                    relax.op.multiply(relax.const(run), momentum),
+                    relax.op.multiply(relax.op.reshape(batch, (c,)), relax.const(0.1, "float32")))
+                out = bb.emit_output(relax.Tuple([y, bb.emit(keep(running_mean, mean)), bb.emit(keep(running_var, var))]))
+        bb.emit_func_output(out)
+    return bb.get(), (gamma, beta, running_mean, running_var)
+
+
 def onnxruntime_run(model, x):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
@@ -82,8 +114,9 @@ def kernel_names(mod: tvm.IRModule) -> list[str]:
 def test_isa_classes_of_the_named_targets():
     assert isa_for_target(resolve_target("x86-64-avx2").tvm_target()) is AVX2
     assert isa_for_target(resolve_target("x86-64-avx512").tvm_target()) is AVX512
-    for arm in ("cortex-a72", "cortex-a76", "cortex-a78ae", "carmel", "aarch64"):
+    for arm in ("cortex-a72", "cortex-a76", "cortex-a78ae", "aarch64"):
         assert isa_for_target(resolve_target(arm).tvm_target()) is NEON64
+    assert isa_for_target(resolve_target("carmel").tvm_target()) is NEON64_CARMEL
     assert isa_for_target(resolve_target("armv7").tvm_target()) is NEON32
 
 
@@ -97,7 +130,7 @@ def test_direct_tile_fits_the_register_file_and_hides_fma_latency(isa, shape):
     vectors = tiling.channel_block // isa.lanes
     accumulators = tiling.pixel_block * vectors
     assert tiling.kind == DIRECT and tiling.channel_block % isa.lanes == 0
-    assert accumulators + vectors + isa.broadcast_registers <= isa.registers
+    assert accumulators + vectors + isa.broadcast_registers <= isa.tile_budget <= isa.registers
     assert accumulators >= isa.min_accumulators
 
 

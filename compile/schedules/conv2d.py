@@ -25,6 +25,7 @@ from tvm import te, tirx
 from .isa import VectorISA
 
 CONV_BLOCK_ATTR = "bndeploy.conv"  # block annotation: "<kind>:<pixel_block>:<channel_block>"
+CONV_FLOPS_ATTR = "bndeploy.conv_flops"  # block annotation: the conv's useful FLOPs (for profiles)
 OUT_EWISE_FUSABLE = 4  # relax OpPatternKind.kOutEWiseFusable: FuseOps appends elementwise consumers
 DIRECT, DEPTHWISE = "direct", "depthwise"
 MAX_CHANNEL_VECTORS = 4
@@ -159,7 +160,7 @@ def direct_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
             continue
         vectors = -(-channel_block // isa.lanes)
         lane_use = channel_block / (vectors * isa.lanes)
-        max_rows = (isa.registers - vectors - isa.broadcast_registers) // vectors
+        max_rows = (isa.tile_budget - vectors - isa.broadcast_registers) // vectors
         channel_use = spec.out_channels / _ceil_to(spec.out_channels, channel_block)
         for rows in range(1, min(max_rows, spec.pixels) + 1):
             useful = lane_use * channel_use * spec.pixels / _ceil_to(spec.pixels, rows)
@@ -171,16 +172,23 @@ def direct_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
 
 def depthwise_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
     """Channels in vectors (a block must divide the channel count: inputs have no padded channels),
-    pixels in rows; per tap one input vector load and one FMA per accumulator, weights hoisted."""
+    pixels along one output row (`pixel_block` of them per tile). LLVM unrolls the taps of a kernel row and reuses each loaded input vector for every
+    tap that reads it, so a row of `rows` pixels keeps `(rows - 1) * stride + kw` input vectors live
+    beside its accumulators and the tap's weight vector: all of them must fit the register file (seen
+    otherwise: loaded inputs spilled to the stack and reloaded). Per kernel row the tile issues
+    rows * kw FMAs and loads its inputs once and kw weight vectors, per channel vector."""
     best, best_key = None, None
+    kw, stride = spec.kernel[1], spec.strides[1]
     blocks = [b for b in _channel_blocks(isa) if spec.out_channels % b == 0]
     for channel_block in blocks:
         vectors = -(-channel_block // isa.lanes)
         lane_use = channel_block / (vectors * isa.lanes)
-        max_rows = (isa.registers - 2 * vectors - 1) // vectors
-        for rows in range(1, min(max_rows, spec.pixels) + 1):
-            useful = lane_use * spec.pixels / _ceil_to(spec.pixels, rows)
-            cost = TileCost(rows * vectors, rows * vectors + vectors, useful)
+        for rows in range(1, spec.out_width + 1):
+            inputs = (rows - 1) * stride + (kw - 1) * spec.dilation[1] + 1
+            if vectors * (rows + inputs + 1) > isa.tile_budget:
+                break
+            useful = lane_use * spec.out_width / _ceil_to(spec.out_width, rows)
+            cost = TileCost(rows * vectors * kw, (inputs + kw) * vectors, useful)
             if best_key is None or cost.key(isa) > best_key:
                 best, best_key = Tiling(DEPTHWISE, rows, channel_block), cost.key(isa)
     return best
@@ -221,9 +229,10 @@ def _i64(*values: int):
     return tuple(tirx.IntImm("int64", int(v)) for v in values)
 
 
-def _padded_input(data, spec: ConvSpec):
-    """NHWC input with its zero border, or the input itself when the conv has no padding."""
-    if not spec.padded:
+def _padded_input(data, spec: ConvSpec, extra_right: int = 0):
+    """NHWC input with its zero border (and `extra_right` more zero columns, read by the padded tail of a
+    row-tiled output), or the input itself when there is no border at all."""
+    if not spec.padded and not extra_right:
         assert spec.input_layout == "NHWC", "an NCHW input is transposed by the padding copy"
         return data
     n, h, w, c = spec.batch, spec.height, spec.width, spec.in_channels
@@ -231,7 +240,7 @@ def _padded_input(data, spec: ConvSpec):
     zero = tirx.const(0.0, "float32")
     nchw = spec.input_layout == "NCHW"
     return te.compute(
-        _i64(n, h + pt + pb, w + pl + pr, c),
+        _i64(n, h + pt + pb, w + pl + pr + extra_right, c),
         lambda i, y, x, j: tirx.if_then_else(
             tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w),
             data[i, j, y - pt, x - pl] if nchw else data[i, y - pt, x - pl, j], zero
@@ -250,7 +259,15 @@ def _input_position(spec: ConvSpec, p, rkh, rkw):
 
 
 def conv2d_compute(spec: ConvSpec, tiling: Tiling):
-    """PrimFunc(data NHWC, packed weight) -> out NHWC; unscheduled, for FuseOps to extend."""
+    """PrimFunc(data, packed weight) -> out NHWC; unscheduled, for FuseOps to extend."""
+    if tiling.kind == DEPTHWISE:
+        return _depthwise_compute(spec, tiling)
+    return _direct_compute(spec, tiling)
+
+
+def _direct_compute(spec: ConvSpec, tiling: Tiling):
+    """Accumulators over (batch, flattened output pixel, channel): a tile of pixels may span rows, as its
+    pixels' input addresses are computed once per tile, outside the long reduction."""
     data = te.placeholder(_i64(*spec.input_shape), "float32", name="data")
     source = _padded_input(data, spec)
     kh, kw = spec.kernel
@@ -258,30 +275,46 @@ def conv2d_compute(spec: ConvSpec, tiling: Tiling):
     rkw = te.reduce_axis(_i64(0, kw), name="rkw")
     pixels = _ceil_to(spec.pixels, tiling.pixel_block)
     cb = tiling.channel_block
-    if tiling.kind == DEPTHWISE:
-        weight = te.placeholder(_i64(kh, kw, spec.out_channels), "float32", name="weight_packed")
-        shape = _i64(spec.batch, pixels, spec.out_channels)
+    group_inputs = spec.in_per_group
+    blocks = -(-spec.out_channels // cb)
+    weight = te.placeholder(_i64(blocks, kh, kw, group_inputs, cb), "float32", name="weight_packed")
+    ric = te.reduce_axis(_i64(0, group_inputs), name="ric")
+    cb64, per_group = tirx.IntImm("int64", cb), tirx.IntImm("int64", spec.out_per_group)
+    in_group = tirx.IntImm("int64", spec.in_per_group)
 
-        def accumulate(i, p, o):
-            y, x = _input_position(spec, p, rkh, rkw)
-            return te.sum(source[i, y, x, o] * weight[rkh, rkw, o], axis=[rkh, rkw])
-    else:
-        group_inputs = spec.in_per_group
-        blocks = -(-spec.out_channels // cb)
-        weight = te.placeholder(_i64(blocks, kh, kw, group_inputs, cb), "float32", name="weight_packed")
-        ric = te.reduce_axis(_i64(0, group_inputs), name="ric")
-        shape = _i64(spec.batch, pixels, blocks * cb)
-        cb64, per_group = tirx.IntImm("int64", cb), tirx.IntImm("int64", spec.out_per_group)
-        in_group = tirx.IntImm("int64", spec.in_per_group)
+    def accumulate(i, p, o):
+        y, x = _input_position(spec, p, rkh, rkw)
+        start = o // per_group * in_group if spec.groups > 1 else 0  # the first input of o's group
+        return te.sum(source[i, y, x, start + ric] * weight[o // cb64, rkh, rkw, ric, o % cb64],
+                      axis=[rkh, rkw, ric])
 
-        def accumulate(i, p, o):
-            y, x = _input_position(spec, p, rkh, rkw)
-            start = o // per_group * in_group if spec.groups > 1 else 0  # the first input of o's group
-            return te.sum(source[i, y, x, start + ric] * weight[o // cb64, rkh, rkw, ric, o % cb64],
-                          axis=[rkh, rkw, ric])
-
-    conv = te.compute(shape, accumulate, name="conv", attrs={CONV_BLOCK_ATTR: tiling.annotation()})
+    attrs = {CONV_BLOCK_ATTR: tiling.annotation(), CONV_FLOPS_ATTR: spec.flops}
+    conv = te.compute(_i64(spec.batch, pixels, blocks * cb), accumulate, name="conv", attrs=attrs)
     ow = tirx.IntImm("int64", spec.out_width)
     out = te.compute(_i64(spec.batch, spec.out_height, spec.out_width, spec.out_channels),
                      lambda i, y, x, o: conv[i, y * ow + x, o], name="conv_out")
+    return te.create_prim_func([data, weight, out]).with_attr("op_pattern", OUT_EWISE_FUSABLE)
+
+
+def _depthwise_compute(spec: ConvSpec, tiling: Tiling):
+    """Accumulators over (batch, row, column padded to whole tiles, channel): a tile is part of one output
+    row, so its pixels' inputs sit at constant offsets from one address (no per-pixel index arithmetic,
+    which would cost more than a depthwise tile's few FMAs)."""
+    data = te.placeholder(_i64(*spec.input_shape), "float32", name="data")
+    kh, kw = spec.kernel
+    (sh, sw), (dh, dw) = spec.strides, spec.dilation
+    width = _ceil_to(spec.out_width, tiling.pixel_block)
+    pt, pl, pb, pr = spec.padding
+    extra_right = max(0, (width - 1) * sw + (kw - 1) * dw + 1 - (spec.width + pl + pr))
+    source = _padded_input(data, spec, extra_right)
+    rkh = te.reduce_axis(_i64(0, kh), name="rkh")
+    rkw = te.reduce_axis(_i64(0, kw), name="rkw")
+    weight = te.placeholder(_i64(kh, kw, spec.out_channels), "float32", name="weight_packed")
+    attrs = {CONV_BLOCK_ATTR: tiling.annotation(), CONV_FLOPS_ATTR: spec.flops}
+    conv = te.compute(
+        _i64(spec.batch, spec.out_height, width, spec.out_channels),
+        lambda i, y, x, c: te.sum(source[i, y * sh + rkh * dh, x * sw + rkw * dw, c] * weight[rkh, rkw, c], axis=[rkh, rkw]),
+        name="conv", attrs=attrs)
+    out = te.compute(_i64(spec.batch, spec.out_height, spec.out_width, spec.out_channels),
+                     lambda i, y, x, c: conv[i, y, x, c], name="conv_out")
     return te.create_prim_func([data, weight, out]).with_attr("op_pattern", OUT_EWISE_FUSABLE)

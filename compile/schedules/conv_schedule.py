@@ -40,8 +40,11 @@ def schedule_conv(func: tirx.PrimFunc) -> tirx.PrimFunc:
         raise NotAConvKernel("no annotated conv block")
     conv, tiling = found
     writer, pad = _inline_around(sch, conv)
-    _flatten_pixels(sch, writer, sch.get(conv))
-    _tile(sch, conv, writer, tiling)
+    if tiling.kind == DEPTHWISE:
+        _tile_depthwise(sch, conv, writer, tiling)
+    else:
+        _flatten_pixels(sch, writer)
+        _tile_direct(sch, conv, writer, tiling)
     if pad is not None:
         _schedule_pad(sch, pad)
     return sch.mod["main"]
@@ -61,7 +64,7 @@ def _inline_around(sch: s_tir.Schedule, conv):
     return blocks[-1], pad
 
 
-def _flatten_pixels(sch: s_tir.Schedule, writer, conv_block_stmt) -> None:
+def _flatten_pixels(sch: s_tir.Schedule, writer) -> None:
     """The writer iterates (n, oh, ow, c); make it (n, oh*ow, c), the conv's pixel axis."""
     iter_vars = sch.get(writer).iter_vars
     if len(iter_vars) != 4:
@@ -70,19 +73,30 @@ def _flatten_pixels(sch: s_tir.Schedule, writer, conv_block_stmt) -> None:
     sch.transform_block_layout(writer, lambda n, y, x, c: (n, y * width + x, c))
 
 
-def _tile(sch: s_tir.Schedule, conv, writer, tiling: Tiling) -> None:
-    loops = sch.get_loops(conv)
-    n, p, o, reduction = loops[0], loops[1], loops[2], loops[3:]
+def _tile_direct(sch: s_tir.Schedule, conv, writer, tiling: Tiling) -> None:
+    n, p, o, *reduction = sch.get_loops(conv)
     p_outer, p_inner = sch.split(p, [None, tiling.pixel_block])
     o_outer, o_inner = sch.split(o, [None, tiling.channel_block])
-    # Depthwise: pixels outer, so each tile reads all channels of its pixels (contiguous in NHWC).
-    outer = [n, p_outer, o_outer] if tiling.kind == DEPTHWISE else [n, o_outer, p_outer]
-    sch.reorder(*outer, *reduction, p_inner, o_inner)
+    sch.reorder(n, o_outer, p_outer, *reduction, p_inner, o_inner)
+    _register_tile(sch, conv, writer, [n, o_outer, p_outer], reduction, p_inner, o_inner, tiling)
+
+
+def _tile_depthwise(sch: s_tir.Schedule, conv, writer, tiling: Tiling) -> None:
+    # Pixels outer, channels inner: each tile reads all channels of its pixels, contiguous in NHWC.
+    n, y, x, c, *reduction = sch.get_loops(conv)
+    x_outer, x_inner = sch.split(x, [None, tiling.pixel_block])
+    c_outer, c_inner = sch.split(c, [None, tiling.channel_block])
+    sch.reorder(n, y, x_outer, c_outer, *reduction, x_inner, c_inner)
+    _register_tile(sch, conv, writer, [n, y, x_outer, c_outer], reduction, x_inner, c_inner, tiling)
+
+
+def _register_tile(sch: s_tir.Schedule, conv, writer, outer, reduction, pixels, channels, tiling: Tiling) -> None:
+    """Accumulators of one tile in registers over the whole reduction, written by the epilogue."""
     sch.reverse_compute_at(writer, outer[-1])
     sch.set_scope(conv, 0, "local")
     sch.parallel(sch.fuse(*outer))
-    sch.unroll(p_inner)
-    sch.vectorize(o_inner)
+    sch.unroll(pixels)
+    sch.vectorize(channels)
     _schedule_writer(sch, writer, tiling)
     init = sch.decompose_reduction(conv, reduction[0])
     init_loops = sch.get_loops(init)

@@ -1,0 +1,72 @@
+"""What the generated machine code of a CPU build does in its loops: vector FMAs and stack traffic.
+
+A register-tiled kernel is only as good as its inner loop: the accumulators must stay in vector
+registers (no stack stores and reloads) and the arithmetic must be vector FMAs. This reads LLVM's
+assembly for the library (TVM's `inspect_source("asm")`, for any target, cross-compiled ones included)
+and reports, for every loop (a label with a backward branch to it) that contains vector FMAs, how many
+FMAs and how many stack accesses it has, and how many of those move vector registers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Per architecture: a vector FMA, a stack access, a vector register operand.
+_PATTERNS = {
+    # x86: rbp is an ordinary register in LLVM's frame-pointer-less code; the stack is what rsp addresses.
+    "x86_64": (r"\bvfmadd\d+ps\b", r"\(%rsp[),]", r"%[xyz]mm\d+"),
+    "aarch64": (r"\bfmla\s+v\d+\.4s", r"\[(sp|x29)\b", r"\b[qv]\d+\b"),
+    "arm": (r"\b(vfma|vmla)\.f32\s+q\d+", r"\[sp\b", r"\b[qd]\d+\b"),
+}
+_LABEL = re.compile(r"^(\.?L[\w.$]+):")
+_BRANCH = re.compile(r"^\s+(j\w+|b(?:\.\w+)?|b\w\w|cbn?z|tbn?z)\s+(?:[^,]+,\s*)*(\.?L[\w.$]+)\s*$")
+
+
+@dataclass(frozen=True)
+class LoopStats:
+    label: str
+    instructions: int
+    fmas: int
+    stack_accesses: int
+    vector_stack_accesses: int  # spills and reloads of vector registers
+    innermost: bool  # no other loop inside it
+
+
+def arch_of_triple(triple: str) -> str:
+    arch = triple.split("-")[0]
+    if arch.startswith("x86_64"):
+        return "x86_64"
+    if arch.startswith("aarch64"):
+        return "aarch64"
+    if arch.startswith(("armv7", "arm")):
+        return "arm"
+    raise ValueError(f"no FMA/stack patterns for {triple!r}")
+
+
+def fma_loops(asm: str, arch: str) -> list[LoopStats]:
+    """Every loop of the assembly that issues vector FMAs, smallest first."""
+    fma, stack, vector = (re.compile(p) for p in _PATTERNS[arch])
+    lines = [line for line in asm.splitlines() if line.strip() and not line.lstrip().startswith(("#", "//", "@", ".cfi"))]
+    labels: dict[str, int] = {}
+    spans = []  # (label, first line, back-branch line)
+    for index, line in enumerate(lines):
+        label = _LABEL.match(line.strip())
+        if label:
+            labels[label.group(1)] = index
+            continue
+        branch = _BRANCH.match(line)
+        if branch and branch.group(2) in labels:
+            spans.append((branch.group(2), labels[branch.group(2)], index))
+    loops = []
+    for label, first, last in spans:
+        body = [l for l in lines[first + 1:last + 1] if not _LABEL.match(l.strip())]
+        fmas = sum(1 for l in body if fma.search(l))
+        if not fmas:
+            continue
+        stack_lines = [l for l in body if stack.search(l)]
+        innermost = not any(first <= other_first and other_last <= last and (other_first, other_last) != (first, last)
+                            for _, other_first, other_last in spans)
+        loops.append(LoopStats(label, len(body), fmas, len(stack_lines),
+                               sum(1 for l in stack_lines if vector.search(l)), innermost))
+    return sorted(loops, key=lambda loop: loop.instructions)
