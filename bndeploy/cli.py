@@ -16,6 +16,7 @@ import threading
 
 from bndeploy import __version__
 from bndeploy.errors import BndeployError
+from bndeploy.extras import missing_message, missing_modules
 
 EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
 
@@ -30,6 +31,8 @@ SUBCOMMANDS = {
     "pipeline": "bndeploy.pipeline",
     "bench": "bndeploy.bench",
 }
+# The pip extra each subcommand needs beyond the runtime (bndeploy.extras); run, check, device need none.
+COMMAND_EXTRAS = {"export": "export", "compile": "compile", "pipeline": "full", "bench": "full"}
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
@@ -37,10 +40,29 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bndeploy {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    modules = [SUBCOMMANDS[command]] if command in SUBCOMMANDS else list(dict.fromkeys(SUBCOMMANDS.values()))
-    for name in modules:
-        importlib.import_module(name).register(sub)
+    commands = [command] if command in SUBCOMMANDS else list(SUBCOMMANDS)
+    registered = set()
+    for name in commands:
+        missing = missing_modules(COMMAND_EXTRAS[name]) if name in COMMAND_EXTRAS else []
+        if missing:
+            _register_unavailable(sub, name, COMMAND_EXTRAS[name], missing)
+        elif SUBCOMMANDS[name] not in registered:
+            importlib.import_module(SUBCOMMANDS[name]).register(sub)
+            registered.add(SUBCOMMANDS[name])
     return parser
+
+
+def _register_unavailable(sub, name: str, extra: str, missing: list[str]) -> None:
+    """A subcommand whose extra is not installed: listed in the help, and one error line when run."""
+    parser = sub.add_parser(name, help=f"(not installed here: pip install 'bndeploy[{extra}]')", add_help=False,
+                            prefix_chars="\0")  # takes any arguments, options included, and ignores them
+    parser.add_argument("ignored", nargs="*")
+    error = BndeployError(missing_message(extra, "this command", missing))
+    parser.set_defaults(func=lambda args: _raise(error))
+
+
+def _raise(error: Exception):
+    raise error
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from typing import Mapping
 import numpy as np
 
 from bndeploy.errors import BndeployError
+from bndeploy.extras import MissingDependencyError, missing_message
 
 # ORT type strings for the float inputs we may need to cast (fp16 artifact fed fp16 by the user).
 _ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
@@ -21,7 +22,9 @@ def run_onnxruntime(onnx_path: Path, inputs: Mapping[str, np.ndarray]) -> dict[s
     try:
         import onnxruntime
     except ImportError:
-        raise BndeployError("onnxruntime is not installed here; install it or check against torch only") from None
+        raise MissingDependencyError(
+            missing_message("check", "the onnxruntime reference", ["onnxruntime"]) + "; or check against torch only (--against torch)"
+        ) from None
     try:
         session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         feed = _cast_to_model_types(session, inputs)
