@@ -31,6 +31,7 @@ class PipelineSettings:
     out: Path = Path("bndeploy-out")
     force: bool = False
     timing_rounds: int = 2
+    train_dropout: str | None = None          # "identity": train mode of a model with dropout, dropout as identity
 
 
 @dataclass
@@ -97,7 +98,7 @@ def run_pipeline(settings: PipelineSettings = PipelineSettings(), user_model=Non
     # Two CUDA builds at a time: each is mostly nvcc and TVM codegen in its own worker process.
     with ThreadPoolExecutor(max_workers=2) as background:
         for name in names:
-            _run_model(name, user_model, out, settings.modes, targets, say, background, later, result)
+            _run_model(name, user_model, out, settings, targets, say, background, later, result)
     _finish(later, settings.timing_rounds, say)
     result.seconds = time.perf_counter() - start
     (out / "summary.txt").write_text(result.table() + "\n")
@@ -106,18 +107,24 @@ def run_pipeline(settings: PipelineSettings = PipelineSettings(), user_model=Non
     return result
 
 
-def _run_model(name, user_model, out: Path, modes, targets, say, background, later, result: PipelineResult) -> None:
-    from bndeploy.export import load_model
+def _run_model(name, user_model, out: Path, settings: PipelineSettings, targets, say, background, later,
+               result: PipelineResult) -> None:
+    from bndeploy.export import ModeNotWrittenError, load_model
 
     say(f"{name}: export")
+    refused: dict[str, str] = {}
     try:
         loaded = user_model if user_model is not None else load_model(name)
-        exports = _export(loaded, out / name / "export", modes)
+        exports = _export(loaded, out / name / "export", settings.modes, settings.train_dropout)
+    except ModeNotWrittenError as e:  # e.g. train mode of a model with dropout: the other modes go on
+        exports, refused = e.written, e.refused
     except Exception as e:  # one broken model must not hide the others' results
-        result.rows += [Row(name, mode, "-", detail=f"export: {_describe(e)}") for mode in modes]
-        return
-    for mode in modes:
-        result.rows += _compile_and_check(name, mode, exports[mode], targets, out / name / mode, say, background, later)
+        exports, refused = {}, {mode: _describe(e) for mode in settings.modes}
+    for mode in settings.modes:
+        if mode in refused:
+            result.rows.append(Row(name, mode, "-", detail=f"export: {refused[mode]}"))
+        else:
+            result.rows += _compile_and_check(name, mode, exports[mode], targets, out / name / mode, say, background, later)
 
 
 def _describe(error: Exception) -> str:
@@ -141,10 +148,10 @@ def _prepare_output(out: Path, force: bool) -> Path:
     return out
 
 
-def _export(loaded, out: Path, modes) -> dict[str, Path]:
+def _export(loaded, out: Path, modes, train_dropout: str | None) -> dict[str, Path]:
     from bndeploy.export import ExportSettings, export
 
-    return export(loaded, out, ExportSettings(modes=tuple(modes)))
+    return export(loaded, out, ExportSettings(modes=tuple(modes), train_dropout=train_dropout))
 
 
 def _compile_and_check(name, mode, export_dir: Path, targets, out: Path, say, background, later) -> list[Row]:
@@ -261,6 +268,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="bndeploy-out", help="output folder (default: ./bndeploy-out)")
     p.add_argument("--force", action="store_true", help="replace an --out folder not made by the pipeline")
     p.add_argument("--rounds", type=int, default=2, help="timing rounds per artifact (each: 5 calls of each runtime)")
+    p.add_argument("--train-dropout", choices=["identity"], help="train mode of a model with active dropout: "
+                   "export dropout as identity (see bndeploy export --help)")
     p.set_defaults(func=run)
 
 
@@ -277,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
     modes = ("inference", "train") if args.mode == "both" else (args.mode,)
     settings = PipelineSettings(models=tuple(args.model) if not user else (), modes=modes,
                                 targets=tuple(args.target), out=Path(args.out), force=args.force,
-                                timing_rounds=args.rounds)
+                                timing_rounds=args.rounds, train_dropout=args.train_dropout)
     result = run_pipeline(settings, user_model, progress=lambda m: print(m, file=sys.stderr, flush=True))
     print(result.table())
     return result.exit_code

@@ -51,6 +51,7 @@ class SourceModel:
     mode: str
     inputs: list[dict]
     outputs: list[dict]
+    train_dropout: dict | None = None  # the export's record of dropout run as identity in train mode
 
 
 Progress = Callable[[str], None]
@@ -131,7 +132,8 @@ def load_source(onnx_path) -> SourceModel:
     export_path = path.parent / EXPORT_MANIFEST_FILE
     export = _matching_export_manifest(export_path, path, sha)
     if export is not None:
-        return SourceModel(path, sha, model, export_path, export["mode"], export["inputs"], export["outputs"])
+        return SourceModel(path, sha, model, export_path, export["mode"], export["inputs"], export["outputs"],
+                           export.get("train_dropout"))
     inputs, outputs = _interface_from_graph(model)
     return SourceModel(path, sha, model, None, _mode_of(model), inputs, outputs)
 
@@ -364,4 +366,5 @@ def _manifest(source: SourceModel, spec: TargetSpec, archs, settings, fusion, ke
         "fusion": fusion,
         "kernels": kernels,
         "versions": {"tvm": tvm.__version__, "bndeploy": __version__},
+        **({"train_dropout": source.train_dropout} if source.train_dropout else {}),
     }

@@ -63,7 +63,8 @@ def check(
         inputs_source=inputs_source,
         against=against,
     )
-    report.notes += nonfinite_notes(feed, actual)
+    report.references = reference_versions(against, export)
+    report.notes += nonfinite_notes(feed, actual) + train_dropout_notes(artifact)
     if "torch" in against:
         report.comparisons += compare_with_torch(artifact, outputs, actual, export, tols)
         report.notes += running_var_notes(artifact, outputs, export)
@@ -89,6 +90,29 @@ def nonfinite_notes(feed: Mapping[str, np.ndarray], actual: Mapping[str, np.ndar
         return []
     return [f"non-finite values: inputs {', '.join(inputs.values()) or 'none'}; outputs "
             f"{', '.join(outputs.values()) or 'none'} (a NaN must meet a NaN, an Inf the same Inf, in the reference)"]
+
+
+def reference_versions(against: Sequence[str], export: ExportReferences | None) -> dict[str, dict]:
+    """Which torch and onnxruntime the references come from, and how they were computed."""
+    from bndeploy.onnxruntime_reference import HOW, onnxruntime_version
+
+    versions = {}
+    if "torch" in against and export is not None:
+        recorded = (export.manifest.get("versions") or {}).get("torch") or "unknown"
+        versions["torch"] = {"version": recorded, "how": f"outputs recorded at export time ({export.reference_path.name})"}
+    if "onnxruntime" in against:
+        versions["onnxruntime"] = {"version": onnxruntime_version() or "not installed", "how": HOW}
+    return versions
+
+
+def train_dropout_notes(artifact: Artifact) -> list[str]:
+    """A train-mode artifact exported with dropout as identity says so in every report."""
+    recorded = artifact.manifest.get("train_dropout")
+    if artifact.mode != "train" or not recorded:
+        return []
+    return [f"dropout: exported as {recorded.get('mode', 'identity')} in train mode (--train-dropout "
+            f"{recorded.get('mode', 'identity')}) for {', '.join(recorded.get('modules', [])) or 'every dropout'}; "
+            "the references were computed the same way, so this artifact never drops activations"]
 
 
 def validate_against(against: Sequence[str]) -> tuple[str, ...]:
@@ -166,7 +190,7 @@ def running_var_notes(artifact, outputs, export: ExportReferences) -> list[str]:
 
 
 def compare_with_onnxruntime(artifact, outputs, actual, feed, tols: Tolerances) -> tuple[list[Comparison], list[str]]:
-    from bndeploy.runtime.onnxruntime_reference import run_onnxruntime
+    from bndeploy.onnxruntime_reference import run_onnxruntime
 
     expected = run_onnxruntime(source_onnx_path(artifact.manifest, artifact.directory), feed)
     comparisons, notes = [], []

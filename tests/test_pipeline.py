@@ -125,3 +125,20 @@ def test_unaligned_and_strided_inputs(conv_bn_artifact):
     for variant in (unaligned, strided):
         np.testing.assert_array_equal(artifact.run({"x": variant})["output"], expected)
         assert np.array_equal(variant, x)  # inputs are never written
+
+
+def test_pipeline_with_dropout_checks_inference_and_explains_train_mode(tmp_path):
+    import torch
+    from torch import nn
+
+    from bndeploy.export import LoadedModel
+    from bndeploy.export.models import seeded_normal
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Dropout(0.1))
+    user = LoadedModel("drop", module, (seeded_normal((2, 3, 6, 6), 0),))
+    result = run_pipeline(PipelineSettings(targets=("cpu",), out=tmp_path / "o", timing_rounds=1), user)
+    assert result.exit_code == 2  # a requested mode was not written
+    rows = {r.mode: r for r in result.rows}
+    assert rows["inference"].result == "pass"
+    assert rows["train"].result == "error" and "pass --train-dropout identity" in rows["train"].detail
