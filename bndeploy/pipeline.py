@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bndeploy.errors import BndeployError
 from bndeploy.files import write_json
+from bndeploy.progress import NoProgress, Progress, progress_for
 
 MARKER = ".bndeploy-pipeline"
 EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
@@ -84,22 +85,25 @@ def _cells(r: Row) -> tuple[str, ...]:
             fmt(r.bndeploy_ms, ".3f"), fmt(r.onnxruntime_ms, ".3f"), fmt(r.ratio, ".2f"))
 
 
-def run_pipeline(settings: PipelineSettings = PipelineSettings(), user_model=None, progress=None) -> PipelineResult:
-    """Run every (model, mode, target); ``user_model`` is a ``bndeploy.export.LoadedModel`` to use instead."""
+def run_pipeline(settings: PipelineSettings = PipelineSettings(), user_model=None,
+                 progress: Progress | None = None) -> PipelineResult:
+    """Run every (model, mode, target); ``user_model`` is a ``bndeploy.export.LoadedModel`` to use instead.
+    ``progress`` (bndeploy.progress) hears of every stage as it starts and ends, from several threads."""
     from bndeploy.export import DEFAULT_PIPELINE_MODELS
 
-    say = progress or (lambda message: None)
+    progress = progress or NoProgress()
     start = time.perf_counter()
     out = _prepare_output(Path(settings.out), settings.force)
     targets = settings.targets or default_targets()
     result = PipelineResult(out=out.absolute())
     names = [user_model.name] if user_model is not None else list(settings.models or DEFAULT_PIPELINE_MODELS)
     later: list = []
-    # Two CUDA builds at a time: each is mostly nvcc and TVM codegen in its own worker process.
-    with ThreadPoolExecutor(max_workers=2) as background:
-        for name in names:
-            _run_model(name, user_model, out, settings, targets, say, background, later, result)
-    _finish(later, settings.timing_rounds, say)
+    with progress.stage("pipeline", f"{len(names)} model(s), {'/'.join(settings.modes)}, on {', '.join(targets)}"):
+        # Two CUDA builds at a time: each is mostly nvcc and TVM codegen in its own worker process.
+        with ThreadPoolExecutor(max_workers=2) as background:
+            for name in names:
+                _run_model(name, user_model, out, settings, targets, progress, background, later, result)
+        _finish(later, settings.timing_rounds, progress)
     result.seconds = time.perf_counter() - start
     (out / "summary.txt").write_text(result.table() + "\n")
     write_json(out / "summary.json", {"exit_code": result.exit_code, "seconds": result.seconds,
@@ -107,15 +111,15 @@ def run_pipeline(settings: PipelineSettings = PipelineSettings(), user_model=Non
     return result
 
 
-def _run_model(name, user_model, out: Path, settings: PipelineSettings, targets, say, background, later,
-               result: PipelineResult) -> None:
+def _run_model(name, user_model, out: Path, settings: PipelineSettings, targets, progress: Progress, background,
+               later, result: PipelineResult) -> None:
     from bndeploy.export import ModeNotWrittenError, load_model
 
-    say(f"{name}: export")
     refused: dict[str, str] = {}
     try:
-        loaded = user_model if user_model is not None else load_model(name)
-        exports = _export(loaded, out / name / "export", settings.modes, settings.train_dropout)
+        with progress.stage(name, "export"):
+            loaded = user_model if user_model is not None else load_model(name)
+            exports = _export(loaded, out / name / "export", settings.modes, settings.train_dropout)
     except ModeNotWrittenError as e:  # e.g. train mode of a model with dropout: the other modes go on
         exports, refused = e.written, e.refused
     except Exception as e:  # one broken model must not hide the others' results
@@ -124,7 +128,8 @@ def _run_model(name, user_model, out: Path, settings: PipelineSettings, targets,
         if mode in refused:
             result.rows.append(Row(name, mode, "-", detail=f"export: {refused[mode]}"))
         else:
-            result.rows += _compile_and_check(name, mode, exports[mode], targets, out / name / mode, say, background, later)
+            result.rows += _compile_and_check(name, mode, exports[mode], targets, out / name / mode, progress,
+                                              background, later)
 
 
 def _describe(error: Exception) -> str:
@@ -154,31 +159,32 @@ def _export(loaded, out: Path, modes, train_dropout: str | None) -> dict[str, Pa
     return export(loaded, out, ExportSettings(modes=tuple(modes), train_dropout=train_dropout))
 
 
-def _compile_and_check(name, mode, export_dir: Path, targets, out: Path, say, background, later) -> list[Row]:
+def _compile_and_check(name, mode, export_dir: Path, targets, out: Path, progress: Progress, background,
+                       later) -> list[Row]:
     """Compile and check the CPU targets now; CUDA builds (nvcc in a worker process) go to ``background``
     so they overlap with the CPU work. Latency measurements and GPU checks wait in ``later`` until no
     build runs, so nothing competes with a timed run."""
     rows = {target: Row(name, mode, target) for target in targets}
     groups = [[t for t in targets if not t.startswith("cuda")], [t for t in targets if t.startswith("cuda")]]
     for group in filter(None, groups):
-        build = lambda group=group: _compile(rows, group, export_dir, out, say)
+        build = lambda group=group: _compile(rows, group, export_dir, out, progress)
         if group[0].startswith("cuda"):
             later.append(background.submit(build))
             continue
         for row, artifact in build():
-            _check(row, artifact, say)
+            _check(row, artifact, progress)
             later.append((row, artifact))
     return list(rows.values())
 
 
-def _compile(rows: dict, group: list[str], export_dir: Path, out: Path, say) -> list:
+def _compile(rows: dict, group: list[str], export_dir: Path, out: Path, progress: Progress) -> list:
     """One compile_model call for the group (the ONNX is imported and rewritten once)."""
     from bndeploy.compile import CompileSettings, compile_model
 
-    say(f"{rows[group[0]].model}/{rows[group[0]].mode}: compile for {', '.join(group)}")
     target_out = out / group[0] if len(group) == 1 else out
     try:
-        artifacts = compile_model(export_dir / "model.onnx", group, target_out, CompileSettings())
+        with progress.stage(_subject(rows[group[0]]), f"compile for {', '.join(group)}"):
+            artifacts = compile_model(export_dir / "model.onnx", group, target_out, CompileSettings())
     except Exception as e:  # one broken model must not hide the others' results
         for target in group:
             rows[target].detail = f"compile: {_describe(e)}"
@@ -188,7 +194,11 @@ def _compile(rows: dict, group: list[str], export_dir: Path, out: Path, say) -> 
     return [(rows[target], artifact) for target, artifact in zip(group, artifacts)]
 
 
-def _finish(later: list, rounds: int, say) -> None:
+def _subject(row: Row) -> str:
+    return f"{row.model}/{row.mode}"
+
+
+def _finish(later: list, rounds: int, progress: Progress) -> None:
     """After every build: check the CUDA artifacts (where a GPU is), then time every checked artifact."""
     checked = []
     for item in later:
@@ -196,12 +206,12 @@ def _finish(later: list, rounds: int, say) -> None:
             checked.append(item)
             continue
         for row, artifact in item.result():
-            _check(row, artifact, say)
+            _check(row, artifact, progress)
             checked.append((row, artifact))
     for row, artifact in checked:
         if row.result in ("pass", "FAIL"):
-            say(f"{row.model}/{row.mode}: time on {row.target}")
-            row.bndeploy_ms, row.onnxruntime_ms = _latency(artifact, rounds)
+            with progress.stage(_subject(row), f"time on {row.target}"):
+                row.bndeploy_ms, row.onnxruntime_ms = _latency(artifact, rounds)
 
 
 def _folded(artifact: Path) -> str:
@@ -209,15 +219,15 @@ def _folded(artifact: Path) -> str:
     return f"{sum(1 for f in fusion if f.get('folded'))}/{len(fusion)}"
 
 
-def _check(row: Row, artifact: Path, say) -> None:
+def _check(row: Row, artifact: Path, progress: Progress) -> None:
     from bndeploy.runtime import check
 
     if not _device_available(artifact):
         row.result = "compiled"
         return
-    say(f"{row.model}/{row.mode}: check on {row.target}")
     try:
-        report = check(artifact)
+        with progress.stage(_subject(row), f"check on {row.target}"):
+            report = check(artifact)
     except Exception as e:  # one broken artifact must not hide the others' results
         row.detail = f"check: {_describe(e)}"
         return
@@ -287,6 +297,10 @@ def run(args: argparse.Namespace) -> int:
     settings = PipelineSettings(models=tuple(args.model) if not user else (), modes=modes,
                                 targets=tuple(args.target), out=Path(args.out), force=args.force,
                                 timing_rounds=args.rounds, train_dropout=args.train_dropout)
-    result = run_pipeline(settings, user_model, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    progress = progress_for(sys.stderr)  # a live display on a terminal, whole lines in CI or a pipe
+    try:
+        result = run_pipeline(settings, user_model, progress)
+    finally:
+        progress.close()
     print(result.table())
     return result.exit_code

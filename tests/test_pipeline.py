@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -15,6 +17,7 @@ from bndeploy.compile import CompileSettings, compile_model
 from bndeploy.export.models import DEFAULT_PIPELINE_MODELS
 from bndeploy.files import sha256_of, write_json
 from bndeploy.pipeline import PipelineSettings, run_pipeline
+from bndeploy.progress import PlainProgress
 from bndeploy.runtime import load_artifact
 
 
@@ -42,9 +45,18 @@ def test_default_pipeline_passes(tmp_path, capsys):
 
 
 def test_pipeline_rows_and_outputs(tmp_path):
+    log = io.StringIO()
     result = run_pipeline(PipelineSettings(models=("seed-bn2d", "conv-bn"), targets=("cpu",), out=tmp_path / "o",
-                                           timing_rounds=2))
+                                           timing_rounds=2), progress=PlainProgress(log))
     assert result.exit_code == 0
+    lines = log.getvalue().splitlines()
+    for model in ("seed-bn2d", "conv-bn"):
+        assert f"{model}: export ..." in lines
+        for mode in ("inference", "train"):
+            for stage in ("compile for cpu", "check on cpu", "time on cpu"):
+                assert f"{model}/{mode}: {stage} ..." in lines
+                assert any(re.fullmatch(rf"{model}/{mode}: {stage} done in \d+\.\d s", line) for line in lines)
+    assert re.fullmatch(r"pipeline: 2 model\(s\), inference/train, on cpu done in \d+\.\d s", lines[-1])
     assert [(r.model, r.mode, r.result) for r in result.rows] == [
         ("seed-bn2d", "inference", "pass"), ("seed-bn2d", "train", "pass"),
         ("conv-bn", "inference", "pass"), ("conv-bn", "train", "pass")]
