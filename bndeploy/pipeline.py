@@ -8,7 +8,6 @@ when a GPU is present), and prints one summary table. The stages talk only throu
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from bndeploy.errors import BndeployError
 from bndeploy.files import write_json
+from bndeploy.layout import ONNX_FILE, read_artifact_manifest
 from bndeploy.progress import NoProgress, Progress, progress_for
 
 MARKER = ".bndeploy-pipeline"
@@ -184,7 +184,7 @@ def _compile(rows: dict, group: list[str], export_dir: Path, out: Path, progress
     target_out = out / group[0] if len(group) == 1 else out
     try:
         with progress.stage(_subject(rows[group[0]]), f"compile for {', '.join(group)}"):
-            artifacts = compile_model(export_dir / "model.onnx", group, target_out, CompileSettings())
+            artifacts = compile_model(export_dir / ONNX_FILE, group, target_out, CompileSettings())
     except Exception as e:  # one broken model must not hide the others' results
         for target in group:
             rows[target].detail = f"compile: {_describe(e)}"
@@ -215,7 +215,7 @@ def _finish(later: list, rounds: int, progress: Progress) -> None:
 
 
 def _folded(artifact: Path) -> str:
-    fusion = json.loads((artifact / "artifact.json").read_text()).get("fusion", [])
+    fusion = read_artifact_manifest(artifact).get("fusion", [])
     return f"{sum(1 for f in fusion if f.get('folded'))}/{len(fusion)}"
 
 
@@ -241,7 +241,7 @@ def _check(row: Row, artifact: Path, progress: Progress) -> None:
 
 
 def _device_available(artifact: Path) -> bool:
-    manifest = json.loads((artifact / "artifact.json").read_text())
+    manifest = read_artifact_manifest(artifact)
     if manifest["target"]["device"] != "cuda":
         return True
     import tvm

@@ -12,16 +12,16 @@ import onnx
 
 from bndeploy import __version__
 from bndeploy.errors import ArtifactError, BndeployError, UnsupportedModelError
-from bndeploy.files import atomic_directory, check_output_dir, manifest_header, read_manifest, sha256_of, write_json
+from bndeploy.files import atomic_directory, check_output_dir, sha256_of
+from bndeploy.layout import (ARTIFACT_KIND, ARTIFACT_MANIFEST, DUMP_DIR, EXPORT_KIND, EXPORT_MANIFEST, LIBRARY_FILE,
+                             manifest_header, read_manifest, write_manifest)
 
 from . import passes
 from .targets import TargetSpec, library_compiler, resolve_target, verify_library_machine
 
 DTYPES = ("float32", "float16")
-LIBRARY_FILE = "model.so"
-MANIFEST_FILE = "artifact.json"
-EXPORT_MANIFEST_FILE = "export.json"
-DUMP_DIR = "dump"
+# bndeploy.layout owns the file names; these former names stay importable from here.
+MANIFEST_FILE, EXPORT_MANIFEST_FILE = ARTIFACT_MANIFEST, EXPORT_MANIFEST
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def compile_model(onnx_path, targets: list[str], out, settings: CompileSettings 
             kernels, archs = _build(mod, spec, tmp, settings.dump)
             if settings.dump:
                 _write_dumps(tmp / DUMP_DIR, dumps)
-            write_json(tmp / MANIFEST_FILE, _manifest(source, spec, archs, settings, fusion, kernels, tmp))
+            write_manifest(tmp / ARTIFACT_MANIFEST, _manifest(source, spec, archs, settings, fusion, kernels, tmp))
         written.append(out_dir.absolute())
     return written
 
@@ -129,7 +129,7 @@ def load_source(onnx_path) -> SourceModel:
         raise BndeployError(f"{path}: not a valid ONNX model ({_first_line(e)})") from None
     _check_batchnorm_shapes(model, path)
     sha = sha256_of(path)
-    export_path = path.parent / EXPORT_MANIFEST_FILE
+    export_path = path.parent / EXPORT_MANIFEST
     export = _matching_export_manifest(export_path, path, sha)
     if export is not None:
         return SourceModel(path, sha, model, export_path, export["mode"], export["inputs"], export["outputs"],
@@ -197,13 +197,13 @@ def _matching_export_manifest(export_path: Path, onnx_path: Path, sha: str) -> d
     """export.json beside the model, when it describes this very file; a stale one is an error."""
     if not export_path.is_file():
         return None
-    export = read_manifest(export_path, "export")
+    export = read_manifest(export_path, EXPORT_KIND)
     if export.get("onnx", {}).get("file") != onnx_path.name:
         return None
     if export["onnx"].get("sha256") != sha:
         raise ArtifactError(
             f"{onnx_path} does not match the sha256 recorded in {export_path}: the model was changed "
-            "after export; re-export it, or move it away from export.json to compile it on its own"
+            f"after export; re-export it, or move it away from {EXPORT_MANIFEST} to compile it on its own"
         )
     return export
 
@@ -353,7 +353,7 @@ def _manifest(source: SourceModel, spec: TargetSpec, archs, settings, fusion, ke
     if archs:
         target["archs"] = list(archs)
     return {
-        **manifest_header("artifact"),
+        **manifest_header(ARTIFACT_KIND),
         "target": target,
         "mode": source.mode,
         "dtype": settings.dtype,

@@ -17,7 +17,9 @@ from bndeploy.export import onnx_graph, validate
 from bndeploy.export.loader import LoadedModel
 from bndeploy.export.onnx_graph import BatchNormInfo
 from bndeploy.export.reference import ReferenceRun, active_dropouts, run_reference
-from bndeploy.files import atomic_directory, manifest_header, sha256_of, write_json
+from bndeploy.files import atomic_directory, sha256_of
+from bndeploy.layout import (EXPORT_KIND, EXPORT_MANIFEST, ONNX_FILE, REFERENCE_FILE, manifest_header, write_manifest,
+                             write_reference)
 
 MODES = ("inference", "train")
 # How train mode treats active dropout: None refuses (its output is random), "identity" runs it as in eval mode.
@@ -165,17 +167,14 @@ def _assert_unchanged(module: nn.Module, before: tuple[bool, dict[str, torch.Ten
 def _write_export_dir(path: Path, name: str, mode: str, onnx_model: onnx.ModelProto, feeds: dict[str, np.ndarray],
                       reference: ReferenceRun, infos: list[BatchNormInfo], validation: dict, extra: dict) -> None:
     path.mkdir()
-    onnx.save_model(onnx_model, path / "model.onnx")
-    arrays = {f"input/{k}": v for k, v in feeds.items()}
-    arrays |= {f"torch/{k}": v for k, v in reference.outputs.items()}
-    arrays |= {f"spec/{k}": v for k, v in reference.spec.items()}
-    np.savez(path / "reference.npz", **arrays)
-    manifest = manifest_header("export") | {
+    onnx.save_model(onnx_model, path / ONNX_FILE)
+    write_reference(path / REFERENCE_FILE, feeds, reference.outputs, reference.spec)
+    manifest = manifest_header(EXPORT_KIND) | {
         "model": name,
         "mode": mode,
         "opset": onnx_graph.OPSET,
-        "onnx": {"file": "model.onnx", "sha256": sha256_of(path / "model.onnx")},
-        "reference": {"file": "reference.npz", "sha256": sha256_of(path / "reference.npz")},
+        "onnx": {"file": ONNX_FILE, "sha256": sha256_of(path / ONNX_FILE)},
+        "reference": {"file": REFERENCE_FILE, "sha256": sha256_of(path / REFERENCE_FILE)},
         "inputs": [_value_entry(v) for v in onnx_model.graph.input],
         "outputs": [_output_entry(v, infos, reference) for v in onnx_model.graph.output],
         "batchnorms": [_batchnorm_entry(i, mode) for i in infos],
@@ -183,7 +182,7 @@ def _write_export_dir(path: Path, name: str, mode: str, onnx_model: onnx.ModelPr
         "versions": _versions(),
         **extra,
     }
-    write_json(path / "export.json", manifest)
+    write_manifest(path / EXPORT_MANIFEST, manifest)
 
 
 def _value_entry(value: onnx.ValueInfoProto) -> dict:

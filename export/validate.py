@@ -24,6 +24,7 @@ import onnx
 
 from bndeploy.errors import BndeployError
 from bndeploy.export.reference import ReferenceRun
+from bndeploy.layout import SPEC, TORCH, reference_key
 from bndeploy.onnxruntime_reference import HOW, onnxruntime_version, run_onnxruntime
 from bndeploy.runtime.compare import compare
 from bndeploy.runtime.tolerance import Tolerance
@@ -69,7 +70,7 @@ def compare_with_reference(model: onnx.ModelProto, inputs: dict[str, np.ndarray]
     """
     figures, failures = {}, []
     for name, actual in run_onnxruntime(model.SerializeToString(), inputs).items():
-        key = f"spec/{name}" if name in reference.spec else f"torch/{name}"
+        key = reference_key(SPEC if name in reference.spec else TORCH, name)
         expected = reference.spec.get(name, reference.outputs[name])
         tolerance, bound_figures = validation_bound(name, reference)
         result = compare(actual, expected, tolerance, name, "onnxruntime", key)

@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from bndeploy.errors import BndeployError
+from bndeploy.layout import REFERENCE_FILE, SPEC, TORCH, reference_key
 from bndeploy.runtime.artifact import Artifact
 from bndeploy.runtime.remote import RpcEndpoint, open_artifact
 from bndeploy.runtime.compare import Comparison, compare
@@ -19,7 +20,7 @@ from bndeploy.runtime.specs import TensorSpec
 from bndeploy.runtime.tolerance import ToleranceSpec, Tolerances, resolve_tolerances
 
 REFERENCES = ("torch", "onnxruntime")
-RECORDED_INPUTS = "the export's recorded inputs (reference.npz)"
+RECORDED_INPUTS = f"the export's recorded inputs ({REFERENCE_FILE})"
 
 InputsSpec = Mapping[str, np.ndarray] | str | Path | None
 
@@ -159,15 +160,15 @@ def outputs_with_roles(artifact: Artifact, export: ExportReferences | None) -> l
 
 def torch_reference_key(artifact: Artifact, spec: TensorSpec) -> str:
     """running_var follows the ONNX spec (spec/) unless the artifact implements torch's update."""
-    prefix = "spec" if spec.role == "running_var" and artifact.running_var == "onnx" else "torch"
-    return f"{prefix}/{spec.name}"
+    prefix = SPEC if spec.role == "running_var" and artifact.running_var == "onnx" else TORCH
+    return reference_key(prefix, spec.name)
 
 
 def compare_with_torch(artifact, outputs, actual, export: ExportReferences, tols: Tolerances) -> list[Comparison]:
     comparisons = []
     for spec in outputs:
         key = torch_reference_key(artifact, spec)
-        expected = export.get(*key.split("/", 1))
+        expected = export.at(key)
         comparisons.append(compare(actual[spec.name], expected, tols.for_output(spec.name), spec.name, "torch", key))
     return comparisons
 
@@ -176,9 +177,9 @@ def running_var_notes(artifact, outputs, export: ExportReferences) -> list[str]:
     """The population-vs-unbiased difference, stated with its size: expected, not a failure."""
     notes = []
     for spec in outputs:
-        if spec.role != "running_var" or not (export.has("torch", spec.name) and export.has("spec", spec.name)):
+        if spec.role != "running_var" or not (export.has(TORCH, spec.name) and export.has(SPEC, spec.name)):
             continue
-        gap = np.max(np.abs(export.get("torch", spec.name).astype(np.float64) - export.get("spec", spec.name)))
+        gap = np.max(np.abs(export.get(TORCH, spec.name).astype(np.float64) - export.get(SPEC, spec.name)))
         n = spec.batch_count if spec.batch_count is not None else "unknown"
         follows = "the ONNX spec" if artifact.running_var == "onnx" else "PyTorch"
         notes.append(

@@ -83,9 +83,9 @@ def _tolerances_from_args(args) -> Tolerances | None:
 
 
 def _artifact_default(args) -> Tolerance:
-    from bndeploy.files import read_manifest
+    from bndeploy.layout import read_artifact_manifest
 
-    manifest = read_manifest(Path(args.artifact) / "artifact.json", "artifact")
+    manifest = read_artifact_manifest(args.artifact)
     return default_tolerance(manifest.get("dtype", "float32"), manifest.get("mode", "inference"))
 
 

@@ -25,8 +25,8 @@ from typing import Callable, Mapping
 import numpy as np
 
 from bndeploy.errors import ArtifactError, BndeployError
-from bndeploy.files import read_manifest
-from bndeploy.runtime.artifact import MANIFEST_NAME, Artifact, verified_library
+from bndeploy.layout import ARTIFACT_MANIFEST, read_artifact_manifest
+from bndeploy.runtime.artifact import Artifact, verified_library
 from bndeploy.runtime.inputs import validate_inputs
 from bndeploy.runtime.specs import TensorSpec
 
@@ -138,7 +138,7 @@ def open_artifact(artifact_dir: str | Path, device: str | None = None, remote: R
 def open_remote_artifact(artifact_dir: str | Path, endpoint: RpcEndpoint) -> RemoteArtifact:
     """Read artifact.json and verify the library's sha256 here; nothing is sent before that."""
     directory = Path(artifact_dir).absolute()
-    manifest = read_manifest(directory / MANIFEST_NAME, "artifact")
+    manifest = read_artifact_manifest(directory)
     library = verified_library(directory, manifest)
     return RemoteArtifact(directory, manifest, library, endpoint)
 
@@ -160,7 +160,7 @@ def remote_runner(endpoint: RpcEndpoint) -> Runner:
 def remote_device_kind(manifest: dict, directory: Path) -> str:
     kind = str((manifest.get("target") or {}).get("device", "cpu"))
     if kind not in REMOTE_DEVICES:
-        raise ArtifactError(f"{directory / MANIFEST_NAME}: unknown device kind {kind!r} (expected cpu or cuda)")
+        raise ArtifactError(f"{directory / ARTIFACT_MANIFEST}: unknown device kind {kind!r} (expected cpu or cuda)")
     return kind
 
 
@@ -235,7 +235,7 @@ def end_sessions() -> None:
 def outputs_by_name(values: list[np.ndarray], specs: list[TensorSpec], directory: Path) -> dict[str, np.ndarray]:
     if len(values) != len(specs):
         raise ArtifactError(
-            f"{directory}: the library returned {len(values)} outputs on the device, {MANIFEST_NAME} lists {len(specs)}"
+            f"{directory}: the library returned {len(values)} outputs on the device, {ARTIFACT_MANIFEST} lists {len(specs)}"
         )
     return {spec.name: value for spec, value in zip(specs, values)}
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bndeploy.files import manifest_header, sha256_of, write_json
+from bndeploy.files import sha256_of, write_json
+from bndeploy.layout import manifest_header
 
 SHAPE = (5, 3, 2, 2)
 EPSILON = 1e-5

@@ -13,7 +13,8 @@ import compile_cases as cases
 from bndeploy.cli import main
 from bndeploy.compile import CompileSettings, compile_model
 from bndeploy.errors import BndeployError
-from bndeploy.files import manifest_header, sha256_of, write_json
+from bndeploy.files import sha256_of, write_json
+from bndeploy.layout import manifest_header
 
 
 @pytest.fixture(scope="module")

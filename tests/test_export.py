@@ -19,7 +19,8 @@ from bndeploy.errors import BndeployError, UnsupportedModelError
 from bndeploy.export import REFERENCE_MODELS, ExportSettings, export, load_model
 from bndeploy.export.loader import LoadedModel
 from bndeploy.export.models import seeded_normal
-from bndeploy.files import read_manifest, sha256_of
+from bndeploy.files import sha256_of
+from bndeploy.layout import read_manifest
 
 # ORT vs torch, both fp32 with different kernels and reduction orders: a few ulps of the largest
 # intermediate value. 1e-4 (abs + rel) is far above that and far below any semantic error (>= 1e-2).
