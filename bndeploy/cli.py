@@ -1,7 +1,7 @@
 """The ``bndeploy`` command: each subcommand is a thin layer over a Python API of the same name.
 
-Exit codes: 0 success (all checks pass), 1 a numerical mismatch, 2 an error (bad input, missing
-device, corrupt artifact). Every subcommand module exposes ``register(subparsers)`` which adds its
+Exit codes (bndeploy.errors): 0 success (all checks pass), 1 a numerical mismatch, 2 an error (bad input,
+missing device, corrupt artifact), 128 + N when stopped by signal N. Every subcommand module exposes ``register(subparsers)`` which adds its
 parser and sets ``func(args) -> int``.
 """
 
@@ -15,10 +15,8 @@ import sys
 import threading
 
 from bndeploy import __version__
-from bndeploy.errors import BndeployError
+from bndeploy.errors import EXIT_ERROR, BndeployError, exit_code_for_signal
 from bndeploy.extras import missing_message, missing_modules
-
-EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
 
 # Subcommand modules, imported only when their command runs so `bndeploy run` on an edge device
 # never imports torch or onnx.
@@ -97,9 +95,8 @@ _signals_received: list[int] = []
 
 
 def _interrupted(command: str) -> int:
-    """Exit status 128 + signal number, the shell's convention (130 for Ctrl-C, 143 for SIGTERM)."""
     print(f"bndeploy {command}: interrupted; nothing was left half-written", file=sys.stderr)
-    return 128 + (_signals_received[-1] if _signals_received else signal.SIGINT)
+    return exit_code_for_signal(_signals_received[-1] if _signals_received else signal.SIGINT)
 
 
 def _sigterm_interrupts() -> dict:

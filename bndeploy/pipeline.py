@@ -15,13 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bndeploy.errors import BndeployError
+from bndeploy.errors import EXIT_ERROR, EXIT_MISMATCH, EXIT_OK, BndeployError
 from bndeploy.files import write_json
 from bndeploy.layout import ONNX_FILE, read_artifact_manifest
 from bndeploy.progress import NoProgress, Progress, progress_for
 
 MARKER = ".bndeploy-pipeline"
-EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
 
 
 @dataclass(frozen=True)

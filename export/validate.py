@@ -26,8 +26,8 @@ from bndeploy.errors import BndeployError
 from bndeploy.export.reference import ReferenceRun
 from bndeploy.layout import SPEC, TORCH, reference_key
 from bndeploy.onnxruntime_reference import HOW, onnxruntime_version, run_onnxruntime
-from bndeploy.runtime.compare import compare
-from bndeploy.runtime.tolerance import Tolerance
+from bndeploy.compare import compare
+from bndeploy.tolerance import Tolerance
 
 TORCH_ERROR_FACTOR = 10.0
 ULP_FLOOR = 8.0

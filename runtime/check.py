@@ -12,12 +12,12 @@ from bndeploy.errors import BndeployError
 from bndeploy.layout import REFERENCE_FILE, SPEC, TORCH, reference_key
 from bndeploy.runtime.artifact import Artifact
 from bndeploy.runtime.remote import RpcEndpoint, open_artifact
-from bndeploy.runtime.compare import Comparison, compare
+from bndeploy.compare import Comparison, compare
 from bndeploy.runtime.inputs import cast_floats_to, generate_inputs, load_inputs_file
 from bndeploy.runtime.report import Report
 from bndeploy.runtime.sources import ExportReferences, load_export_references, source_onnx_path
 from bndeploy.runtime.specs import TensorSpec
-from bndeploy.runtime.tolerance import ToleranceSpec, Tolerances, resolve_tolerances
+from bndeploy.tolerance import ToleranceSpec, Tolerances, resolve_tolerances
 
 REFERENCES = ("torch", "onnxruntime")
 RECORDED_INPUTS = f"the export's recorded inputs ({REFERENCE_FILE})"

@@ -13,7 +13,7 @@ from bndeploy.errors import BndeployError
 from bndeploy.runtime.device_cli import add_rpc_arguments, endpoint_from_args
 from bndeploy.runtime.remote import open_artifact
 from bndeploy.runtime.check import REFERENCES, check, choose_inputs
-from bndeploy.runtime.tolerance import Tolerance, Tolerances, default_tolerance, parse_tolerance_option
+from bndeploy.tolerance import Tolerance, Tolerances, default_tolerance, parse_tolerance_option
 
 
 def register(sub) -> None:

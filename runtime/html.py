@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from html import escape
 
-from bndeploy.runtime.compare import Comparison
+from bndeploy.compare import Comparison
 from bndeploy.runtime.report import COLUMNS, Report, table_row
 
 WIDTH, HEIGHT = 560, 200

@@ -7,9 +7,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bndeploy.runtime.compare import Comparison
-
-EXIT_OK, EXIT_MISMATCH = 0, 1
+from bndeploy.errors import EXIT_MISMATCH, EXIT_OK
+from bndeploy.compare import Comparison
 
 
 @dataclass

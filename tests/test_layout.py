@@ -1,4 +1,4 @@
-"""One owner for the on-disk format (bndeploy.layout)."""
+"""One owner for the on-disk format (bndeploy.layout) and for the exit codes (bndeploy.errors)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,23 @@ def string_constants(path: Path) -> set[str]:
             and isinstance(node.value, str)}
 
 
+def assigned_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for target in targets:
+            names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+    return names
+
+
 def test_only_layout_spells_the_file_names():
     spelled = {str(p.relative_to(REPO)): sorted(string_constants(p) & FILE_NAMES) for p in package_sources()}
     assert {path: names for path, names in spelled.items() if names} == {"bndeploy/layout.py": sorted(FILE_NAMES)}
+
+
+def test_exit_codes_have_one_definition():
+    defining = [str(p.relative_to(REPO)) for p in package_sources() if any(n.startswith("EXIT_") for n in assigned_names(p))]
+    assert defining == ["bndeploy/errors.py"]
 
 
 def test_former_compile_names_are_the_layouts():
@@ -59,3 +73,25 @@ def test_manifests_carry_their_kind_and_format(tmp_path):
     layout.write_manifest(tmp_path / layout.EXPORT_MANIFEST, newer)
     with pytest.raises(ArtifactError, match=f"reads format {layout.FORMAT_VERSION}: re-create it"):
         layout.read_export_manifest(tmp_path)
+
+
+STAGES = {"export": "bndeploy.export", "compile": "bndeploy.compile", "runtime": "bndeploy.runtime"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+    return found
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stages_do_not_import_each_other(stage):
+    """They talk through directories; what they share (format, numerics, errors) lives in bndeploy/."""
+    others = [package for name, package in STAGES.items() if name != stage]
+    crossing = {str(p.relative_to(REPO)): sorted(m for m in imported_modules(p) if m.startswith(tuple(others)))
+                for p in (REPO / stage).rglob("*.py")}
+    assert {path: modules for path, modules in crossing.items() if modules} == {}
