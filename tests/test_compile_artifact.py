@@ -93,10 +93,10 @@ def test_several_targets_get_one_directory_each(tmp_path):
 
 
 def test_cuda_target_without_nvcc_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch):
-    from bndeploy.compile import cuda
+    from bndeploy.compile.cuda import toolchain
 
     onnx.save(cases.batchnorm_case().model, tmp_path / "model.onnx")
-    monkeypatch.setattr(cuda, "_find_nvcc", lambda: None)
+    monkeypatch.setattr(toolchain, "find_nvcc", lambda: None)
     with pytest.raises(BndeployError, match="nvcc"):
         compile_model(tmp_path / "model.onnx", ["cuda"], tmp_path / "a", CompileSettings())
     assert not (tmp_path / "a").exists()
