@@ -265,6 +265,8 @@ def _latency(artifact_dir: Path, rounds: int) -> tuple[float, float]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from bndeploy.export import TRAIN_DROPOUT
+
     p = sub.add_parser("pipeline", help="export, compile, run and check: the embedded default or your model",
                        description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="*", help="reference model names or one file.py:factory / model.pt "
@@ -277,7 +279,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="bndeploy-out", help="output folder (default: ./bndeploy-out)")
     p.add_argument("--force", action="store_true", help="replace an --out folder not made by the pipeline")
     p.add_argument("--rounds", type=int, default=2, help="timing rounds per artifact (each: 5 calls of each runtime)")
-    p.add_argument("--train-dropout", choices=["identity"], help="train mode of a model with active dropout: "
+    p.add_argument("--train-dropout", choices=TRAIN_DROPOUT, help="train mode of a model with active dropout: "
                    "export dropout as identity (see bndeploy export --help)")
     p.set_defaults(func=run)
 

@@ -4,9 +4,9 @@ Imports only TVM's runtime and numpy (onnxruntime lazily, for the "onnxruntime" 
 runs on an edge device that has neither torch nor onnx.
 """
 
+from bndeploy.compare import Comparison, compare
 from bndeploy.runtime.artifact import Artifact, load_artifact
 from bndeploy.runtime.check import check, choose_inputs
-from bndeploy.compare import Comparison, compare
 from bndeploy.runtime.inputs import generate_inputs, load_inputs_file, validate_inputs
 from bndeploy.runtime.report import Report
 from bndeploy.runtime.testing import assert_artifact_matches

@@ -8,12 +8,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from bndeploy.compare import Comparison, compare
 from bndeploy.errors import BndeployError
 from bndeploy.layout import REFERENCE_FILE, SPEC, TORCH, reference_key
 from bndeploy.runtime.artifact import Artifact
-from bndeploy.runtime.remote import RpcEndpoint, open_artifact
-from bndeploy.compare import Comparison, compare
 from bndeploy.runtime.inputs import cast_floats_to, generate_inputs, load_inputs_file
+from bndeploy.runtime.remote import RpcEndpoint, open_artifact
 from bndeploy.runtime.report import Report
 from bndeploy.runtime.sources import ExportReferences, load_export_references, source_onnx_path
 from bndeploy.runtime.specs import TensorSpec

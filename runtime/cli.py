@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from bndeploy.errors import BndeployError
+from bndeploy.runtime.check import REFERENCES, check, choose_inputs
 from bndeploy.runtime.device_cli import add_rpc_arguments, endpoint_from_args
 from bndeploy.runtime.remote import open_artifact
-from bndeploy.runtime.check import REFERENCES, check, choose_inputs
 from bndeploy.tolerance import Tolerance, Tolerances, default_tolerance, parse_tolerance_option
 
 

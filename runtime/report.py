@@ -7,8 +7,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bndeploy.errors import EXIT_MISMATCH, EXIT_OK
 from bndeploy.compare import Comparison
+from bndeploy.errors import EXIT_MISMATCH, EXIT_OK
 
 
 @dataclass
