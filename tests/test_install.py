@@ -7,12 +7,12 @@ comes from this test run's own environment. The artifact it runs is a CPU artifa
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ def requirement_name(requirement: str) -> str:
 
 def test_extras_table_matches_pyproject():
     """bndeploy.extras (import names, for the error messages) and pyproject.toml (what pip installs) agree."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = project["optional-dependencies"]
 
@@ -56,7 +57,9 @@ def board(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("board")
     source = Path(shutil.copytree(REPO, root / "source", ignore=NOT_SOURCE))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    run(pip + ["wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(root / "dist"), str(source)])
+    # This environment's setuptools builds the wheel when it has one (Python 3.12+ venvs come without).
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    run(pip + ["wheel", "--no-deps", *isolation, "--quiet", "-w", str(root / "dist"), str(source)])
     (wheel,) = (root / "dist").glob("bndeploy-*.whl")
     run([sys.executable, "-m", "venv", str(root / "venv")])
     bin_dir = root / "venv" / "bin"
