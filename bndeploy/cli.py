@@ -1,7 +1,7 @@
 """The ``bndeploy`` command: each subcommand is a thin layer over a Python API of the same name.
 
-Exit codes: 0 success (all checks pass), 1 a numerical mismatch, 2 an error (bad input, missing
-device, corrupt artifact). Every subcommand module exposes ``register(subparsers)`` which adds its
+Exit codes (bndeploy.errors): 0 success (all checks pass), 1 a numerical mismatch, 2 an error (bad input,
+missing device, corrupt artifact), 128 + N when stopped by signal N. Every subcommand module exposes ``register(subparsers)`` which adds its
 parser and sets ``func(args) -> int``.
 """
 
@@ -15,9 +15,8 @@ import sys
 import threading
 
 from bndeploy import __version__
-from bndeploy.errors import BndeployError
-
-EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
+from bndeploy.errors import EXIT_ERROR, BndeployError, exit_code_for_signal
+from bndeploy.extras import missing_message, missing_modules
 
 # Subcommand modules, imported only when their command runs so `bndeploy run` on an edge device
 # never imports torch or onnx.
@@ -31,6 +30,8 @@ SUBCOMMANDS = {
     "pipeline": "bndeploy.pipeline",
     "bench": "bndeploy.bench",
 }
+# The pip extra each subcommand needs beyond the runtime (bndeploy.extras); run, check, device need none.
+COMMAND_EXTRAS = {"export": "export", "compile": "compile", "pipeline": "full", "bench": "full"}
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
@@ -38,10 +39,29 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bndeploy {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    modules = [SUBCOMMANDS[command]] if command in SUBCOMMANDS else list(dict.fromkeys(SUBCOMMANDS.values()))
-    for name in modules:
-        importlib.import_module(name).register(sub)
+    commands = [command] if command in SUBCOMMANDS else list(SUBCOMMANDS)
+    registered = set()
+    for name in commands:
+        missing = missing_modules(COMMAND_EXTRAS[name]) if name in COMMAND_EXTRAS else []
+        if missing:
+            _register_unavailable(sub, name, COMMAND_EXTRAS[name], missing)
+        elif SUBCOMMANDS[name] not in registered:
+            importlib.import_module(SUBCOMMANDS[name]).register(sub)
+            registered.add(SUBCOMMANDS[name])
     return parser
+
+
+def _register_unavailable(sub, name: str, extra: str, missing: list[str]) -> None:
+    """A subcommand whose extra is not installed: listed in the help, and one error line when run."""
+    parser = sub.add_parser(name, help=f"(not installed here: pip install 'bndeploy[{extra}]')", add_help=False,
+                            prefix_chars="\0")  # takes any arguments, options included, and ignores them
+    parser.add_argument("ignored", nargs="*")
+    error = BndeployError(missing_message(extra, "this command", missing))
+    parser.set_defaults(func=lambda args: _raise(error))
+
+
+def _raise(error: Exception):
+    raise error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,9 +96,8 @@ _signals_received: list[int] = []
 
 
 def _interrupted(command: str) -> int:
-    """Exit status 128 + signal number, the shell's convention (130 for Ctrl-C, 143 for SIGTERM)."""
     print(f"bndeploy {command}: interrupted; nothing was left half-written", file=sys.stderr)
-    return 128 + (_signals_received[-1] if _signals_received else signal.SIGINT)
+    return exit_code_for_signal(_signals_received[-1] if _signals_received else signal.SIGINT)
 
 
 def _sigterm_interrupts() -> dict:

@@ -1,4 +1,16 @@
-"""Errors that bndeploy reports to a user; the CLI turns each into one line and exit code 2."""
+"""Errors that bndeploy reports to a user, and the exit codes of every bndeploy command (defined here only).
+
+The CLI turns each error into one line and EXIT_ERROR.
+"""
+
+EXIT_OK = 0        # success: every check passed
+EXIT_MISMATCH = 1  # a numerical mismatch: an artifact does not match its references
+EXIT_ERROR = 2     # an error: bad input, a missing device or dependency, a corrupt artifact, a mode not written
+
+
+def exit_code_for_signal(signum: int) -> int:
+    """The shell's convention for a process ended by a signal: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + int(signum)
 
 
 class BndeployError(Exception):

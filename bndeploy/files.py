@@ -1,4 +1,4 @@
-"""Small shared file helpers: hashing, JSON manifests and atomic directory writes."""
+"""Small shared file helpers: hashing, JSON files and atomic directory writes (the format itself: bndeploy.layout)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from bndeploy import __version__
-from bndeploy.errors import ArtifactError, BndeployError
-
-# Bumped when a manifest changes in a way older readers cannot handle.
-MANIFEST_FORMAT = 1
+from bndeploy.errors import BndeployError
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -28,30 +24,6 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def read_manifest(path: str | os.PathLike, kind: str) -> dict:
-    """Read a bndeploy manifest of the given kind ("export" or "artifact"), refusing foreign or newer ones."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: manifest not found")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: manifest is not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("kind") != kind:
-        raise ArtifactError(f"{path}: not a bndeploy {kind} manifest")
-    fmt = data.get("format")
-    if fmt != MANIFEST_FORMAT:
-        raise ArtifactError(
-            f"{path}: manifest format {fmt!r} written by bndeploy {data.get('bndeploy_version', '?')}; "
-            f"this bndeploy {__version__} reads format {MANIFEST_FORMAT}: re-create it with this version"
-        )
-    return data
-
-
-def manifest_header(kind: str) -> dict:
-    return {"kind": kind, "format": MANIFEST_FORMAT, "bndeploy_version": __version__}
 
 
 def check_output_dir(out: str | os.PathLike, force: bool) -> Path:

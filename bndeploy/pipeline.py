@@ -8,7 +8,6 @@ when a GPU is present), and prints one summary table. The stages talk only throu
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -16,11 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bndeploy.errors import BndeployError
+from bndeploy.errors import EXIT_ERROR, EXIT_MISMATCH, EXIT_OK, BndeployError
 from bndeploy.files import write_json
+from bndeploy.layout import ONNX_FILE, read_artifact_manifest
+from bndeploy.progress import NoProgress, Progress, progress_for
 
 MARKER = ".bndeploy-pipeline"
-EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class PipelineSettings:
     out: Path = Path("bndeploy-out")
     force: bool = False
     timing_rounds: int = 2
+    train_dropout: str | None = None          # "identity": train mode of a model with dropout, dropout as identity
 
 
 @dataclass
@@ -83,22 +84,25 @@ def _cells(r: Row) -> tuple[str, ...]:
             fmt(r.bndeploy_ms, ".3f"), fmt(r.onnxruntime_ms, ".3f"), fmt(r.ratio, ".2f"))
 
 
-def run_pipeline(settings: PipelineSettings = PipelineSettings(), user_model=None, progress=None) -> PipelineResult:
-    """Run every (model, mode, target); ``user_model`` is a ``bndeploy.export.LoadedModel`` to use instead."""
+def run_pipeline(settings: PipelineSettings = PipelineSettings(), user_model=None,
+                 progress: Progress | None = None) -> PipelineResult:
+    """Run every (model, mode, target); ``user_model`` is a ``bndeploy.export.LoadedModel`` to use instead.
+    ``progress`` (bndeploy.progress) hears of every stage as it starts and ends, from several threads."""
     from bndeploy.export import DEFAULT_PIPELINE_MODELS
 
-    say = progress or (lambda message: None)
+    progress = progress or NoProgress()
     start = time.perf_counter()
     out = _prepare_output(Path(settings.out), settings.force)
     targets = settings.targets or default_targets()
     result = PipelineResult(out=out.absolute())
     names = [user_model.name] if user_model is not None else list(settings.models or DEFAULT_PIPELINE_MODELS)
     later: list = []
-    # Two CUDA builds at a time: each is mostly nvcc and TVM codegen in its own worker process.
-    with ThreadPoolExecutor(max_workers=2) as background:
-        for name in names:
-            _run_model(name, user_model, out, settings.modes, targets, say, background, later, result)
-    _finish(later, settings.timing_rounds, say)
+    with progress.stage("pipeline", f"{len(names)} model(s), {'/'.join(settings.modes)}, on {', '.join(targets)}"):
+        # Two CUDA builds at a time: each is mostly nvcc and TVM codegen in its own worker process.
+        with ThreadPoolExecutor(max_workers=2) as background:
+            for name in names:
+                _run_model(name, user_model, out, settings, targets, progress, background, later, result)
+        _finish(later, settings.timing_rounds, progress)
     result.seconds = time.perf_counter() - start
     (out / "summary.txt").write_text(result.table() + "\n")
     write_json(out / "summary.json", {"exit_code": result.exit_code, "seconds": result.seconds,
@@ -106,18 +110,25 @@ def run_pipeline(settings: PipelineSettings = PipelineSettings(), user_model=Non
     return result
 
 
-def _run_model(name, user_model, out: Path, modes, targets, say, background, later, result: PipelineResult) -> None:
-    from bndeploy.export import load_model
+def _run_model(name, user_model, out: Path, settings: PipelineSettings, targets, progress: Progress, background,
+               later, result: PipelineResult) -> None:
+    from bndeploy.export import ModeNotWrittenError, load_model
 
-    say(f"{name}: export")
+    refused: dict[str, str] = {}
     try:
-        loaded = user_model if user_model is not None else load_model(name)
-        exports = _export(loaded, out / name / "export", modes)
+        with progress.stage(name, "export"):
+            loaded = user_model if user_model is not None else load_model(name)
+            exports = _export(loaded, out / name / "export", settings.modes, settings.train_dropout)
+    except ModeNotWrittenError as e:  # e.g. train mode of a model with dropout: the other modes go on
+        exports, refused = e.written, e.refused
     except Exception as e:  # one broken model must not hide the others' results
-        result.rows += [Row(name, mode, "-", detail=f"export: {_describe(e)}") for mode in modes]
-        return
-    for mode in modes:
-        result.rows += _compile_and_check(name, mode, exports[mode], targets, out / name / mode, say, background, later)
+        exports, refused = {}, {mode: _describe(e) for mode in settings.modes}
+    for mode in settings.modes:
+        if mode in refused:
+            result.rows.append(Row(name, mode, "-", detail=f"export: {refused[mode]}"))
+        else:
+            result.rows += _compile_and_check(name, mode, exports[mode], targets, out / name / mode, progress,
+                                              background, later)
 
 
 def _describe(error: Exception) -> str:
@@ -141,37 +152,38 @@ def _prepare_output(out: Path, force: bool) -> Path:
     return out
 
 
-def _export(loaded, out: Path, modes) -> dict[str, Path]:
+def _export(loaded, out: Path, modes, train_dropout: str | None) -> dict[str, Path]:
     from bndeploy.export import ExportSettings, export
 
-    return export(loaded, out, ExportSettings(modes=tuple(modes)))
+    return export(loaded, out, ExportSettings(modes=tuple(modes), train_dropout=train_dropout))
 
 
-def _compile_and_check(name, mode, export_dir: Path, targets, out: Path, say, background, later) -> list[Row]:
+def _compile_and_check(name, mode, export_dir: Path, targets, out: Path, progress: Progress, background,
+                       later) -> list[Row]:
     """Compile and check the CPU targets now; CUDA builds (nvcc in a worker process) go to ``background``
     so they overlap with the CPU work. Latency measurements and GPU checks wait in ``later`` until no
     build runs, so nothing competes with a timed run."""
     rows = {target: Row(name, mode, target) for target in targets}
     groups = [[t for t in targets if not t.startswith("cuda")], [t for t in targets if t.startswith("cuda")]]
     for group in filter(None, groups):
-        build = lambda group=group: _compile(rows, group, export_dir, out, say)
+        build = lambda group=group: _compile(rows, group, export_dir, out, progress)
         if group[0].startswith("cuda"):
             later.append(background.submit(build))
             continue
         for row, artifact in build():
-            _check(row, artifact, say)
+            _check(row, artifact, progress)
             later.append((row, artifact))
     return list(rows.values())
 
 
-def _compile(rows: dict, group: list[str], export_dir: Path, out: Path, say) -> list:
+def _compile(rows: dict, group: list[str], export_dir: Path, out: Path, progress: Progress) -> list:
     """One compile_model call for the group (the ONNX is imported and rewritten once)."""
     from bndeploy.compile import CompileSettings, compile_model
 
-    say(f"{rows[group[0]].model}/{rows[group[0]].mode}: compile for {', '.join(group)}")
     target_out = out / group[0] if len(group) == 1 else out
     try:
-        artifacts = compile_model(export_dir / "model.onnx", group, target_out, CompileSettings())
+        with progress.stage(_subject(rows[group[0]]), f"compile for {', '.join(group)}"):
+            artifacts = compile_model(export_dir / ONNX_FILE, group, target_out, CompileSettings())
     except Exception as e:  # one broken model must not hide the others' results
         for target in group:
             rows[target].detail = f"compile: {_describe(e)}"
@@ -181,7 +193,11 @@ def _compile(rows: dict, group: list[str], export_dir: Path, out: Path, say) -> 
     return [(rows[target], artifact) for target, artifact in zip(group, artifacts)]
 
 
-def _finish(later: list, rounds: int, say) -> None:
+def _subject(row: Row) -> str:
+    return f"{row.model}/{row.mode}"
+
+
+def _finish(later: list, rounds: int, progress: Progress) -> None:
     """After every build: check the CUDA artifacts (where a GPU is), then time every checked artifact."""
     checked = []
     for item in later:
@@ -189,28 +205,28 @@ def _finish(later: list, rounds: int, say) -> None:
             checked.append(item)
             continue
         for row, artifact in item.result():
-            _check(row, artifact, say)
+            _check(row, artifact, progress)
             checked.append((row, artifact))
     for row, artifact in checked:
         if row.result in ("pass", "FAIL"):
-            say(f"{row.model}/{row.mode}: time on {row.target}")
-            row.bndeploy_ms, row.onnxruntime_ms = _latency(artifact, rounds)
+            with progress.stage(_subject(row), f"time on {row.target}"):
+                row.bndeploy_ms, row.onnxruntime_ms = _latency(artifact, rounds)
 
 
 def _folded(artifact: Path) -> str:
-    fusion = json.loads((artifact / "artifact.json").read_text()).get("fusion", [])
+    fusion = read_artifact_manifest(artifact).get("fusion", [])
     return f"{sum(1 for f in fusion if f.get('folded'))}/{len(fusion)}"
 
 
-def _check(row: Row, artifact: Path, say) -> None:
+def _check(row: Row, artifact: Path, progress: Progress) -> None:
     from bndeploy.runtime import check
 
     if not _device_available(artifact):
         row.result = "compiled"
         return
-    say(f"{row.model}/{row.mode}: check on {row.target}")
     try:
-        report = check(artifact)
+        with progress.stage(_subject(row), f"check on {row.target}"):
+            report = check(artifact)
     except Exception as e:  # one broken artifact must not hide the others' results
         row.detail = f"check: {_describe(e)}"
         return
@@ -224,7 +240,7 @@ def _check(row: Row, artifact: Path, say) -> None:
 
 
 def _device_available(artifact: Path) -> bool:
-    manifest = json.loads((artifact / "artifact.json").read_text())
+    manifest = read_artifact_manifest(artifact)
     if manifest["target"]["device"] != "cuda":
         return True
     import tvm
@@ -249,6 +265,8 @@ def _latency(artifact_dir: Path, rounds: int) -> tuple[float, float]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from bndeploy.export import TRAIN_DROPOUT
+
     p = sub.add_parser("pipeline", help="export, compile, run and check: the embedded default or your model",
                        description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="*", help="reference model names or one file.py:factory / model.pt "
@@ -261,6 +279,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="bndeploy-out", help="output folder (default: ./bndeploy-out)")
     p.add_argument("--force", action="store_true", help="replace an --out folder not made by the pipeline")
     p.add_argument("--rounds", type=int, default=2, help="timing rounds per artifact (each: 5 calls of each runtime)")
+    p.add_argument("--train-dropout", choices=TRAIN_DROPOUT, help="train mode of a model with active dropout: "
+                   "export dropout as identity (see bndeploy export --help)")
     p.set_defaults(func=run)
 
 
@@ -277,7 +297,11 @@ def run(args: argparse.Namespace) -> int:
     modes = ("inference", "train") if args.mode == "both" else (args.mode,)
     settings = PipelineSettings(models=tuple(args.model) if not user else (), modes=modes,
                                 targets=tuple(args.target), out=Path(args.out), force=args.force,
-                                timing_rounds=args.rounds)
-    result = run_pipeline(settings, user_model, progress=lambda m: print(m, file=sys.stderr, flush=True))
+                                timing_rounds=args.rounds, train_dropout=args.train_dropout)
+    progress = progress_for(sys.stderr)  # a live display on a terminal, whole lines in CI or a pipe
+    try:
+        result = run_pipeline(settings, user_model, progress)
+    finally:
+        progress.close()
     print(result.table())
     return result.exit_code

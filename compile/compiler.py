@@ -12,16 +12,16 @@ import onnx
 
 from bndeploy import __version__
 from bndeploy.errors import ArtifactError, BndeployError, UnsupportedModelError
-from bndeploy.files import atomic_directory, check_output_dir, manifest_header, read_manifest, sha256_of, write_json
+from bndeploy.files import atomic_directory, check_output_dir, sha256_of
+from bndeploy.layout import (ARTIFACT_KIND, ARTIFACT_MANIFEST, DUMP_DIR, EXPORT_KIND, EXPORT_MANIFEST, LIBRARY_FILE,
+                             manifest_header, read_manifest, write_manifest)
 
 from . import passes
 from .targets import TargetSpec, library_compiler, resolve_target, verify_library_machine
 
 DTYPES = ("float32", "float16")
-LIBRARY_FILE = "model.so"
-MANIFEST_FILE = "artifact.json"
-EXPORT_MANIFEST_FILE = "export.json"
-DUMP_DIR = "dump"
+# bndeploy.layout owns the file names; these former names stay importable from here.
+MANIFEST_FILE, EXPORT_MANIFEST_FILE = ARTIFACT_MANIFEST, EXPORT_MANIFEST
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class SourceModel:
     mode: str
     inputs: list[dict]
     outputs: list[dict]
+    train_dropout: dict | None = None  # the export's record of dropout run as identity in train mode
 
 
 Progress = Callable[[str], None]
@@ -85,7 +86,7 @@ def compile_model(onnx_path, targets: list[str], out, settings: CompileSettings 
             built = _build(mod, spec, tmp, settings.dump)
             if settings.dump:
                 _write_dumps(tmp / DUMP_DIR, dumps)
-            write_json(tmp / MANIFEST_FILE, _manifest(source, spec, settings, fusion, built, tmp))
+            write_manifest(tmp / ARTIFACT_MANIFEST, _manifest(source, spec, settings, fusion, built, tmp))
         written.append(out_dir.absolute())
     return written
 
@@ -128,10 +129,11 @@ def load_source(onnx_path) -> SourceModel:
         raise BndeployError(f"{path}: not a valid ONNX model ({_first_line(e)})") from None
     _check_batchnorm_shapes(model, path)
     sha = sha256_of(path)
-    export_path = path.parent / EXPORT_MANIFEST_FILE
+    export_path = path.parent / EXPORT_MANIFEST
     export = _matching_export_manifest(export_path, path, sha)
     if export is not None:
-        return SourceModel(path, sha, model, export_path, export["mode"], export["inputs"], export["outputs"])
+        return SourceModel(path, sha, model, export_path, export["mode"], export["inputs"], export["outputs"],
+                           export.get("train_dropout"))
     inputs, outputs = _interface_from_graph(model)
     return SourceModel(path, sha, model, None, _mode_of(model), inputs, outputs)
 
@@ -195,13 +197,13 @@ def _matching_export_manifest(export_path: Path, onnx_path: Path, sha: str) -> d
     """export.json beside the model, when it describes this very file; a stale one is an error."""
     if not export_path.is_file():
         return None
-    export = read_manifest(export_path, "export")
+    export = read_manifest(export_path, EXPORT_KIND)
     if export.get("onnx", {}).get("file") != onnx_path.name:
         return None
     if export["onnx"].get("sha256") != sha:
         raise ArtifactError(
             f"{onnx_path} does not match the sha256 recorded in {export_path}: the model was changed "
-            "after export; re-export it, or move it away from export.json to compile it on its own"
+            f"after export; re-export it, or move it away from {EXPORT_MANIFEST} to compile it on its own"
         )
     return export
 
@@ -369,7 +371,7 @@ def _manifest(source: SourceModel, spec: TargetSpec, settings, fusion, built: Bu
     if built.archs:
         target["archs"] = list(built.archs)
     return {
-        **manifest_header("artifact"),
+        **manifest_header(ARTIFACT_KIND),
         "target": target,
         "mode": source.mode,
         "dtype": settings.dtype,
@@ -384,4 +386,5 @@ def _manifest(source: SourceModel, spec: TargetSpec, settings, fusion, built: Bu
         "kernel_costs": built.costs,
         "fma_peak": built.fma_peak,
         "versions": {"tvm": tvm.__version__, "bndeploy": __version__},
+        **({"train_dropout": source.train_dropout} if source.train_dropout else {}),
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bndeploy.export.exporter import MODES, ExportSettings, export
+from bndeploy.export.exporter import MODES, TRAIN_DROPOUT, ExportSettings, ModeNotWrittenError, export
 from bndeploy.export.loader import load_model, parse_shape
 from bndeploy.export.models import REFERENCE_MODELS
 
@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the generated reference input")
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch axis dynamic in the ONNX")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--train-dropout", choices=TRAIN_DROPOUT, help="train mode of a model with active dropout: "
+                   "identity exports dropout as identity (recorded in export.json and noted in every check report); "
+                   "without it such a train-mode export is refused, its output being random")
     p.add_argument("--list", action="store_true", help="list the reference models and exit")
     p.set_defaults(func=run)
 
@@ -35,7 +38,17 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("bndeploy export: error: MODEL and --out are required (or --list)")
     modes = MODES if args.mode == "both" else (args.mode,)
     model = load_model(args.model, args.input_shape, args.weights, args.seed)
-    written = export(model, args.out, ExportSettings(modes=modes, dynamic_batch=args.dynamic_batch, force=args.force))
+    settings = ExportSettings(modes=modes, dynamic_batch=args.dynamic_batch, force=args.force,
+                              train_dropout=args.train_dropout)
+    try:
+        written = export(model, args.out, settings)
+    except ModeNotWrittenError as e:  # the modes that could be written are there: say so, then the error
+        _print_written(e.written)
+        raise
+    _print_written(written)
+    return 0
+
+
+def _print_written(written: dict) -> None:
     for mode, path in written.items():
         print(f"{mode:9s} -> {path}")
-    return 0

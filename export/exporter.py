@@ -16,10 +16,14 @@ from bndeploy.errors import BndeployError, UnsupportedModelError
 from bndeploy.export import onnx_graph, validate
 from bndeploy.export.loader import LoadedModel
 from bndeploy.export.onnx_graph import BatchNormInfo
-from bndeploy.export.reference import ReferenceRun, run_reference
-from bndeploy.files import atomic_directory, manifest_header, sha256_of, write_json
+from bndeploy.export.reference import ReferenceRun, active_dropouts, run_reference
+from bndeploy.files import atomic_directory, sha256_of
+from bndeploy.layout import (EXPORT_KIND, EXPORT_MANIFEST, ONNX_FILE, REFERENCE_FILE, manifest_header, write_manifest,
+                             write_reference)
 
 MODES = ("inference", "train")
+# How train mode treats active dropout: None refuses (its output is random), "identity" runs it as in eval mode.
+TRAIN_DROPOUT = ("identity",)
 
 
 @dataclass(frozen=True)
@@ -27,29 +31,53 @@ class ExportSettings:
     modes: tuple[str, ...] = MODES
     dynamic_batch: bool = False
     force: bool = False
+    train_dropout: str | None = None  # "identity": export train mode with dropout as identity
+
+
+class ModeNotWrittenError(UnsupportedModelError):
+    """A requested mode could not be written; ``written`` holds the modes that were, ``refused`` why not."""
+
+    def __init__(self, message: str, written: dict[str, Path], refused: dict[str, str]):
+        super().__init__(message)
+        self.written, self.refused = written, refused
 
 
 def export(model: LoadedModel, out: str | Path, settings: ExportSettings = ExportSettings()) -> dict[str, Path]:
     """Export ``model`` in each requested mode to ``out/<mode>/``; returns {mode: export directory}.
 
+    A mode that cannot be exported (train mode with active dropout and no ``train_dropout`` choice) is
+    refused: the other modes are written, then ModeNotWrittenError says which mode is missing and why.
     The user's module is left bit-identical (state and training flag): every run uses a deep copy.
     """
-    _check_modes(settings.modes)
+    _check_settings(settings)
     _check_inputs(model.inputs)
+    refused = _refused_modes(model, settings)
+    modes = tuple(m for m in settings.modes if m not in refused)
+    if not modes:
+        raise UnsupportedModelError(next(iter(refused.values())))
+    written = _export_modes(model, out, settings, modes)
+    if refused:
+        done = "; ".join(f"{mode} written to {path}" for mode, path in written.items())
+        raise ModeNotWrittenError(f"{'; '.join(refused.values())} ({done})", written, refused)
+    return written
+
+
+def _export_modes(model: LoadedModel, out: str | Path, settings: ExportSettings, modes: tuple[str, ...]) -> dict[str, Path]:
     before = _snapshot(model.module)
     infos = onnx_graph.batchnorm_infos(model.module)
-    if "train" in settings.modes:
-        _refuse_random_training_ops(model.module)
+    dropouts = active_dropouts(model.module)
     input_names = _input_names(model.module, len(model.inputs))
-    references = {mode: _reference(model, infos, mode == "train") for mode in settings.modes}
-    base = _export_eval_copy(model, input_names, settings.dynamic_batch, references[settings.modes[0]].model_output_names)
+    references = {mode: _reference(model, infos, mode == "train", settings.train_dropout == "identity")
+                  for mode in modes}
+    base = _export_eval_copy(model, input_names, settings.dynamic_batch, references[modes[0]].model_output_names)
     written = {}
     with atomic_directory(out, settings.force) as tmp:
-        for mode in settings.modes:
+        for mode in modes:
             onnx_model = build_mode(base, model.module, infos, mode == "train")
             feeds = {n: t.numpy() for n, t in zip(input_names, model.inputs)}
             validation = validate.compare_with_reference(onnx_model, feeds, references[mode])
-            _write_export_dir(tmp / mode, model.name, mode, onnx_model, feeds, references[mode], infos, validation)
+            extra = _train_dropout_entry(dropouts, settings) if mode == "train" else {}
+            _write_export_dir(tmp / mode, model.name, mode, onnx_model, feeds, references[mode], infos, validation, extra)
             written[mode] = Path(out).absolute() / mode
     _assert_unchanged(model.module, before)
     return written
@@ -72,9 +100,9 @@ def _export_eval_copy(model: LoadedModel, input_names: list[str], dynamic_batch:
     return onnx_graph.rename_outputs(base, output_names)
 
 
-def _reference(model: LoadedModel, infos: list[BatchNormInfo], training: bool) -> ReferenceRun:
+def _reference(model: LoadedModel, infos: list[BatchNormInfo], training: bool, dropout_identity: bool) -> ReferenceRun:
     try:
-        return run_reference(model.module, model.inputs, infos, training)
+        return run_reference(model.module, model.inputs, infos, training, dropout_identity)
     except BndeployError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
@@ -82,10 +110,12 @@ def _reference(model: LoadedModel, infos: list[BatchNormInfo], training: bool) -
         raise BndeployError(f"model {model.name!r} rejects input shape {shapes}: {str(e).splitlines()[0]}") from None
 
 
-def _check_modes(modes: tuple[str, ...]) -> None:
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
+def _check_settings(settings: ExportSettings) -> None:
+    unknown = [m for m in settings.modes if m not in MODES]
+    if unknown or not settings.modes:
         raise BndeployError(f"unknown export mode(s) {unknown}; use inference, train or both")
+    if settings.train_dropout not in (None, *TRAIN_DROPOUT):
+        raise BndeployError(f"unknown train_dropout {settings.train_dropout!r}; use {', '.join(TRAIN_DROPOUT)} or None")
 
 
 def _check_inputs(inputs: tuple[torch.Tensor, ...]) -> None:
@@ -96,12 +126,23 @@ def _check_inputs(inputs: tuple[torch.Tensor, ...]) -> None:
             raise BndeployError(f"input {i} has shape {tuple(t.shape)} with no elements")
 
 
-def _refuse_random_training_ops(module: nn.Module) -> None:
-    dropouts = [n for n, m in module.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
-    if dropouts:
-        raise UnsupportedModelError(
-            f"train-mode export of a model with active dropout ({', '.join(dropouts)}): its train-mode output "
-            "is random, so it cannot be checked against a reference; export --mode inference, or set p=0")
+def _refused_modes(model: LoadedModel, settings: ExportSettings) -> dict[str, str]:
+    """{mode: one-line reason} for the requested modes that cannot be exported as the settings stand."""
+    dropouts = active_dropouts(model.module)
+    if "train" not in settings.modes or not dropouts or settings.train_dropout is not None:
+        return {}
+    return {"train": (
+        f"train mode not written: {model.name} has active dropout ({', '.join(dropouts)}), whose train-mode output "
+        "is random and cannot be checked; pass --train-dropout identity (ExportSettings(train_dropout='identity')) "
+        "to export dropout as identity in train mode, as test-time BatchNorm adaptation wants")}
+
+
+def _train_dropout_entry(dropouts: list[str], settings: ExportSettings) -> dict:
+    """export.json's record of how a train-mode export treats active dropout (nothing when there is none)."""
+    if not dropouts:
+        return {}
+    return {"train_dropout": {"mode": settings.train_dropout, "modules": dropouts,
+                              "note": "dropout runs as identity in train mode, in the ONNX graph and in the references"}}
 
 
 def _input_names(module: nn.Module, count: int) -> list[str]:
@@ -124,26 +165,24 @@ def _assert_unchanged(module: nn.Module, before: tuple[bool, dict[str, torch.Ten
 
 
 def _write_export_dir(path: Path, name: str, mode: str, onnx_model: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                      reference: ReferenceRun, infos: list[BatchNormInfo], validation: dict) -> None:
+                      reference: ReferenceRun, infos: list[BatchNormInfo], validation: dict, extra: dict) -> None:
     path.mkdir()
-    onnx.save_model(onnx_model, path / "model.onnx")
-    arrays = {f"input/{k}": v for k, v in feeds.items()}
-    arrays |= {f"torch/{k}": v for k, v in reference.outputs.items()}
-    arrays |= {f"spec/{k}": v for k, v in reference.spec.items()}
-    np.savez(path / "reference.npz", **arrays)
-    manifest = manifest_header("export") | {
+    onnx.save_model(onnx_model, path / ONNX_FILE)
+    write_reference(path / REFERENCE_FILE, feeds, reference.outputs, reference.spec)
+    manifest = manifest_header(EXPORT_KIND) | {
         "model": name,
         "mode": mode,
         "opset": onnx_graph.OPSET,
-        "onnx": {"file": "model.onnx", "sha256": sha256_of(path / "model.onnx")},
-        "reference": {"file": "reference.npz", "sha256": sha256_of(path / "reference.npz")},
+        "onnx": {"file": ONNX_FILE, "sha256": sha256_of(path / ONNX_FILE)},
+        "reference": {"file": REFERENCE_FILE, "sha256": sha256_of(path / REFERENCE_FILE)},
         "inputs": [_value_entry(v) for v in onnx_model.graph.input],
         "outputs": [_output_entry(v, infos, reference) for v in onnx_model.graph.output],
         "batchnorms": [_batchnorm_entry(i, mode) for i in infos],
         "validation": validation,
         "versions": _versions(),
+        **extra,
     }
-    write_json(path / "export.json", manifest)
+    write_manifest(path / EXPORT_MANIFEST, manifest)
 
 
 def _value_entry(value: onnx.ValueInfoProto) -> dict:

@@ -4,6 +4,13 @@ PyTorch updates ``running_var`` with the *unbiased* batch variance (times n/(n-1
 the *population* variance. Both are legitimate, so bndeploy records both, by name: ``torch/<output>``
 is what torch did, ``spec/<output>`` what an ONNX-faithful runtime must produce, computed in float64
 from the batch statistics torch saw.
+
+The same model also runs once in float64 on the same inputs: how far torch's own fp32 result is from it
+measures how much fp32 rounding moves this model on this data, which bounds export validation
+(export/validate.py).
+
+Train mode with ``dropout_identity``: every dropout module runs as in eval mode (identity), as the
+exported graph does, so the references are deterministic (``--train-dropout identity``).
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ class ReferenceRun:
     outputs: dict[str, np.ndarray]                                 # torch/<name>
     spec: dict[str, np.ndarray] = field(default_factory=dict)      # spec/<name>, running statistics only
     batch_counts: dict[str, int] = field(default_factory=dict)     # elements per channel, per BN module
+    float64: dict[str, np.ndarray] | None = None  # the same run in float64 (outputs and torch's running stats)
+    float64_problem: str = ""                     # why there is no float64 run (the model does not run in it)
 
     @property
     def model_output_names(self) -> list[str]:
@@ -43,10 +52,25 @@ def output_names(count: int) -> list[str]:
     return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
-def run_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...], infos: list[BatchNormInfo],
-                  training: bool) -> ReferenceRun:
-    """Run a copy of ``model`` in the requested mode; the caller's module is never touched."""
+def active_dropouts(model: nn.Module) -> list[str]:
+    """Names of the dropout modules that drop something in train mode (p > 0)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+
+
+def prepared_copy(model: nn.Module, training: bool, dropout_identity: bool = False) -> nn.Module:
+    """A copy of ``model`` in the requested mode (dropout as identity when asked); the original is untouched."""
     work = copy.deepcopy(model).train(training)
+    if dropout_identity:
+        for module in work.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.eval()
+    return work
+
+
+def run_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...], infos: list[BatchNormInfo],
+                  training: bool, dropout_identity: bool = False) -> ReferenceRun:
+    """Run a copy of ``model`` in the requested mode; the caller's module is never touched."""
+    work = prepared_copy(model, training, dropout_identity)
     modules = dict(work.named_modules())
     captured: dict[str, torch.Tensor] = {}
     hooks = [modules[i.module].register_forward_pre_hook(_capture(i, captured, training)) for i in infos]
@@ -59,7 +83,25 @@ def run_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...], infos: lis
     run = ReferenceRun({n: t.numpy() for n, t in zip(output_names(len(outputs)), outputs)})
     if training:
         _add_running_stats(run, model, modules, infos, captured)
+    run.float64, run.float64_problem = _float64_run(model, inputs, infos, training, dropout_identity)
     return run
+
+
+def _float64_run(model: nn.Module, inputs: tuple[torch.Tensor, ...], infos: list[BatchNormInfo], training: bool,
+                 dropout_identity: bool) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The outputs (and torch's running statistics) of the same run in float64, named as in ReferenceRun."""
+    work = prepared_copy(model, training, dropout_identity).double()
+    try:
+        with torch.no_grad():
+            outputs = model_outputs(work(*(t.double() for t in inputs)))
+    except (RuntimeError, TypeError, ValueError) as e:  # e.g. a float32 tensor made inside forward
+        return None, f"the model does not run in float64 ({type(e).__name__}: {str(e).splitlines()[0]})"
+    values = {name: t.numpy() for name, t in zip(output_names(len(outputs)), outputs)}
+    modules = dict(work.named_modules())
+    for info in infos if training else []:
+        for stat in ("running_mean", "running_var"):
+            values[info.updated_name(stat)] = getattr(modules[info.module], stat).numpy()
+    return values, ""
 
 
 def _capture(info: BatchNormInfo, captured: dict, training: bool):

@@ -4,13 +4,13 @@ Imports only TVM's runtime and numpy (onnxruntime lazily, for the "onnxruntime" 
 runs on an edge device that has neither torch nor onnx.
 """
 
+from bndeploy.compare import Comparison, compare
 from bndeploy.runtime.artifact import Artifact, load_artifact
 from bndeploy.runtime.check import check, choose_inputs
-from bndeploy.runtime.compare import Comparison, compare
 from bndeploy.runtime.inputs import generate_inputs, load_inputs_file, validate_inputs
 from bndeploy.runtime.report import Report
 from bndeploy.runtime.testing import assert_artifact_matches
-from bndeploy.runtime.tolerance import FP16, FP32_INFERENCE, FP32_TRAIN, Tolerance, Tolerances, default_tolerance
+from bndeploy.tolerance import FP16, FP32_INFERENCE, FP32_TRAIN, Tolerance, Tolerances, default_tolerance
 
 __all__ = [
     "Artifact",

@@ -16,11 +16,10 @@ from typing import Mapping
 import numpy as np
 
 from bndeploy.errors import ArtifactError, BndeployError
-from bndeploy.files import read_manifest, sha256_of
+from bndeploy.files import sha256_of
+from bndeploy.layout import ARTIFACT_MANIFEST, read_artifact_manifest
 from bndeploy.runtime.inputs import validate_inputs
 from bndeploy.runtime.specs import TensorSpec, specs_from_manifest
-
-MANIFEST_NAME = "artifact.json"
 
 # platform.machine() spellings -> the architecture field of an LLVM target triple.
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
@@ -33,8 +32,8 @@ class Artifact:
         self.directory = directory
         self.manifest = manifest
         self.device = device
-        self.inputs: list[TensorSpec] = specs_from_manifest(manifest, "inputs", str(directory / MANIFEST_NAME))
-        self.outputs: list[TensorSpec] = specs_from_manifest(manifest, "outputs", str(directory / MANIFEST_NAME))
+        self.inputs: list[TensorSpec] = specs_from_manifest(manifest, "inputs", str(directory / ARTIFACT_MANIFEST))
+        self.outputs: list[TensorSpec] = specs_from_manifest(manifest, "outputs", str(directory / ARTIFACT_MANIFEST))
         self._vm = vm
         self._module = module
 
@@ -88,7 +87,7 @@ class Artifact:
         if len(values) != len(self.outputs):
             raise ArtifactError(
                 f"{self.directory}: the library returned {len(values)} outputs, "
-                f"{MANIFEST_NAME} lists {len(self.outputs)}"
+                f"{ARTIFACT_MANIFEST} lists {len(self.outputs)}"
             )
         # On the CPU the outputs are handed over without a copy; each array keeps its TVM buffer alive.
         to_numpy = np.from_dlpack if on_cpu else (lambda value: value.numpy())
@@ -99,7 +98,7 @@ def load_artifact(directory: str | Path, device: str | None = None) -> Artifact:
     """Verify and load an artifact directory; ``device`` is "cpu", "cuda" or "cuda:N" (default: the
     artifact's own device kind, index 0)."""
     directory = Path(directory).absolute()
-    manifest = read_manifest(directory / MANIFEST_NAME, "artifact")
+    manifest = read_artifact_manifest(directory)
     library = verified_library(directory, manifest)
     device = select_device(manifest, device)
     check_host_architecture(manifest, directory)
@@ -111,14 +110,14 @@ def verified_library(directory: Path, manifest: dict) -> Path:
     entry = manifest.get("library") or {}
     name, expected = entry.get("file"), entry.get("sha256")
     if not name or not expected:
-        raise ArtifactError(f"{directory / MANIFEST_NAME}: no library file/sha256 recorded")
+        raise ArtifactError(f"{directory / ARTIFACT_MANIFEST}: no library file/sha256 recorded")
     path = directory / name
     if not path.is_file():
         raise ArtifactError(f"{path}: library file missing")
     actual = sha256_of(path)
     if actual != expected:
         raise ArtifactError(
-            f"{path} changed since it was compiled (sha256 {actual[:12]}..., artifact.json records "
+            f"{path} changed since it was compiled (sha256 {actual[:12]}..., {ARTIFACT_MANIFEST} records "
             f"{expected[:12]}...); refusing to load it: re-compile the artifact"
         )
     return path

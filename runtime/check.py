@@ -8,18 +8,19 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from bndeploy.compare import Comparison, compare
 from bndeploy.errors import BndeployError
+from bndeploy.layout import REFERENCE_FILE, SPEC, TORCH, reference_key
 from bndeploy.runtime.artifact import Artifact
-from bndeploy.runtime.remote import RpcEndpoint, open_artifact
-from bndeploy.runtime.compare import Comparison, compare
 from bndeploy.runtime.inputs import cast_floats_to, generate_inputs, load_inputs_file
+from bndeploy.runtime.remote import RpcEndpoint, open_artifact
 from bndeploy.runtime.report import Report
 from bndeploy.runtime.sources import ExportReferences, load_export_references, source_onnx_path
 from bndeploy.runtime.specs import TensorSpec
-from bndeploy.runtime.tolerance import ToleranceSpec, Tolerances, resolve_tolerances
+from bndeploy.tolerance import ToleranceSpec, Tolerances, resolve_tolerances
 
 REFERENCES = ("torch", "onnxruntime")
-RECORDED_INPUTS = "the export's recorded inputs (reference.npz)"
+RECORDED_INPUTS = f"the export's recorded inputs ({REFERENCE_FILE})"
 
 InputsSpec = Mapping[str, np.ndarray] | str | Path | None
 
@@ -63,7 +64,8 @@ def check(
         inputs_source=inputs_source,
         against=against,
     )
-    report.notes += nonfinite_notes(feed, actual)
+    report.references = reference_versions(against, export)
+    report.notes += nonfinite_notes(feed, actual) + train_dropout_notes(artifact)
     if "torch" in against:
         report.comparisons += compare_with_torch(artifact, outputs, actual, export, tols)
         report.notes += running_var_notes(artifact, outputs, export)
@@ -89,6 +91,29 @@ def nonfinite_notes(feed: Mapping[str, np.ndarray], actual: Mapping[str, np.ndar
         return []
     return [f"non-finite values: inputs {', '.join(inputs.values()) or 'none'}; outputs "
             f"{', '.join(outputs.values()) or 'none'} (a NaN must meet a NaN, an Inf the same Inf, in the reference)"]
+
+
+def reference_versions(against: Sequence[str], export: ExportReferences | None) -> dict[str, dict]:
+    """Which torch and onnxruntime the references come from, and how they were computed."""
+    from bndeploy.onnxruntime_reference import HOW, onnxruntime_version
+
+    versions = {}
+    if "torch" in against and export is not None:
+        recorded = (export.manifest.get("versions") or {}).get("torch") or "unknown"
+        versions["torch"] = {"version": recorded, "how": f"outputs recorded at export time ({export.reference_path.name})"}
+    if "onnxruntime" in against:
+        versions["onnxruntime"] = {"version": onnxruntime_version() or "not installed", "how": HOW}
+    return versions
+
+
+def train_dropout_notes(artifact: Artifact) -> list[str]:
+    """A train-mode artifact exported with dropout as identity says so in every report."""
+    recorded = artifact.manifest.get("train_dropout")
+    if artifact.mode != "train" or not recorded:
+        return []
+    return [f"dropout: exported as {recorded.get('mode', 'identity')} in train mode (--train-dropout "
+            f"{recorded.get('mode', 'identity')}) for {', '.join(recorded.get('modules', [])) or 'every dropout'}; "
+            "the references were computed the same way, so this artifact never drops activations"]
 
 
 def validate_against(against: Sequence[str]) -> tuple[str, ...]:
@@ -135,15 +160,15 @@ def outputs_with_roles(artifact: Artifact, export: ExportReferences | None) -> l
 
 def torch_reference_key(artifact: Artifact, spec: TensorSpec) -> str:
     """running_var follows the ONNX spec (spec/) unless the artifact implements torch's update."""
-    prefix = "spec" if spec.role == "running_var" and artifact.running_var == "onnx" else "torch"
-    return f"{prefix}/{spec.name}"
+    prefix = SPEC if spec.role == "running_var" and artifact.running_var == "onnx" else TORCH
+    return reference_key(prefix, spec.name)
 
 
 def compare_with_torch(artifact, outputs, actual, export: ExportReferences, tols: Tolerances) -> list[Comparison]:
     comparisons = []
     for spec in outputs:
         key = torch_reference_key(artifact, spec)
-        expected = export.get(*key.split("/", 1))
+        expected = export.at(key)
         comparisons.append(compare(actual[spec.name], expected, tols.for_output(spec.name), spec.name, "torch", key))
     return comparisons
 
@@ -152,9 +177,9 @@ def running_var_notes(artifact, outputs, export: ExportReferences) -> list[str]:
     """The population-vs-unbiased difference, stated with its size: expected, not a failure."""
     notes = []
     for spec in outputs:
-        if spec.role != "running_var" or not (export.has("torch", spec.name) and export.has("spec", spec.name)):
+        if spec.role != "running_var" or not (export.has(TORCH, spec.name) and export.has(SPEC, spec.name)):
             continue
-        gap = np.max(np.abs(export.get("torch", spec.name).astype(np.float64) - export.get("spec", spec.name)))
+        gap = np.max(np.abs(export.get(TORCH, spec.name).astype(np.float64) - export.get(SPEC, spec.name)))
         n = spec.batch_count if spec.batch_count is not None else "unknown"
         follows = "the ONNX spec" if artifact.running_var == "onnx" else "PyTorch"
         notes.append(
@@ -166,7 +191,7 @@ def running_var_notes(artifact, outputs, export: ExportReferences) -> list[str]:
 
 
 def compare_with_onnxruntime(artifact, outputs, actual, feed, tols: Tolerances) -> tuple[list[Comparison], list[str]]:
-    from bndeploy.runtime.onnxruntime_reference import run_onnxruntime
+    from bndeploy.onnxruntime_reference import run_onnxruntime
 
     expected = run_onnxruntime(source_onnx_path(artifact.manifest, artifact.directory), feed)
     comparisons, notes = [], []

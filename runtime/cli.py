@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from bndeploy.errors import BndeployError
+from bndeploy.runtime.check import REFERENCES, check, choose_inputs
 from bndeploy.runtime.device_cli import add_rpc_arguments, endpoint_from_args
 from bndeploy.runtime.remote import open_artifact
-from bndeploy.runtime.check import REFERENCES, check, choose_inputs
-from bndeploy.runtime.tolerance import Tolerance, Tolerances, default_tolerance, parse_tolerance_option
+from bndeploy.tolerance import Tolerance, Tolerances, default_tolerance, parse_tolerance_option
 
 
 def register(sub) -> None:
@@ -84,9 +84,9 @@ def _tolerances_from_args(args) -> Tolerances | None:
 
 
 def _artifact_default(args) -> Tolerance:
-    from bndeploy.files import read_manifest
+    from bndeploy.layout import read_artifact_manifest
 
-    manifest = read_manifest(Path(args.artifact) / "artifact.json", "artifact")
+    manifest = read_artifact_manifest(args.artifact)
     return default_tolerance(manifest.get("dtype", "float32"), manifest.get("mode", "inference"))
 
 

@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-from bndeploy.errors import BndeployError
+from bndeploy.errors import EXIT_ERROR, EXIT_OK, BndeployError, exit_code_for_signal
 from bndeploy.runtime.remote import (
     DEFAULT_SERVER_PORT,
     DEFAULT_TIMEOUT,
@@ -130,12 +130,12 @@ def serve_until_stopped(service: RunningService) -> int:
     """Block until Ctrl-C / SIGTERM (exit 0) or the serving thread dies (exit 2); never returns to the
     interpreter's shutdown, which would wait forever for TVM's non-daemon serving thread."""
     signal.signal(signal.SIGTERM, _interrupt_server_only)
-    code = 0
+    code = EXIT_OK
     try:
         while service.alive():
             time.sleep(WATCH_PERIOD)
         print(f"bndeploy device: error: the {service.what} stopped unexpectedly (see the log above)", file=sys.stderr)
-        code = 2
+        code = EXIT_ERROR
     except KeyboardInterrupt:
         print(f"bndeploy device: {service.what} on {service.host}:{service.port} stopped", file=sys.stderr)
     stop_sessions()
@@ -162,5 +162,5 @@ def _interrupt_server_only(signum, frame):
     """SIGTERM stops the server cleanly; a forked session process (TVM ends one whose session timed
     out with SIGTERM) inherits this handler and must just exit."""
     if os.getpid() != _SERVER_PID:
-        os._exit(128 + signum)
+        os._exit(exit_code_for_signal(signum))
     raise KeyboardInterrupt

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from html import escape
 
-from bndeploy.runtime.compare import Comparison
+from bndeploy.compare import Comparison
 from bndeploy.runtime.report import COLUMNS, Report, table_row
 
 WIDTH, HEIGHT = 560, 200
@@ -34,7 +34,8 @@ def render_html(report: Report) -> str:
         f"<title>bndeploy check: {verdict}</title><style>{STYLE}</style></head><body>",
         f"<h1>bndeploy check: <span class='{verdict}'>{verdict}</span></h1>",
         f"<div class='meta'>{escape(report.artifact)}<br>target {escape(report.target)} on {escape(report.device)}, "
-        f"{escape(report.mode)} mode, {escape(report.dtype)}; inputs: {escape(report.inputs_source)}</div>",
+        f"{escape(report.mode)} mode, {escape(report.dtype)}; inputs: {escape(report.inputs_source)}"
+        + (f"<br>{escape(report.references_line())}" if report.references else "") + "</div>",
         summary_table(report),
         *(f"<div class='note'>{escape(note)}</div>" for note in report.notes),
     ]

@@ -8,9 +8,8 @@ from typing import Mapping
 import numpy as np
 
 from bndeploy.errors import BndeployError
+from bndeploy.layout import INPUT, has_prefix, strip_prefix
 from bndeploy.runtime.specs import TensorSpec, describe_all
-
-REFERENCE_INPUT_PREFIX = "input/"
 
 
 def validate_inputs(inputs: Mapping[str, np.ndarray], specs: list[TensorSpec]) -> dict[str, np.ndarray]:
@@ -67,8 +66,8 @@ def load_inputs_file(path: str | Path, specs: list[TensorSpec]) -> dict[str, np.
             arrays = {key: data[key] for key in data.files}
     except (OSError, ValueError) as e:
         raise BndeployError(f"cannot read inputs file {path}: {e}") from None
-    if any(key.startswith(REFERENCE_INPUT_PREFIX) for key in arrays):
-        return strip_prefix(arrays, REFERENCE_INPUT_PREFIX)
+    if has_prefix(arrays, INPUT):
+        return strip_prefix(arrays, INPUT)
     return arrays
 
 
@@ -78,10 +77,6 @@ def _single_array(array: np.ndarray, path: Path, specs: list[TensorSpec]) -> dic
             f"{path} holds one array but the artifact takes {len(specs)} inputs ({describe_all(specs)}); use an .npz keyed by name"
         )
     return {specs[0].name: array}
-
-
-def strip_prefix(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    return {key[len(prefix) :]: value for key, value in arrays.items() if key.startswith(prefix)}
 
 
 def generate_inputs(specs: list[TensorSpec], seed: int) -> dict[str, np.ndarray]:

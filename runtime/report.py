@@ -7,9 +7,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bndeploy.runtime.compare import Comparison
-
-EXIT_OK, EXIT_MISMATCH = 0, 1
+from bndeploy.compare import Comparison
+from bndeploy.errors import EXIT_MISMATCH, EXIT_OK
 
 
 @dataclass
@@ -23,6 +22,8 @@ class Report:
     against: tuple[str, ...]
     comparisons: list[Comparison] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # {"torch" | "onnxruntime": {"version": ..., "how": ...}}: what each reference was computed with
+    references: dict[str, dict] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -41,6 +42,7 @@ class Report:
         lines = [
             f"bndeploy check {self.artifact}",
             f"  target {self.target} on {self.device}, {self.mode} mode, {self.dtype}; inputs: {self.inputs_source}",
+            *([f"  {self.references_line()}"] if self.references else []),
             "",
             *format_table(self.comparisons),
         ]
@@ -56,6 +58,10 @@ class Report:
         lines.append(f"result: {verdict}")
         return "\n".join(lines)
 
+    def references_line(self) -> str:
+        described = "; ".join(f"{name} {entry['version']} ({entry['how']})" for name, entry in self.references.items())
+        return f"references: {described}"
+
     def to_dict(self) -> dict:
         return {
             "artifact": self.artifact,
@@ -65,6 +71,7 @@ class Report:
             "dtype": self.dtype,
             "inputs": self.inputs_source,
             "against": list(self.against),
+            "references": self.references,
             "passed": self.passed,
             "comparisons": [c.to_dict() for c in self.comparisons],
             "notes": self.notes,
@@ -87,6 +94,11 @@ class Report:
             failures=str(len(self.failures)),
             errors="0",
         )
+        if self.references:
+            properties = ET.SubElement(suite, "properties")
+            for name, entry in self.references.items():
+                ET.SubElement(properties, "property", name=f"reference.{name}.version", value=str(entry["version"]))
+                ET.SubElement(properties, "property", name=f"reference.{name}.how", value=str(entry["how"]))
         for comparison in self.comparisons:
             case = ET.SubElement(
                 suite, "testcase", classname=f"bndeploy.check.{comparison.reference}", name=comparison.title

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from bndeploy.errors import ArtifactError
-from bndeploy.files import read_manifest, sha256_of
-from bndeploy.runtime.inputs import REFERENCE_INPUT_PREFIX, strip_prefix
+from bndeploy.files import sha256_of
+from bndeploy.layout import ARTIFACT_MANIFEST, EXPORT_KIND, INPUT, read_arrays, read_manifest, reference_key, strip_prefix
 from bndeploy.runtime.specs import TensorSpec, specs_from_manifest
 
 
@@ -26,16 +26,19 @@ class ExportReferences:
     arrays: dict[str, np.ndarray]
 
     def inputs(self) -> dict[str, np.ndarray]:
-        return strip_prefix(self.arrays, REFERENCE_INPUT_PREFIX)
+        return strip_prefix(self.arrays, INPUT)
 
     def get(self, prefix: str, output: str) -> np.ndarray:
-        key = f"{prefix}/{output}"
+        return self.at(reference_key(prefix, output))
+
+    def at(self, key: str) -> np.ndarray:
+        """The array stored under ``key`` (e.g. "torch/y"), or an error listing what the file holds."""
         if key not in self.arrays:
             raise ArtifactError(f"{self.reference_path}: no {key!r} (it holds {', '.join(sorted(self.arrays))})")
         return self.arrays[key]
 
     def has(self, prefix: str, output: str) -> bool:
-        return f"{prefix}/{output}" in self.arrays
+        return reference_key(prefix, output) in self.arrays
 
     @property
     def reference_path(self) -> Path:
@@ -50,21 +53,21 @@ def export_manifest_path(artifact_manifest: dict, artifact_dir: Path) -> Path:
     recorded = (artifact_manifest.get("source") or {}).get("export_manifest")
     if not recorded:
         raise ArtifactError(
-            f"{artifact_dir}/artifact.json records no export manifest (compiled from a bare ONNX file), so there "
+            f"{artifact_dir / ARTIFACT_MANIFEST} records no export manifest (compiled from a bare ONNX file), so there "
             "are no torch references or recorded inputs: check against onnxruntime with inputs or a seed"
         )
     path = Path(recorded)
     if not path.is_file():
         raise ArtifactError(
             f"the export this artifact was compiled from is gone: {path} (source.export_manifest in "
-            f"{artifact_dir}/artifact.json); restore or re-export it, then re-compile"
+            f"{artifact_dir / ARTIFACT_MANIFEST}); restore or re-export it, then re-compile"
         )
     return path
 
 
 def load_export_references(artifact_manifest: dict, artifact_dir: Path) -> ExportReferences:
     path = export_manifest_path(artifact_manifest, artifact_dir)
-    manifest = read_manifest(path, "export")
+    manifest = read_manifest(path, EXPORT_KIND)
     entry = manifest.get("reference") or {}
     if not entry.get("file"):
         raise ArtifactError(f"{path}: no reference file recorded")
@@ -73,24 +76,19 @@ def load_export_references(artifact_manifest: dict, artifact_dir: Path) -> Expor
         raise ArtifactError(f"the export's references are gone: {reference} (listed in {path}); re-export the model")
     if entry.get("sha256") and sha256_of(reference) != entry["sha256"]:
         raise ArtifactError(f"{reference} changed since the export (sha256 differs from {path}); re-export the model")
-    try:
-        with np.load(reference, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"cannot read {reference}: {e}") from None
-    return ExportReferences(path, manifest, arrays)
+    return ExportReferences(path, manifest, read_arrays(reference))
 
 
 def source_onnx_path(artifact_manifest: dict, artifact_dir: Path) -> Path:
     """The ONNX model the artifact was compiled from, unchanged since (sha256), or a clear error."""
     source = artifact_manifest.get("source") or {}
     if not source.get("onnx"):
-        raise ArtifactError(f"{artifact_dir}/artifact.json records no source ONNX model")
+        raise ArtifactError(f"{artifact_dir / ARTIFACT_MANIFEST} records no source ONNX model")
     path = Path(source["onnx"])
     if not path.is_file():
         raise ArtifactError(
             f"the ONNX model this artifact was compiled from is gone: {path} (source.onnx in "
-            f"{artifact_dir}/artifact.json); onnxruntime references need it"
+            f"{artifact_dir / ARTIFACT_MANIFEST}); onnxruntime references need it"
         )
     recorded = source.get("onnx_sha256")
     if recorded and sha256_of(path) != recorded:

@@ -18,12 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bndeploy.files import manifest_header, sha256_of, write_json
+from bndeploy.files import sha256_of, write_json
+from bndeploy.layout import manifest_header
 
 SHAPE = (5, 3, 2, 2)
 EPSILON = 1e-5
 MOMENTUM_ONNX = 0.5
 OUTPUT_Y, RUNNING_MEAN, RUNNING_VAR = "y", "bn.running_mean_updated", "bn.running_var_updated"
+# What the fixture's export.json records as torch's version (its "torch/" references are numpy's float64 maths).
+RECORDED_TORCH_VERSION = "0.0.0+numpy-fixture"
 
 
 @dataclass
@@ -140,7 +143,7 @@ def write_export(export_dir: Path, mode: str, p: dict[str, np.ndarray]) -> None:
                             "momentum_torch": 1 - MOMENTUM_ONNX, "training_mode": int(mode == "train"),
                             "affine": True, "num_features": SHAPE[1]}],
             "validation": {},
-            "versions": {},
+            "versions": {"torch": RECORDED_TORCH_VERSION},
         },
     )
 

@@ -13,7 +13,8 @@ import compile_cases as cases
 from bndeploy.cli import main
 from bndeploy.compile import CompileSettings, compile_model
 from bndeploy.errors import BndeployError
-from bndeploy.files import manifest_header, sha256_of, write_json
+from bndeploy.files import sha256_of, write_json
+from bndeploy.layout import manifest_header
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +97,10 @@ def test_several_targets_get_one_directory_each(tmp_path):
 
 
 def test_cuda_target_without_nvcc_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch):
-    from bndeploy.compile import cuda
+    from bndeploy.compile.cuda import toolchain
 
     onnx.save(cases.batchnorm_case().model, tmp_path / "model.onnx")
-    monkeypatch.setattr(cuda, "_find_nvcc", lambda: None)
+    monkeypatch.setattr(toolchain, "find_nvcc", lambda: None)
     with pytest.raises(BndeployError, match="nvcc"):
         compile_model(tmp_path / "model.onnx", ["cuda"], tmp_path / "a", CompileSettings())
     assert not (tmp_path / "a").exists()

@@ -192,7 +192,7 @@ def _kernel_bodies(source: str) -> dict[str, str]:
 
 def test_default_tvm_export_stores_cuda_source_not_device_code(tmp_path):
     """Upstream behaviour worked around here: without a driver, export_library keeps CUDA C source."""
-    if cuda._real_driver_present():
+    if cuda.real_driver_present():
         pytest.skip("a real CUDA driver is present: TVM compiles device code itself")
     mod = train_batchnorm_module(shape=(2, 4, 3, 3))
     executable = tvm.compile(mod, target=cuda_target("sm_80"))
@@ -294,7 +294,7 @@ def test_driver_stub_exports_every_driver_symbol_tvm_imports(tmp_path):
     library = stub_dir / "libcuda.so.1"
     exported = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True,
                               check=True).stdout
-    needed = cuda.driver_symbols(cuda._tvm_cuda_runtime_path())
+    needed = cuda.driver_symbols(cuda.tvm_cuda_runtime_path())
     assert "cuModuleLoadData" in needed and "cuLaunchKernelEx" in needed
     assert set(needed) <= {line.split()[-1] for line in exported.splitlines()}
     soname = subprocess.run(["readelf", "-d", str(library)], capture_output=True, text=True).stdout
@@ -307,7 +307,7 @@ def test_driver_stub_exports_every_driver_symbol_tvm_imports(tmp_path):
 def test_build_leaves_this_process_usable_for_cpu_work(train_bn_build):
     """The stub and the compile callback live in the build's child process only."""
     callback = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
-    if not cuda._real_driver_present():
+    if not cuda.real_driver_present():
         assert tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None
         assert not tvm.cuda(0).exist
     x = relax.Var("x", R.Tensor((3,), "float32"))

@@ -1,4 +1,4 @@
-"""Artifacts checked on a remote device through TVM RPC (runtime/remote.py, `bndeploy device`).
+"""Artifacts checked on a remote device through TVM RPC (runtime/remote/, `bndeploy device`).
 
 (a) loopback x86: a tracker and an RPC server on 127.0.0.1 run host-CPU artifacts of conv->BN
     (inference and train mode); outputs match the export's references. Cross-compiled libraries

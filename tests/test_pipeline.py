@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -15,6 +17,7 @@ from bndeploy.compile import CompileSettings, compile_model
 from bndeploy.export.models import DEFAULT_PIPELINE_MODELS
 from bndeploy.files import sha256_of, write_json
 from bndeploy.pipeline import PipelineSettings, run_pipeline
+from bndeploy.progress import PlainProgress
 from bndeploy.runtime import load_artifact
 
 
@@ -42,9 +45,18 @@ def test_default_pipeline_passes(tmp_path, capsys):
 
 
 def test_pipeline_rows_and_outputs(tmp_path):
+    log = io.StringIO()
     result = run_pipeline(PipelineSettings(models=("seed-bn2d", "conv-bn"), targets=("cpu",), out=tmp_path / "o",
-                                           timing_rounds=2))
+                                           timing_rounds=2), progress=PlainProgress(log))
     assert result.exit_code == 0
+    lines = log.getvalue().splitlines()
+    for model in ("seed-bn2d", "conv-bn"):
+        assert f"{model}: export ..." in lines
+        for mode in ("inference", "train"):
+            for stage in ("compile for cpu", "check on cpu", "time on cpu"):
+                assert f"{model}/{mode}: {stage} ..." in lines
+                assert any(re.fullmatch(rf"{model}/{mode}: {stage} done in \d+\.\d s", line) for line in lines)
+    assert re.fullmatch(r"pipeline: 2 model\(s\), inference/train, on cpu done in \d+\.\d s", lines[-1])
     assert [(r.model, r.mode, r.result) for r in result.rows] == [
         ("seed-bn2d", "inference", "pass"), ("seed-bn2d", "train", "pass"),
         ("conv-bn", "inference", "pass"), ("conv-bn", "train", "pass")]
@@ -125,3 +137,20 @@ def test_unaligned_and_strided_inputs(conv_bn_artifact):
     for variant in (unaligned, strided):
         np.testing.assert_array_equal(artifact.run({"x": variant})["output"], expected)
         assert np.array_equal(variant, x)  # inputs are never written
+
+
+def test_pipeline_with_dropout_checks_inference_and_explains_train_mode(tmp_path):
+    import torch
+    from torch import nn
+
+    from bndeploy.export import LoadedModel
+    from bndeploy.export.models import seeded_normal
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Dropout(0.1))
+    user = LoadedModel("drop", module, (seeded_normal((2, 3, 6, 6), 0),))
+    result = run_pipeline(PipelineSettings(targets=("cpu",), out=tmp_path / "o", timing_rounds=1), user)
+    assert result.exit_code == 2  # a requested mode was not written
+    rows = {r.mode: r for r in result.rows}
+    assert rows["inference"].result == "pass"
+    assert rows["train"].result == "error" and "pass --train-dropout identity" in rows["train"].detail

@@ -29,7 +29,7 @@ from torch import nn
 from bndeploy.compile import CompileSettings, compile_model
 from bndeploy.export import ExportSettings, LoadedModel, export
 from bndeploy.runtime import load_artifact
-from bndeploy.runtime.onnxruntime_reference import run_onnxruntime
+from bndeploy.onnxruntime_reference import run_onnxruntime
 
 U = 2.0**-24  # fp32 unit roundoff
 BN_TYPES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}

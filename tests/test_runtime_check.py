@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-from runtime_fixtures import BAD_CHANNEL, RUNNING_VAR, SHAPE, case, copy_case, edit_manifest
+from runtime_fixtures import BAD_CHANNEL, RECORDED_TORCH_VERSION, RUNNING_VAR, SHAPE, case, copy_case, edit_manifest
 
 from bndeploy.cli import main
 from bndeploy.errors import ArtifactError, BndeployError
@@ -186,3 +186,54 @@ def test_end_to_end_export_compile_check(exported, tmp_path_factory, mode):
     report = assert_artifact_matches(artifact_dir)
     if mode == "train":
         assert any(n.startswith("running_var: ONNX uses the population variance") for n in report.notes)
+
+
+# --- the references are what they claim to be
+
+
+def test_every_report_names_its_reference_versions(train, tmp_path):
+    import onnxruntime
+
+    from bndeploy.onnxruntime_reference import HOW
+
+    report = check(train.artifact_dir)
+    assert report.references == {
+        "torch": {"version": RECORDED_TORCH_VERSION, "how": "outputs recorded at export time (reference.npz)"},
+        "onnxruntime": {"version": onnxruntime.__version__, "how": HOW},
+    }
+    line = (f"references: torch {RECORDED_TORCH_VERSION} (outputs recorded at export time (reference.npz)); "
+            f"onnxruntime {onnxruntime.__version__} ({HOW})")
+    assert f"  {line}" in report.summary().splitlines()
+    assert "ORT_DISABLE_ALL" in line
+    report.write_json(tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["references"] == report.references
+    report.write_junit(tmp_path / "r.xml")
+    properties = {p.get("name"): p.get("value") for p in ET.parse(tmp_path / "r.xml").getroot().iter("property")}
+    assert properties["reference.torch.version"] == RECORDED_TORCH_VERSION
+    assert properties["reference.onnxruntime.version"] == onnxruntime.__version__
+    assert properties["reference.onnxruntime.how"] == HOW
+    report.write_html(tmp_path / "r.html")
+    assert f"onnxruntime {onnxruntime.__version__} (" in (tmp_path / "r.html").read_text()
+    assert list(check(train.artifact_dir, against=("torch",)).references) == ["torch"]
+
+
+def test_onnxruntime_reference_runs_the_graph_as_written(exported, tmp_path):
+    """ORT's default session folds Conv+BatchNorm itself; the reference's keeps every node of the ONNX."""
+    import onnx
+    import onnxruntime as ort
+
+    from bndeploy.onnxruntime_reference import reference_session, reference_session_options
+
+    model_path = exported("conv-bn")["inference"] / "model.onnx"
+
+    def ops_ort_runs(options, name: str) -> list[str]:
+        options.optimized_model_filepath = str(tmp_path / name)
+        ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(tmp_path / name).graph.node]
+
+    written = [n.op_type for n in onnx.load(model_path).graph.node]
+    assert "BatchNormalization" in written
+    assert "BatchNormalization" not in ops_ort_runs(ort.SessionOptions(), "default.onnx")  # the premise
+    assert ops_ort_runs(reference_session_options(), "reference.onnx") == written
+    options = reference_session(model_path).get_session_options()
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL

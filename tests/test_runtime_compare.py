@@ -8,7 +8,7 @@ import pytest
 
 from bndeploy.errors import BndeployError
 from bndeploy.runtime import FP16, FP32_INFERENCE, FP32_TRAIN, Report, Tolerance, compare, default_tolerance
-from bndeploy.runtime.tolerance import parse_tolerance_option, resolve_tolerances
+from bndeploy.tolerance import parse_tolerance_option, resolve_tolerances
 
 TOL = Tolerance(atol=0.5, rtol=0.25)  # powers of two: the boundary below is exact in binary
 

@@ -1,4 +1,4 @@
-"""Tolerances: when is an artifact's value close enough to a reference value?
+"""Tolerances: when is a value close enough to a reference value? (shared by every stage, with compare.py)
 
 An element passes when ``|actual - expected| <= atol + rtol * |expected|`` (numpy.isclose's rule,
 asymmetric: the reference scales the relative part). Defaults depend on the artifact's dtype and mode;

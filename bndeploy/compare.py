@@ -1,4 +1,5 @@
-"""Compare one artifact output with one reference output, element by element.
+"""Compare one output with one reference output, element by element (shared by every stage: `bndeploy
+check` compares artifacts with it, export validation compares ONNX Runtime with torch).
 
 Rules (all computed in float64, whatever the dtypes):
 - finite pair: passes when ``|a - b| <= atol + rtol * |b|`` (b = reference);
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bndeploy.runtime.tolerance import Tolerance
+from bndeploy.tolerance import Tolerance
 
 # How many NaN/Inf mismatch positions a report lists (the count is always exact).
 MAX_LISTED_POSITIONS = 10

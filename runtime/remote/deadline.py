@@ -1,0 +1,78 @@
+"""Every remote wait is bounded: one deadline per run, and network failures put in words a user can act on."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Callable
+
+from bndeploy.errors import BndeployError
+
+INNER_DEADLINE_SHARE = 0.9  # of the timeout, for the socket waits inside a run (the watchdog takes all)
+
+
+def call_with_deadline(work: Callable[[float], object], timeout: float, what: str):
+    """Run ``work(deadline)`` in a worker thread; give up after ``timeout`` seconds.
+
+    TVM's RPC client waits on its sockets without a timeout (a device that vanishes from the network
+    never answers); TVM's FFI releases the GIL, so the caller gets its error on time and the stuck
+    daemon thread is abandoned.
+    """
+    # The steps inside stop a little earlier, so their own, more specific timeout errors win.
+    deadline = time.monotonic() + timeout * INNER_DEADLINE_SHARE
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work(deadline)
+        except BaseException as e:  # handed to the caller's thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=target, name="bndeploy-rpc", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise BndeployError(
+            f"{what}: no answer within {timeout:g} s (the device stopped answering, the network is down, "
+            "or the run needs longer: raise --rpc-timeout)"
+        )
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]
+
+
+def remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise BndeployError("the RPC timeout passed before the device answered (raise --rpc-timeout)")
+    return left
+
+
+def connection_problem(host: str, port: int, error: Exception, deadline: float) -> str:
+    """Why TVM's connect failed, in words: probe the address with a plain socket."""
+    try:
+        with socket.create_connection((host, port), timeout=min(5.0, max(remaining(deadline), 0.1))):
+            pass
+    except OSError as e:
+        return socket_problem(e)
+    return f"{first_line(error)} (the port accepts connections: is it a TVM RPC server, and is the key right?)"
+
+
+SERVER_HINT = "is `bndeploy device serve` running there?"
+TRACKER_HINT = "is the tracker running (`bndeploy device tracker`)?"
+
+
+def socket_problem(error: OSError, hint: str = SERVER_HINT) -> str:
+    if isinstance(error, ConnectionRefusedError):
+        return f"connection refused (nothing listens there: {hint})"
+    if isinstance(error, TimeoutError):
+        return "timed out (host down or unreachable, or a firewall drops the packets)"
+    if isinstance(error, socket.gaierror):
+        return f"unknown host ({error.strerror})"
+    return error.strerror or str(error) or type(error).__name__
+
+
+def first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
