@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from bndeploy.layout import ONNX_FILE
 from bndeploy.machine import cpu_description, usable_cpus
 from bndeploy.timing import interleaved_medians_ms
 
@@ -192,12 +193,13 @@ def run_case(case: Case, settings: BenchSettings, work: Path, threads: int) -> t
     exported = export(LoadedModel(case.name, module, inputs), folder / "export",
                       ExportSettings(modes=(case.mode,), force=True))[case.mode]
     start = time.perf_counter()
-    (artifact_dir,) = compile_model(exported / "model.onnx", [settings.target], folder / "artifact",
+    onnx_path = exported / ONNX_FILE
+    (artifact_dir,) = compile_model(onnx_path, [settings.target], folder / "artifact",
                                     CompileSettings(force=True))
     compile_s = time.perf_counter() - start
     artifact = load_artifact(artifact_dir)
     feeds = {spec.name: t.numpy() for spec, t in zip(artifact.inputs, inputs)}
-    session = _ort_session(exported / "model.onnx", threads)
+    session = _ort_session(onnx_path, threads)
     torch.set_num_threads(threads)
     module.train(case.mode == "train")
     torch_input = inputs[0]

@@ -133,7 +133,7 @@ def test_failed_build_leaves_no_partial_directory(tmp_path, monkeypatch):
     def broken(mod, target):
         raise RuntimeError("simulated code-generation failure")
 
-    monkeypatch.setattr(cpu, "build_cpu", broken)
+    monkeypatch.setattr(cpu, "build_lowered", broken)
     with pytest.raises(RuntimeError, match="simulated"):
         compile_model(tmp_path / "model.onnx", ["cpu"], tmp_path / "a", CompileSettings())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
