@@ -15,7 +15,6 @@ Suites: default (the three conv3x3+BN+ReLU reference shapes and BatchNorm in bot
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -292,8 +291,10 @@ def _geomean_groups(rows: list[Row]) -> dict[str, list[Row]]:
 def run_suite(settings: BenchSettings, say=print) -> tuple[list[Row], list[Case], dict]:
     from bndeploy.compile.targets import resolve_target
 
+    from bndeploy.runtime.artifact import use_all_cpus
+
     threads = settings.threads or usable_cpus()
-    os.environ["TVM_NUM_THREADS"] = str(threads)
+    use_all_cpus(threads)
     cases = suite_cases(settings.suite)
     spec = resolve_target(settings.target)
     rows, context = [], {"cpu": cpu_description(), "target": spec.name, "threads": threads, "rounds": settings.rounds}

@@ -165,12 +165,15 @@ def normalise_arch(arch: str) -> str:
     return _ARCH_ALIASES.get(arch, arch)
 
 
-def use_all_cpus() -> None:
+def use_all_cpus(threads: int | None = None) -> None:
     """Run TVM's CPU kernels on every core this process may use, as ONNX Runtime and torch do.
 
-    TVM's own default counts physical cores only (1 on a 2-vCPU VM); a user's TVM_NUM_THREADS wins.
-    Takes effect when TVM's thread pool starts, at the first parallel kernel.
+    TVM's own default counts physical cores only (1 on a 2-vCPU VM); a user's TVM_NUM_THREADS wins,
+    unless `threads` is given. Takes effect when TVM's thread pool starts, at the first parallel kernel
+    (so call it before anything runs a TVM kernel, constant folding included).
     """
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 
