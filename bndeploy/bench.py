@@ -143,7 +143,7 @@ def zoo_cases(names, batches, image=224) -> list[Case]:
     return [Case(name, f"batch {batch}", _zoo(name), (batch, 3, image, image)) for batch in batches for name in names]
 
 
-def suite_cases(suite: str) -> list[Case]:
+def suite_cases(suite: str, models: tuple[str, ...] = ()) -> list[Case]:
     from bndeploy.export.zoo import ZOO
 
     if suite == "default":
@@ -153,7 +153,7 @@ def suite_cases(suite: str) -> list[Case]:
     if suite == "conv":
         return list(CONV_CLASSES)
     if suite == "zoo":
-        return zoo_cases(ZOO, ZOO_BATCHES)
+        return zoo_cases(models or ZOO, ZOO_BATCHES)
     if suite == "zoo-smoke":
         return zoo_cases(("resnet18",), (1,), image=64)
     raise ValueError(f"unknown suite {suite!r}")
@@ -173,6 +173,7 @@ class BenchSettings:
     threads: int = 0  # 0: every usable CPU
     rounds: int = 7
     work: Path | None = None  # exports and artifacts; a temporary folder when None
+    models: tuple[str, ...] = ()  # zoo suite: these torchvision models only (default: the whole zoo)
 
 
 def run_case(case: Case, settings: BenchSettings, work: Path, threads: int) -> tuple[Row, object]:
@@ -295,7 +296,7 @@ def run_suite(settings: BenchSettings, say=print) -> tuple[list[Row], list[Case]
 
     threads = settings.threads or usable_cpus()
     use_all_cpus(threads)
-    cases = suite_cases(settings.suite)
+    cases = suite_cases(settings.suite, settings.models)
     spec = resolve_target(settings.target)
     rows, context = [], {"cpu": cpu_description(), "target": spec.name, "threads": threads, "rounds": settings.rounds}
     with _work_folder(settings.work) as work:
@@ -326,7 +327,8 @@ class _work_folder:
 
 
 def main(args) -> int:
-    settings = BenchSettings(args.suite, args.target, args.threads, args.rounds, args.work)
+    models = tuple(m for m in (args.models or "").split(",") if m)
+    settings = BenchSettings(args.suite, args.target, args.threads, args.rounds, args.work, models)
     rows, cases, context = run_suite(settings, say=lambda line: print(line, flush=True))
     print()
     print(format_table(rows, cases, context))
@@ -348,4 +350,5 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=0, help="threads for every runtime (default: all usable CPUs)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--work", type=Path, help="keep exports and artifacts in this folder (default: a temporary one)")
+    parser.add_argument("--models", help="zoo suite: comma-separated torchvision models (default: the whole zoo)")
     parser.set_defaults(func=main)

@@ -272,3 +272,23 @@ def test_train_statistics_are_accurate_for_mean_1e4(shape, channels_last):
     x64 = x.astype(np.float64)
     np.testing.assert_allclose(mean.numpy(), x64.mean(axis=axes), rtol=1e-7)  # float32 rounding of 1e4
     np.testing.assert_allclose(var.numpy(), x64.var(axis=axes), rtol=1e-5)
+
+
+def test_squeeze_excitation_broadcast_stays_out_of_the_conv_tile():
+    """RegNetY/MobileNetV3/EfficientNet: x * sigmoid(conv1x1(mean(x))). FuseOps appends the broadcast
+    multiply (to x's full shape) to the 1x1 conv on the pooled 1x1 map; it must run as a loop nest of its
+    own, not inside the conv's 1-pixel register tile (which unrolled it over every pixel of x: minutes of
+    LLVM time per kernel at batch 8)."""
+    rng = np.random.default_rng(6)
+    w = numpy_helper.from_array((rng.standard_normal((32, 32, 1, 1)) * 0.2).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b")
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Conv", ["p", "w", "b"], ["c"]),
+             helper.make_node("Sigmoid", ["c"], ["s"]), helper.make_node("Mul", ["x", "s"], ["y"])]
+    graph = helper.make_graph(nodes, "se", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 32, 28, 28])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    start = time.perf_counter()
+    executable = build_cpu(import_onnx(model), HOST)
+    assert time.perf_counter() - start < 30  # about 1 s; minutes when the broadcast was unrolled into the tile
+    x = rng.standard_normal((8, 32, 28, 28)).astype(np.float32)
+    np.testing.assert_allclose(run_vm(executable, x)[0], onnxruntime_run(model, x), atol=ATOL, rtol=RTOL)

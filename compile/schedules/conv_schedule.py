@@ -1,9 +1,11 @@
 """Schedules a fused PrimFunc holding one of bndeploy's conv kernels (conv2d.py) and its epilogue.
 
 After FuseOps/FuseTIR the function is: [producers] -> [pad] -> conv (annotated with its tiling) ->
-conv_out -> [elementwise epilogue blocks] -> output. The schedule:
+conv_out -> [elementwise epilogue blocks] -> [broadcast tail] -> output. The schedule:
 - inlines every producer into the padding copy (or into the conv when it has none) and every
-  epilogue block into the last one, which then writes the function output straight from registers;
+  epilogue block of the conv's output shape into the last one, which then writes straight from registers;
+- leaves a broadcast tail (FuseOps appends an op that broadcasts the conv's output to a larger shape, as
+  a squeeze-excitation's `x * sigmoid(fc(pool(x)))` does with its 1x1 conv) as a loop nest of its own;
 - tiles the conv's (pixel, channel) space into register tiles, reduction (kh, kw, ic) outside the tile,
   accumulators in a local buffer (registers), pixels unrolled, channels vectorised;
 - parallelises the tile loops; vectorises the padding copy and the accumulator initialisation.
@@ -39,7 +41,7 @@ def schedule_conv(func: tirx.PrimFunc) -> tirx.PrimFunc:
     if found is None:
         raise NotAConvKernel("no annotated conv block")
     conv, tiling = found
-    writer, pad = _inline_around(sch, conv)
+    writer, pad, tail = _inline_around(sch, conv)
     if tiling.kind == DEPTHWISE:
         _tile_depthwise(sch, conv, writer, tiling)
     else:
@@ -47,11 +49,16 @@ def schedule_conv(func: tirx.PrimFunc) -> tirx.PrimFunc:
         _tile_direct(sch, conv, writer, tiling)
     if pad is not None:
         _schedule_pad(sch, pad)
+    if tail is not None:
+        from .generic import vectorize_and_parallelize
+
+        vectorize_and_parallelize(sch, sch.get_loops(tail))
     return sch.mod["main"]
 
 
 def _inline_around(sch: s_tir.Schedule, conv):
-    """Inline producers into the padding copy and the epilogue into the output writer; returns both."""
+    """Inline producers into the padding copy, the epilogue into the writer of the conv-shaped result and
+    a broadcast tail into its last block; returns (writer, pad, tail's last block)."""
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     names = [sch.get(b).name_hint for b in blocks]
     index = [sch.get(b).same_as(sch.get(conv)) for b in blocks].index(True)
@@ -59,9 +66,19 @@ def _inline_around(sch: s_tir.Schedule, conv):
     for block in blocks[:index]:
         if pad is None or not sch.get(block).same_as(sch.get(pad)):
             sch.compute_inline(block)
-    for block in blocks[index + 1:-1]:
+    epilogue = blocks[index + 1:]
+    conv_shape = _output_shape(sch, epilogue[0])
+    same_shape = [b for b in epilogue if _output_shape(sch, b) == conv_shape]
+    if same_shape != epilogue[:len(same_shape)]:
+        raise NotAConvKernel("an epilogue block of the conv's shape follows a broadcast one")
+    tail = epilogue[len(same_shape):]
+    for block in same_shape[:-1] + tail[:-1]:
         sch.compute_inline(block)
-    return blocks[-1], pad
+    return same_shape[-1], pad, (tail[-1] if tail else None)
+
+
+def _output_shape(sch: s_tir.Schedule, block) -> tuple:
+    return tuple(int(d) for d in sch.get(block).writes[0].source.shape)
 
 
 def _flatten_pixels(sch: s_tir.Schedule, writer) -> None:
@@ -95,21 +112,26 @@ def _register_tile(sch: s_tir.Schedule, conv, writer, outer, reduction, pixels, 
     sch.reverse_compute_at(writer, outer[-1])
     sch.set_scope(conv, 0, "local")
     sch.parallel(sch.fuse(*outer))
-    sch.unroll(pixels)
-    sch.vectorize(channels)
-    _schedule_writer(sch, writer, tiling)
+    _unroll_tile(sch, pixels, channels, tiling)
+    writer_pixels, writer_channels = sch.get_loops(writer)[-2:]
+    extent = sch.get(writer_channels).extent
+    if isinstance(extent, tirx.IntImm) and int(extent) == tiling.channel_block:  # not a padded channel block
+        _unroll_tile(sch, writer_pixels, writer_channels, tiling)
+    else:
+        sch.unroll(writer_pixels)
     init = sch.decompose_reduction(conv, reduction[0])
-    init_loops = sch.get_loops(init)
-    sch.vectorize(init_loops[-1])
-    sch.unroll(init_loops[-2])
+    _unroll_tile(sch, *sch.get_loops(init)[-2:], tiling)
 
 
-def _schedule_writer(sch: s_tir.Schedule, writer, tiling: Tiling) -> None:
-    pixel, channel = sch.get_loops(writer)[-2:]
-    sch.unroll(pixel)
-    extent = sch.get(channel).extent
-    if isinstance(extent, tirx.IntImm) and int(extent) == tiling.channel_block:
-        sch.vectorize(channel)
+def _unroll_tile(sch: s_tir.Schedule, pixels, channels, tiling: Tiling) -> None:
+    """Pixels unrolled; channels as register-wide vectors, the vectors of a block unrolled."""
+    sch.unroll(pixels)
+    if tiling.channel_block > tiling.vector_lanes:
+        vectors, lanes = sch.split(channels, [None, tiling.vector_lanes])
+        sch.unroll(vectors)
+        sch.vectorize(lanes)
+    else:
+        sch.vectorize(channels)
 
 
 def _schedule_pad(sch: s_tir.Schedule, pad) -> None:

@@ -1,0 +1,90 @@
+"""`bndeploy profile` and `bndeploy bench`: what they report is what the artifact does.
+
+No test asserts an absolute time: the tests check that every kernel is accounted for, that the work
+attributed to a kernel is the work of its operator, that the machine's bounds were measured, and that
+the bench times the product's own path (the export and compile_model's artifact).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bndeploy.compile import CompileSettings, compile_model
+from bndeploy.layout import ARTIFACT_MANIFEST, ONNX_FILE
+from bndeploy.runtime.profile import profile
+
+
+@pytest.fixture(scope="module")
+def tiny_resnet_artifact(exported, tmp_path_factory):
+    onnx_path = exported("tiny-resnet")["inference"] / ONNX_FILE
+    (artifact,) = compile_model(onnx_path, ["cpu"], tmp_path_factory.mktemp("profile") / "a", CompileSettings())
+    return artifact
+
+
+def test_profile_accounts_for_every_kernel_with_its_work(tiny_resnet_artifact):
+    result = profile(tiny_resnet_artifact, rounds=3)
+    manifest = json.loads((tiny_resnet_artifact / ARTIFACT_MANIFEST).read_text())
+    assert {k.name for k in result.kernels} == set(manifest["kernels"])
+    assert all(k.calls >= 1 and k.ms > 0 for k in result.kernels)
+    assert abs(sum(result.share(k) for k in result.kernels) - 1.0) < 1e-9
+    assert abs(sum(result.class_shares().values()) - 1.0) < 1e-9
+    convs = [k for k in result.kernels if k.kind == "conv"]
+    assert convs and all(k.flops > 0 for k in convs)
+    for kernel in result.kernels:  # per run: the recorded per-call work times the calls
+        cost = manifest["kernel_costs"][kernel.name]
+        assert kernel.flops == cost["flops"] * kernel.calls and kernel.nbytes == cost["bytes"] * kernel.calls
+    assert result.bounds.peak_gflops and result.bounds.peak_gflops > 0, "the artifact's FMA-peak kernel did not run"
+    assert result.bounds.bandwidth_gbs > 0
+    table = result.table()
+    assert result.cpu in table and all(k.name in table for k in result.kernels[:15])
+
+
+def test_conv_kernel_work_is_the_convolutions_useful_flops(tmp_path):
+    """One 3x3 conv 16->32 on 2x16x12x12: 2 * N * C_out * H_out * W_out * C_in * 9 FLOPs, not the FLOPs
+    of the padded register tiles the kernel actually computes."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((32, 16, 3, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4)], "c",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32, 12, 12])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    (artifact,) = compile_model(tmp_path / "m.onnx", ["cpu"], tmp_path / "a", CompileSettings())
+    costs = json.loads((artifact / ARTIFACT_MANIFEST).read_text())["kernel_costs"]
+    conv = [cost for name, cost in costs.items() if "conv2d" in name]
+    assert [c["flops"] for c in conv] == [2 * 2 * 32 * 12 * 12 * 16 * 9]
+
+
+def test_profile_command_prints_the_table_and_writes_json(tiny_resnet_artifact, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bndeploy.cli", "profile", str(tiny_resnet_artifact), "--rounds", "2",
+                             "--json", str(tmp_path / "p.json")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "% of bound" in result.stdout and "FMA peak" in result.stdout
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["kernels"] and set(data["class_shares"]) >= {"conv"}
+    assert all("percent_of_bound" in k for k in data["kernels"])
+
+
+@pytest.mark.slow
+def test_bench_zoo_smoke_times_the_products_own_artifact(tmp_path):
+    """ResNet-18 from torchvision's definition (64x64): exported, compiled by compile_model, timed beside
+    ONNX Runtime and torch; the row has every peer and a ratio, and the artifact is compile_model's."""
+    work = tmp_path / "work"
+    result = subprocess.run([sys.executable, "-m", "bndeploy.cli", "bench", "--suite", "zoo-smoke", "--rounds", "1",
+                             "--work", str(work), "--json", str(tmp_path / "b.json")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "bndeploy/ORT" in result.stdout and "geomean" in result.stdout and "CPU:" in result.stdout
+    (row,) = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert row["case"] == "resnet18" and set(row["ms"]) == {"bndeploy", "onnxruntime", "torch"}
+    assert row["ratio"] == pytest.approx(row["ms"]["bndeploy"] / row["ms"]["onnxruntime"])
+    manifests = list(work.glob(f"*/artifact/{ARTIFACT_MANIFEST}"))
+    assert len(manifests) == 1 and (manifests[0].parent.parent / "export" / "inference" / ONNX_FILE).is_file()
+    kernels = json.loads(manifests[0].read_text())["kernels"]
+    assert any(k.startswith("fused_bndeploy_conv2d") for k in kernels)
+    assert not any("conv2d" in k and "bndeploy" not in k for k in kernels), "a conv fell to TVM's generic path"
