@@ -10,8 +10,10 @@ behaviour already matches ONNX Runtime's, which depends on where in the window t
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import relax, te, tirx, topi
+from tvm.ir.expr import Constant
 
 
 def _relu(x: te.Tensor) -> te.Tensor:
@@ -59,13 +61,41 @@ def _legalize_clip(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     return bb.call_te(_clip, call.args[0], low, high, primfunc_name_hint="clip")
 
 
-def _legalize_binary(compute):
+def _bound(x: te.Tensor, bound: float, keep_above: bool) -> te.Tensor:
+    """max(x, bound) (keep_above) or min(x, bound) for a finite constant bound: one compare and select,
+    NaN passing through as x (clip's lower and upper bound after `clip_to_bounds`)."""
+    c = tirx.const(bound, x.dtype)
+    if keep_above:
+        return te.compute(x.shape, lambda *i: tirx.Select(x(*i) < c, c, x(*i)), name="maximum", tag="elemwise")
+    return te.compute(x.shape, lambda *i: tirx.Select(x(*i) > c, c, x(*i)), name="minimum", tag="elemwise")
+
+
+def _scalar_constant(expr) -> float | None:
+    """The value of a scalar (or one-element) non-NaN constant, else None."""
+    if not isinstance(expr, Constant):
+        return None
+    value = expr.value.numpy()
+    if value.size != 1 or np.isnan(value).any():
+        return None
+    return float(value.reshape(()))
+
+
+def _legalize_binary(compute, keep_above: bool):
     def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
         if not _float(call):
             return _default(bb, call)
-        return bb.call_te(compute, call.args[0], call.args[1], primfunc_name_hint=compute.__name__.strip("_"))
+        a, b = call.args
+        bound = _scalar_constant(b)
+        if bound is not None and _shape(a) == _shape(call):
+            return bb.call_te(_bound, a, bound, keep_above, primfunc_name_hint=compute.__name__.strip("_"))
+        return bb.call_te(compute, a, b, primfunc_name_hint=compute.__name__.strip("_"))
 
     return legalize
+
+
+def _shape(expr) -> tuple | None:
+    shape = getattr(expr.ty, "shape", None)
+    return None if shape is None else tuple(int(d) for d in shape.values) if hasattr(shape, "values") else tuple(shape)
 
 
 def _default(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
@@ -75,8 +105,8 @@ def _default(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 NAN_PRESERVING = {
     "relax.nn.relu": _legalize_relu,
     "relax.clip": _legalize_clip,
-    "relax.maximum": _legalize_binary(_maximum),
-    "relax.minimum": _legalize_binary(_minimum),
+    "relax.maximum": _legalize_binary(_maximum, keep_above=True),
+    "relax.minimum": _legalize_binary(_minimum, keep_above=False),
 }
 
 

@@ -46,13 +46,26 @@ class ConvSpec:
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
     # "NCHW": the kernel takes the NCHW tensor and its padding copy transposes it (a network's input,
-    # which would otherwise be transposed by a kernel of its own first).
+    # which would otherwise be transposed by a kernel of its own first). "NC": a dense layer (matmul),
+    # (width rows, in_channels) in and (width rows, out_channels) out: a 1x1 conv over a 1 x rows image.
     input_layout: str = "NHWC"
 
     @property
-    def input_shape(self) -> tuple[int, int, int, int]:
+    def input_shape(self) -> tuple[int, ...]:
         n, h, w, c = self.batch, self.height, self.width, self.in_channels
+        if self.input_layout == "NC":
+            return (w, c)
         return (n, c, h, w) if self.input_layout == "NCHW" else (n, h, w, c)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        if self.input_layout == "NC":
+            return (self.width, self.out_channels)
+        return (self.batch, self.out_height, self.out_width, self.out_channels)
+
+    @staticmethod
+    def dense(rows: int, in_features: int, out_features: int) -> "ConvSpec":
+        return ConvSpec(1, 1, rows, in_features, out_features, (1, 1), input_layout="NC")
 
     @property
     def out_height(self) -> int:
@@ -282,7 +295,7 @@ def _direct_compute(spec: ConvSpec, tiling: Tiling):
     so are the packed weights, so the innermost loop runs KW times longer with the same body (a 3x3 conv's
     reduction is 3 loops of 3 * C_in instead of 9 of C_in; a 7x7 stem's 7 of 21 instead of 49 of 3)."""
     data = te.placeholder(_i64(*spec.input_shape), "float32", name="data")
-    source = _padded_input(data, spec)
+    source = _padded_input(data, spec) if spec.input_layout != "NC" else _as_image(data)
     kh, kw = spec.kernel
     pixels = _ceil_to(spec.pixels, tiling.pixel_block)
     cb = tiling.channel_block
@@ -311,10 +324,23 @@ def _direct_compute(spec: ConvSpec, tiling: Tiling):
 
     attrs = {CONV_BLOCK_ATTR: tiling.annotation(), CONV_FLOPS_ATTR: spec.flops}
     conv = te.compute(_i64(spec.batch, pixels, blocks * cb), accumulate, name="conv", attrs=attrs)
-    ow = tirx.IntImm("int64", spec.out_width)
-    out = te.compute(_i64(spec.batch, spec.out_height, spec.out_width, spec.out_channels),
-                     lambda i, y, x, o: conv[i, y * ow + x, o], name="conv_out")
+    if spec.input_layout == "NC":
+        out = te.compute(_i64(*spec.output_shape), lambda x, o: conv[0, x, o], name="conv_out")
+    else:
+        ow = tirx.IntImm("int64", spec.out_width)
+        out = te.compute(_i64(*spec.output_shape), lambda i, y, x, o: conv[i, y * ow + x, o], name="conv_out")
     return te.create_prim_func([data, weight, out]).with_attr("op_pattern", OUT_EWISE_FUSABLE)
+
+
+class _as_image:
+    """A dense layer's (rows, features) input indexed as the NHWC image (1, 1, rows, features)."""
+
+    def __init__(self, data):
+        self._data = data
+
+    def __getitem__(self, index):
+        _, _, x, c = index
+        return self._data[x, c]
 
 
 def _depthwise_compute(spec: ConvSpec, tiling: Tiling):

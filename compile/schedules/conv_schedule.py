@@ -82,10 +82,14 @@ def _output_shape(sch: s_tir.Schedule, block) -> tuple:
 
 
 def _flatten_pixels(sch: s_tir.Schedule, writer) -> None:
-    """The writer iterates (n, oh, ow, c); make it (n, oh*ow, c), the conv's pixel axis."""
+    """The writer iterates (n, oh, ow, c), or (rows, c) for a dense layer; make it (n, oh*ow, c) and
+    (0, rows, c), the axes of the conv's accumulators."""
     iter_vars = sch.get(writer).iter_vars
+    if len(iter_vars) == 2:
+        sch.transform_block_layout(writer, lambda x, c: (x * 0, x, c))
+        return
     if len(iter_vars) != 4:
-        raise NotAConvKernel(f"the output writer has {len(iter_vars)} axes, expected 4 (NHWC)")
+        raise NotAConvKernel(f"the output writer has {len(iter_vars)} axes, expected 4 (NHWC) or 2 (dense)")
     width = iter_vars[2].dom.extent
     sch.transform_block_layout(writer, lambda n, y, x, c: (n, y * width + x, c))
 

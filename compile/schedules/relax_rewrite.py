@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
@@ -68,6 +69,8 @@ class _KernelRewriter(PyExprMutator):
         replacement = None
         if _op_name(call) == "relax.nn.conv2d":
             replacement = self._rewrite_conv(call)
+        elif _op_name(call) == "relax.matmul":
+            replacement = self._rewrite_dense(call)
         if replacement is None:
             replacement = self._rewrite_batch_stats(call)
         return replacement if replacement is not None else super().visit_call_(call)
@@ -87,9 +90,27 @@ class _KernelRewriter(PyExprMutator):
         gv = self._kernel(("conv2d", spec, tiling), lambda: conv2d_compute(spec, tiling),
                           f"bndeploy_conv2d_{'depthwise' if tiling.kind == DEPTHWISE else 'direct'}")
         weight = pack_weight(call.args[1].value.numpy(), spec, tiling)
-        out_shape = (spec.batch, spec.out_height, spec.out_width, spec.out_channels)
         return relax.call_tir(gv, [self.visit_expr(data), relax.const(weight)],
-                              relax.TensorType(out_shape, "float32"))
+                              relax.TensorType(spec.output_shape, "float32"))
+
+    def _rewrite_dense(self, call: relax.Call):
+        """matmul(x (rows, K), W const (K, M)) -> the direct conv kernel as a 1x1 conv over the rows, so a
+        classifier (ONNX Gemm/MatMul) gets register tiles, packed weights and a fused bias epilogue."""
+        x, weight = call.args
+        shape = _static_shape(x)
+        if shape is None or len(shape) != 2 or _dtype(x) != "float32" or not isinstance(weight, Constant):
+            return None
+        matrix = weight.value.numpy()
+        if matrix.dtype != "float32" or matrix.ndim != 2 or matrix.shape[0] != shape[1]:
+            return None
+        spec = ConvSpec.dense(shape[0], shape[1], matrix.shape[1])
+        tiling = choose_tiling(spec, self._isa)
+        if tiling is None:
+            return None
+        gv = self._kernel(("dense", spec, tiling), lambda: conv2d_compute(spec, tiling), "bndeploy_dense")
+        packed = pack_weight(np.ascontiguousarray(matrix.T).reshape(spec.out_channels, spec.in_channels, 1, 1), spec, tiling)
+        return relax.call_tir(gv, [self.visit_expr(x), relax.const(packed)],
+                              relax.TensorType(spec.output_shape, "float32"))
 
     # batch statistics ----------------------------------------------------------------------------
 
@@ -192,7 +213,31 @@ CHANNELS_LAST = {"relax.nn.conv2d": ["NHWC", "OIHW"]}
 
 @tvm.transform.module_pass(opt_level=0, name="bndeploy.ConvertToChannelsLast")
 def convert_to_channels_last(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    return relax.transform.ConvertLayout(CHANNELS_LAST)(mod)
+    return relax.transform.ConvertLayout(CHANNELS_LAST)(clip_to_bounds(mod))
+
+
+@mutator
+class _ClipToBounds(PyExprMutator):
+    def visit_call_(self, call: relax.Call):
+        call = super().visit_call_(call)
+        if _op_name(call) != "relax.clip" or _dtype(call) is None:
+            return call
+        low, high = (float(bound.value) for bound in call.args[1:])
+        dtype = _dtype(call)
+        return relax.op.minimum(relax.op.maximum(call.args[0], relax.const(low, dtype)), relax.const(high, dtype))
+
+
+@tvm.transform.module_pass(opt_level=0, name="bndeploy.ClipToBounds")
+def clip_to_bounds(mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
+    """clip(x, lo, hi) -> minimum(maximum(x, lo), hi): TVM's ConvertLayout has no layout rule for clip, so
+    every ReLU6/HardSwish/HardSigmoid would be wrapped in a transpose back to NCHW and out again (measured
+    on MobileNetV2: a fifth of its time in those transposes); maximum/minimum with a constant follow any
+    layout, and legalise to the same compare-and-select (nan_semantics.py)."""
+    mutator = _ClipToBounds(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = mutator.visit_expr(func)
+    return mod
 
 
 @tvm.transform.module_pass(opt_level=0, name="bndeploy.RewriteToKernels")
