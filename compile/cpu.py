@@ -21,7 +21,7 @@ def scheduling_passes(target: tvm.target.Target) -> list:
     return (
         [convert_to_channels_last, rewrite_to_kernels]
         + cpu_generic.library_dispatch_passes(target)
-        + [legalize_ops(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+        + [legalize_ops(cpu=True), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
            relax.transform.FuseOps(), relax.transform.FuseTIR()]
         + [schedule_cpu_kernels]
     )

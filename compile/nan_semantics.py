@@ -102,6 +102,24 @@ def _default(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     return tvm.ir.Op.get(call.op.name).get_attr("FLegalize")(bb, call)
 
 
+def _sigmoid(x: te.Tensor) -> te.Tensor:
+    """1 / (1 + exp(-x)) with TVM's polynomial exp (topi.fast_exp: about 1e-7 relative error, vectorisable).
+    TVM's own sigmoid calls the C library's expf once per element, unvectorised: measured, it made every
+    SiLU-fused conv of EfficientNet-B0 run at 2-5% of the FMA peak. NaN stays NaN; +-inf give 1 and 0."""
+    one = tirx.const(1.0, x.dtype)
+    exp_neg = topi.fast_exp(topi.negative(x))
+    return te.compute(x.shape, lambda *i: one / (one + exp_neg(*i)), name="sigmoid", tag="elemwise")
+
+
+def _legalize_sigmoid(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    if str(getattr(call.ty, "dtype", "")) != "float32":
+        return _default(bb, call)
+    return bb.call_te(_sigmoid, call.args[0], primfunc_name_hint="sigmoid")
+
+
+# Vectorisable transcendental functions for the CPU (on CUDA the device's own exp is fast).
+CPU_FAST_MATH = {"relax.sigmoid": _legalize_sigmoid}
+
 NAN_PRESERVING = {
     "relax.nn.relu": _legalize_relu,
     "relax.clip": _legalize_clip,
@@ -110,6 +128,6 @@ NAN_PRESERVING = {
 }
 
 
-def legalize_ops() -> tvm.transform.Pass:
-    """TVM's LegalizeOps with the NaN-preserving legalisations above."""
-    return relax.transform.LegalizeOps(customize_legalize_map=NAN_PRESERVING)
+def legalize_ops(cpu: bool = False) -> tvm.transform.Pass:
+    """TVM's LegalizeOps with the NaN-preserving legalisations above (and, for CPUs, vectorisable sigmoid)."""
+    return relax.transform.LegalizeOps(customize_legalize_map={**NAN_PRESERVING, **(CPU_FAST_MATH if cpu else {})})

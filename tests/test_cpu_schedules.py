@@ -297,3 +297,40 @@ def test_squeeze_excitation_broadcast_stays_out_of_the_conv_tile():
     executable = build_cpu(import_onnx(model), HOST)
     x = rng.standard_normal((8, 32, 28, 28)).astype(np.float32)
     np.testing.assert_allclose(run_vm(executable, x)[0], onnxruntime_run(model, x), atol=ATOL, rtol=RTOL)
+
+
+def test_sigmoid_is_vectorised_and_accurate():
+    """SiLU (x * sigmoid(x)) is in every EfficientNet conv epilogue: sigmoid must not call the C library's
+    scalar expf per element. The polynomial exp keeps it within 1e-6 of the float64 value (the fp32
+    inference tolerance is 1e-5 + 1e-4 |x|); NaN stays NaN, +-inf give 1 and 0 as in ONNX Runtime."""
+    x = np.concatenate([np.linspace(-30, 30, 4093), [np.nan, np.inf, -np.inf]]).astype(np.float32).reshape(1, -1)
+    graph = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["y"])], "s",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    target = resolve_target("x86-64-avx2").tvm_target()
+    executable = build_cpu(import_onnx(model), target)
+    asm = executable.mod.imports[0].inspect_source("asm")
+    assert "expf" not in asm and "vfmadd" in asm
+    got = run_vm(executable, x)[0][0]
+    want = 1.0 / (1.0 + np.exp(-x[0].astype(np.float64)))
+    finite = np.isfinite(x[0])
+    assert np.abs(got[finite] - want[finite]).max() <= 1e-6
+    assert np.isnan(got[-3]) and got[-2] == 1.0 and got[-1] == 0.0
+
+
+def test_channels_last_pooling_reads_contiguous_channel_vectors():
+    """GlobalAveragePool of an NHWC tensor (squeeze-excitation, classifier heads): channels in vector
+    lanes, the 7x7 reduction outside them, instead of strided gathers along the reduced axes."""
+    rng = np.random.default_rng(7)
+    w = numpy_helper.from_array((rng.standard_normal((64, 32, 3, 3)) * 0.1).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4), helper.make_node("GlobalAveragePool", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "gap", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32, 7, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    scheduled = schedule_module(import_onnx(model), HOST)
+    (pool,) = [f for gv, f in scheduled.functions.items() if "mean" in gv.name_hint]
+    text = pool.script()
+    assert "T.vectorized(" in text and "local" in text  # channel vectors accumulated in registers
+    x = rng.standard_normal((2, 32, 7, 7)).astype(np.float32)
+    np.testing.assert_allclose(run_vm(build_cpu(import_onnx(model), HOST), x)[0], onnxruntime_run(model, x), atol=ATOL, rtol=RTOL)

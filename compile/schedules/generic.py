@@ -112,6 +112,9 @@ def _schedule_one_reduction(sch: s_tir.Schedule, block) -> None:
         return  # not (spatial..., reduction...): leave TVM's default
     n_spatial = iter_types.count(tirx.IterVar.DataPar)
     spatial, reduction = loops[:n_spatial], loops[n_spatial:]
+    if spatial and _reads_spatial_innermost(sch, block, n_spatial):
+        _schedule_channels_last_reduction(sch, block, spatial, reduction)
+        return
     last = _extent(sch, reduction[-1])
     width = next((v for v in VECTOR_WIDTHS if last and last % v == 0 and last > v), None)
     if width is not None:
@@ -125,6 +128,40 @@ def _schedule_one_reduction(sch: s_tir.Schedule, block) -> None:
         fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
         if total > 1:
             sch.parallel(fused)
+
+
+def _reads_spatial_innermost(sch: s_tir.Schedule, block, n_spatial: int) -> bool:
+    """Whether the reduced input's contiguous (last) axis is indexed by the block's innermost spatial axis:
+    a channels-last pooling (mean or max over H, W of NHWC) reads its channels contiguously."""
+    stmt = sch.get(block)
+    innermost = stmt.iter_vars[n_spatial - 1].var
+    for region in stmt.reads:
+        last = region.region[-1].min
+        if isinstance(last, tirx.Var) and last.same_as(innermost) and len(region.region) > 1:
+            return True
+    return False
+
+
+def _schedule_channels_last_reduction(sch: s_tir.Schedule, block, spatial, reduction) -> None:
+    """Vectors along the contiguous spatial axis, the reduction loops outside them, the vector of
+    accumulators in registers: one contiguous vector load per reduced element."""
+    extent = _extent(sch, spatial[-1]) or 1
+    width = next((v for v in VECTOR_WIDTHS if extent % v == 0), None)
+    if width is None:
+        return
+    outer, lanes = sch.split(spatial[-1], [None, width])
+    sch.reorder(*spatial[:-1], outer, *reduction, lanes)
+    accumulators = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(accumulators, outer)
+    sch.vectorize(sch.get_loops(accumulators)[-1])
+    sch.vectorize(lanes)
+    work = 1
+    for loop in spatial[:-1] + [outer]:
+        work *= _extent(sch, loop) or 1
+    if work > 1:
+        sch.parallel(sch.fuse(*spatial[:-1], outer) if spatial[:-1] else outer)
+    init = sch.decompose_reduction(block, reduction[0])
+    sch.vectorize(sch.get_loops(init)[-1])
 
 
 def _vectorize_partial(sch: s_tir.Schedule, partial, n_spatial: int) -> None:
