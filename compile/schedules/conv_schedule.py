@@ -101,8 +101,9 @@ def _tile_direct(sch: s_tir.Schedule, conv, writer, tiling: Tiling) -> None:
     n, p, o, *reduction = sch.get_loops(conv)
     p_outer, p_inner = sch.split(p, [None, tiling.pixel_block])
     o_outer, o_inner = sch.split(o, [None, tiling.channel_block])
-    sch.reorder(n, o_outer, p_outer, *reduction, p_inner, o_inner)
-    _register_tile(sch, conv, writer, [n, o_outer, p_outer], reduction, p_inner, o_inner, tiling)
+    outer = [n, p_outer, o_outer] if tiling.pixels_outer else [n, o_outer, p_outer]
+    sch.reorder(*outer, *reduction, p_inner, o_inner)
+    _register_tile(sch, conv, writer, outer, reduction, p_inner, o_inner, tiling)
 
 
 def _tile_depthwise(sch: s_tir.Schedule, conv, writer, tiling: Tiling) -> None:
