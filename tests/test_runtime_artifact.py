@@ -168,3 +168,44 @@ def test_runtime_imports_neither_torch_nor_onnx(inference):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "LOADED [] ATTEMPTS []" in done.stdout
+
+
+def _at_offset(array: np.ndarray, offset: int) -> np.ndarray:
+    """A copy of `array` whose data starts `offset` bytes past a 64-byte boundary."""
+    raw = np.empty(array.nbytes + 128, np.uint8)
+    start = -raw.ctypes.data % 64 + offset
+    placed = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    placed[...] = array
+    return placed
+
+
+@pytest.mark.parametrize("offset", [0, 4, 16])
+def test_inputs_at_any_alignment_give_the_same_outputs(inference, offset):
+    """TVM refuses data not aligned to 64 bytes; the runtime stages such inputs in an aligned buffer (and
+    reuses it), leaving the caller's array untouched."""
+    artifact = load_artifact(inference.artifact_dir)
+    x = reference(inference, "input/x")
+    placed = _at_offset(x, offset)
+    assert placed.ctypes.data % 64 == offset
+    before = placed.copy()
+    first = artifact.run({"x": placed})["y"].copy()
+    second = artifact.run({"x": placed})["y"]
+    np.testing.assert_array_equal(first, artifact.run({"x": x})["y"])
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(placed, before)
+
+
+def test_valid_inputs_skip_the_full_validation_and_bad_ones_get_its_message(inference, monkeypatch):
+    import bndeploy.runtime.artifact as artifact_module
+
+    artifact = load_artifact(inference.artifact_dir)
+    x = reference(inference, "input/x")
+    calls = []
+    full = artifact_module.validate_inputs
+    monkeypatch.setattr(artifact_module, "validate_inputs", lambda *a: calls.append(1) or full(*a))
+    artifact.run({"x": x})
+    assert not calls
+    artifact.run({"x": np.asfortranarray(x)})  # not C-contiguous: the full path makes it so
+    assert len(calls) == 1
+    with pytest.raises(BndeployError, match=EXPECTS.replace("[", r"\[").replace("]", r"\]")):
+        artifact.run({"x": x.astype(np.float64)})
