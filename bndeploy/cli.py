@@ -23,6 +23,7 @@ from bndeploy.extras import missing_message, missing_modules
 SUBCOMMANDS = {
     "export": "bndeploy.export.cli",
     "compile": "bndeploy.compile.cli",
+    "tune": "bndeploy.compile.tune_cli",
     "run": "bndeploy.runtime.cli",
     "check": "bndeploy.runtime.cli",
     "profile": "bndeploy.runtime.cli",
@@ -31,7 +32,7 @@ SUBCOMMANDS = {
     "bench": "bndeploy.bench",
 }
 # The pip extra each subcommand needs beyond the runtime (bndeploy.extras); run, check, device need none.
-COMMAND_EXTRAS = {"export": "export", "compile": "compile", "pipeline": "full", "bench": "full"}
+COMMAND_EXTRAS = {"export": "export", "compile": "compile", "tune": "tune", "pipeline": "full", "bench": "full"}
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:

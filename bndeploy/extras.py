@@ -6,7 +6,9 @@ The other stages need more, and name the extra to install when something is miss
     bndeploy[export]   torch, onnx, onnxscript, onnxruntime   (export and its validation against ORT)
     bndeploy[compile]  onnx                                    (compile: read and check the ONNX model)
     bndeploy[check]    onnxruntime                             (check's "onnxruntime" reference)
+    bndeploy[tune]     onnx, psutil, cloudpickle, xgboost       (tune: MetaSchedule and its cost model)
     bndeploy[full]     all of the above, rich, tornado          (a workstation: pipeline, bench, tracker)
+    bndeploy[zoo]      export's, torchvision                    (torchvision's networks: bench --suite zoo)
 
 This table names import names; pyproject.toml's [project.optional-dependencies] names the same
 distributions with their versions (tests/test_install.py keeps the two equal).
@@ -23,7 +25,12 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "compile": ("onnx",),
     "check": ("onnxruntime",),
 }
-EXTRAS["full"] = tuple(dict.fromkeys([*EXTRAS["export"], *EXTRAS["compile"], *EXTRAS["check"], "rich", "tornado"]))
+EXTRAS["tune"] = (*EXTRAS["compile"], "psutil", "cloudpickle", "xgboost")
+EXTRAS["full"] = tuple(dict.fromkeys([*EXTRAS["export"], *EXTRAS["compile"], *EXTRAS["check"], *EXTRAS["tune"],
+                                      "rich", "tornado"]))
+EXTRAS["zoo"] = (*EXTRAS["export"], "torchvision")
+# Distributions whose import name differs (xgboost-cpu: xgboost without the CUDA/NCCL libraries, 400+ MB).
+IMPORT_NAMES = {"xgboost-cpu": "xgboost"}
 
 # torch is installed first, by hand, to choose its build: an unpinned torch is a multi-GB CUDA download.
 TORCH_HINT = " (install torch first to choose its build, e.g. pip install torch==2.13.0 for the CPU one)"

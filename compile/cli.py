@@ -26,13 +26,15 @@ def register(subparsers) -> None:
                         "spec) or torch (unbiased, as PyTorch)")
     parser.add_argument("--dump", action="store_true", help="write Relax IR (and CUDA source) under dump/")
     parser.add_argument("--force", action="store_true", help="replace existing artifact directories")
+    parser.add_argument("--tuned", metavar="DIR", help="a `bndeploy tune` folder: use the schedules it measured faster")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from bndeploy.compile import CompileSettings, compile_model
 
-    settings = CompileSettings(dtype=args.dtype, running_var=args.running_var, dump=args.dump, force=args.force)
+    settings = CompileSettings(dtype=args.dtype, running_var=args.running_var, dump=args.dump, force=args.force,
+                               tuned=args.tuned)
     written = compile_model(args.onnx, args.targets, args.out, settings, progress=_progress)
     for path in written:
         print(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +30,7 @@ class CompileSettings:
     running_var: str = "onnx"  # "torch": unbiased batch variance in the running-variance update
     dump: bool = False  # write Relax IR before/after the passes (and CUDA source) under dump/
     force: bool = False  # replace existing artifact directories
+    tuned: Path | None = None  # a `bndeploy tune` folder: its measured-faster schedules replace the defaults
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -83,7 +84,7 @@ def compile_model(onnx_path, targets: list[str], out, settings: CompileSettings 
     for index, (spec, out_dir) in enumerate(zip(specs, out_dirs), start=1):
         say(f"[{index}/{len(specs)}] building for target {spec.name} -> {out_dir}")
         with atomic_directory(out_dir, settings.force) as tmp:
-            built = _build(mod, spec, tmp, settings.dump)
+            built = _build(mod, spec, tmp, settings)
             if settings.dump:
                 _write_dumps(tmp / DUMP_DIR, dumps)
             write_manifest(tmp / ARTIFACT_MANIFEST, _manifest(source, spec, settings, fusion, built, tmp))
@@ -295,26 +296,33 @@ class BuildResult:
     archs: list[str]  # CUDA architectures with device code (empty for CPU targets)
     costs: dict[str, dict[str, int]]  # per kernel: useful FLOPs and parameter bytes per call (CPU targets)
     fma_peak: dict | None = None  # the FMA-peak kernel the library carries for `bndeploy profile`
+    tuned_kernels: list[str] = field(default_factory=list)  # kernels scheduled from the tuning database
 
 
-def _build(mod, spec: TargetSpec, out_dir: Path, dump: bool) -> BuildResult:
+def _build(mod, spec: TargetSpec, out_dir: Path, settings: CompileSettings) -> BuildResult:
     """Build and export the library into ``out_dir``."""
     if spec.device == "cuda":
-        kernels, archs = _build_cuda(mod, spec, out_dir, dump)  # runs in a worker process: no lock needed
+        if settings.tuned is not None:
+            raise BndeployError(f"--tuned applies to CPU targets ({spec.name!r} is a CUDA target)")
+        kernels, archs = _build_cuda(mod, spec, out_dir, settings.dump)  # a worker process: no lock needed
         return BuildResult(kernels, archs, {})
     with _IN_PROCESS_TVM:
-        return _build_llvm(mod, spec, out_dir)
+        return _build_llvm(mod, spec, out_dir, settings.tuned)
 
 
-def _build_llvm(mod, spec: TargetSpec, out_dir: Path) -> BuildResult:
+def _build_llvm(mod, spec: TargetSpec, out_dir: Path, tuned: Path | None) -> BuildResult:
     from .cpu import build_lowered, lower_cpu
     from .kernel_costs import kernel_costs
-    from .schedules import isa_for_target
+    from .schedules import TUNED_ATTR, isa_for_target
     from .schedules.fma_peak import add_fma_peak
+    from .tuning import load_database
 
     fcompile = library_compiler(spec)  # fails before the build when a cross toolchain is missing
     target = spec.tvm_target()
-    lowered = lower_cpu(mod, target)
+    database = load_database(tuned) if tuned is not None else None
+    lowered = lower_cpu(mod, target, database)
+    tuned_kernels = [gv.name_hint for gv, f in lowered.functions.items()
+                     if f.attrs is not None and TUNED_ATTR in f.attrs]
     costs = kernel_costs(lowered)
     fma_peak = add_fma_peak(lowered, isa_for_target(target))
     executable = build_lowered(lowered, target)
@@ -328,7 +336,8 @@ def _build_llvm(mod, spec: TargetSpec, out_dir: Path) -> BuildResult:
         raise BndeployError(f"target {spec.name!r}: linking {LIBRARY_FILE} failed: {_link_error(e)}") from None
     verify_library_machine(library, spec)
     kernels = kernel_names(executable)
-    return BuildResult(kernels, [], {name: costs[name] for name in kernels if name in costs}, fma_peak)
+    return BuildResult(kernels, [], {name: costs[name] for name in kernels if name in costs}, fma_peak,
+                       [name for name in kernels if name in tuned_kernels])
 
 
 def _link_error(error: Exception) -> str:
@@ -385,6 +394,8 @@ def _manifest(source: SourceModel, spec: TargetSpec, settings, fusion, built: Bu
         "kernels": built.kernels,
         "kernel_costs": built.costs,
         "fma_peak": built.fma_peak,
+        "tuning": ({"folder": str(Path(settings.tuned).absolute()), "kernels": built.tuned_kernels}
+                   if settings.tuned is not None else None),
         "versions": {"tvm": tvm.__version__, "bndeploy": __version__},
         **({"train_dropout": source.train_dropout} if source.train_dropout else {}),
     }

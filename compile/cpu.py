@@ -3,7 +3,8 @@
 TVM's default CPU pipeline leaves every kernel serial and scalar (80-200x slower than ONNX Runtime on
 a conv). build_cpu inserts two steps into it: before legalisation, conv2d chains and BatchNorm batch
 statistics are routed to bndeploy's hand-scheduled kernels (compile/schedules/); after fusion, every
-remaining kernel gets a parallel + vectorised schedule. No tuning, no database.
+remaining kernel gets a parallel + vectorised schedule. No tuning is needed; a `bndeploy tune` database,
+when given, supplies the schedules it measured faster.
 """
 
 from __future__ import annotations
@@ -16,23 +17,27 @@ from bndeploy.compile.nan_semantics import legalize_ops
 from bndeploy.compile.schedules import convert_to_channels_last, rewrite_to_kernels, schedule_cpu_kernels
 
 
-def scheduling_passes(target: tvm.target.Target) -> list:
-    """Relax module -> scheduled TIR kernels: channels-last, kernels routed, legalised, fused, scheduled."""
+def fusion_passes(target: tvm.target.Target) -> list:
+    """Relax module -> fused, unscheduled TIR kernels: channels-last, kernels routed, legalised, fused."""
     return (
         [convert_to_channels_last, rewrite_to_kernels]
         + cpu_generic.library_dispatch_passes(target)
         + [legalize_ops(cpu=True), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
            relax.transform.FuseOps(), relax.transform.FuseTIR()]
-        + [schedule_cpu_kernels]
     )
 
 
-def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+def scheduling_passes(target: tvm.target.Target, database=None) -> list:
+    """Relax module -> scheduled TIR kernels (`database`: a `bndeploy tune` folder's database, or None)."""
+    return fusion_passes(target) + [schedule_cpu_kernels(database)]
+
+
+def cpu_pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="bndeploy.CPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                scheduling_passes(target)
+                scheduling_passes(target, database)
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
             )
@@ -41,15 +46,15 @@ def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return _pipeline
 
 
-def schedule_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> tvm.IRModule:
     """The module as build_cpu schedules it, before VM lowering: for tests and IR dumps."""
     with target:
-        return tvm.transform.Sequential(scheduling_passes(target))(mod)
+        return tvm.transform.Sequential(scheduling_passes(target, database))(mod)
 
 
-def lower_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+def lower_cpu(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> tvm.IRModule:
     """Relax module -> VM-ready module with scheduled kernels (the input of `build_lowered`)."""
-    return cpu_pipeline(target)(mod)
+    return cpu_pipeline(target, database)(mod)
 
 
 def build_lowered(lowered: tvm.IRModule, target: tvm.target.Target) -> relax.Executable:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bndeploy.extras import EXTRAS
+from bndeploy.extras import EXTRAS, IMPORT_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
@@ -42,7 +42,8 @@ def test_extras_table_matches_pyproject():
                 for inner in requirement[len("bndeploy["):requirement.index("]")].split(","):
                     found |= names(inner)
             else:
-                found.add(requirement_name(requirement))
+                name = requirement_name(requirement)
+                found.add(IMPORT_NAMES.get(name, name))
         return found
 
     for extra, modules in EXTRAS.items():

@@ -10,12 +10,13 @@
 
 from .bn_stats import BatchStatsSpec, build_batch_stats_primfunc
 from .conv2d import ConvSpec, Tiling, choose_tiling, conv2d_compute, pack_weight
-from .generic import SCHEDULED_ATTR, schedule_cpu_kernels, schedule_func
+from .generic import SCHEDULED_ATTR, TUNED_ATTR, schedule_cpu_kernels, schedule_func
 from .isa import VectorISA, isa_for_target
 from .relax_rewrite import convert_to_channels_last, rewrite_to_kernels
 
 __all__ = [
     "SCHEDULED_ATTR",
+    "TUNED_ATTR",
     "BatchStatsSpec",
     "ConvSpec",
     "Tiling",

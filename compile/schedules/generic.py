@@ -194,12 +194,33 @@ def schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
         return func
 
 
-@tvm.transform.module_pass(opt_level=0, name="bndeploy.ScheduleCPUKernels")
-def schedule_cpu_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    updates = {}
-    for gv, func in mod.functions.items():
-        if isinstance(func, tirx.PrimFunc):
-            updates[gv] = schedule_func(func)
-    for gv, func in updates.items():
-        mod[gv] = func
-    return mod
+TUNED_ATTR = "bndeploy.tuned"  # the kernel's schedule comes from a `bndeploy tune` database
+
+
+def schedule_cpu_kernels(database=None) -> tvm.transform.Pass:
+    """Schedules every kernel: the tuned schedule where `database` (a `bndeploy tune` folder's MetaSchedule
+    database) has one for this exact kernel and target, else bndeploy's own."""
+
+    @tvm.transform.module_pass(opt_level=0, name="bndeploy.ScheduleCPUKernels")
+    def schedule(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        target = tvm.target.Target.current()
+        updates = {}
+        for gv, func in mod.functions.items():
+            if isinstance(func, tirx.PrimFunc):
+                tuned = _tuned_schedule(func, database, target) if database is not None else None
+                updates[gv] = tuned if tuned is not None else schedule_func(func)
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return schedule
+
+
+def _tuned_schedule(func: tirx.PrimFunc, database, target) -> tirx.PrimFunc | None:
+    if func.attrs is not None and SCHEDULED_ATTR in func.attrs:
+        return None
+    sch = database.query_schedule(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target, "main")
+    if sch is None:
+        return None
+    tuned = sch.mod["main"].without_attr("global_symbol")
+    return tuned.with_attrs({SCHEDULED_ATTR: True, TUNED_ATTR: True})
