@@ -12,8 +12,10 @@ from bndeploy.export.models import REFERENCE_MODELS
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a PyTorch model to ONNX (inference and/or train mode) with references",
                        description="Export MODEL to OUT/<mode>/{model.onnx, export.json, reference.npz}. MODEL is a "
-                       "reference model name (see --list), path/to/file.py:factory, or a saved full-model .pt file.")
-    p.add_argument("model", nargs="?", help="reference model name, file.py:factory, or model.pt")
+                       "reference model name (see --list), torchvision:NAME (torchvision's definition, random weights with "
+                       "calibrated BatchNorm statistics unless --weights), path/to/file.py:factory, or a saved "
+                       "full-model .pt file.")
+    p.add_argument("model", nargs="?", help="reference model name, torchvision:NAME, file.py:factory, or model.pt")
     p.add_argument("--mode", choices=[*MODES, "both"], default="both")
     p.add_argument("--input-shape", action="append", type=parse_shape, metavar="N,C,H,W",
                    help="input shape (repeat for several inputs); required for your own model")

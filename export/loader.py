@@ -33,8 +33,13 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+TORCHVISION_PREFIX = "torchvision:"
+
+
 def load_model(spec: str, input_shapes: list[tuple[int, ...]] | None = None, weights: str | None = None,
                seed: int = 0) -> LoadedModel:
+    if spec.startswith(TORCHVISION_PREFIX):
+        return _torchvision_model(spec[len(TORCHVISION_PREFIX):], input_shapes, weights, seed)
     if spec in REFERENCE_MODELS:
         ref = REFERENCE_MODELS[spec]
         if weights:
@@ -48,6 +53,21 @@ def load_model(spec: str, input_shapes: list[tuple[int, ...]] | None = None, wei
         raise BndeployError(f"{spec}: pass --input-shape for your own model (e.g. --input-shape 1,3,224,224)")
     inputs = tuple(seeded_normal(s, seed + i) for i, s in enumerate(input_shapes))
     return LoadedModel(name, module, inputs)
+
+
+def _torchvision_model(name: str, input_shapes, weights: str | None, seed: int) -> LoadedModel:
+    """torchvision.models.<name> with random weights and calibrated BatchNorm statistics (export/zoo.py), or
+    with --weights (a state_dict saved from the same definition); input 1x3x224x224 unless given."""
+    from bndeploy.export.zoo import IMAGE_SHAPE, zoo_model
+
+    module = zoo_model(name, seed)
+    if weights:
+        _load_state_dict(module, Path(weights))
+        module.eval()
+    shapes = input_shapes or [(1, *IMAGE_SHAPE)]
+    if len(shapes) != 1:
+        raise BndeployError(f"torchvision:{name} takes one input, got {len(shapes)} shapes")
+    return LoadedModel(name, module, (seeded_normal(shapes[0], seed),))
 
 
 def _load_user_module(spec: str, weights: str | None) -> tuple[nn.Module, str]:

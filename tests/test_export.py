@@ -483,3 +483,18 @@ def test_train_dropout_identity_references_run_dropout_as_identity(tmp_path):
         np.testing.assert_array_equal(torch_out["output"], identity(x).numpy())
         assert not np.array_equal(torch_out["output"], copy.deepcopy(module).train()(x).numpy())  # dropout is active
     assert module.training is True and module[3].training is True  # the user's module is untouched
+
+
+def test_torchvision_models_load_with_calibrated_batchnorm_statistics():
+    """`bndeploy export torchvision:NAME`: torchvision's definition (its compiled ops do not load beside the
+    CPU torch, the definitions do), random weights, BatchNorm statistics moved off mean 0 / variance 1."""
+    from bndeploy.export.loader import load_model
+
+    model = load_model("torchvision:resnet18", [(1, 3, 32, 32)])
+    assert model.name == "resnet18" and tuple(model.inputs[0].shape) == (1, 3, 32, 32)
+    assert not model.module.training
+    bns = [m for m in model.module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert max(float(bn.running_mean.abs().max()) for bn in bns) > 1e-2
+    assert min(float((bn.running_var - 1).abs().max()) for bn in bns) > 1e-2
+    with pytest.raises(BndeployError, match="torchvision has no model 'resnet17'"):
+        load_model("torchvision:resnet17")
