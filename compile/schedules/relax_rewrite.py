@@ -85,7 +85,11 @@ class _KernelRewriter(PyExprMutator):
             return None
         data = call.args[0]
         source = self._value_of(data)
-        if spec.padded and _op_name(source) == "relax.permute_dims" and _is_nchw_to_nhwc(source):
+        # A network's NCHW input: a direct conv's padding copy can transpose it on the way (one pass instead
+        # of two). Not a depthwise conv's: it reads its input in place, and strided NCHW reads per tap were
+        # 4-6x slower than transposing first.
+        transposed = _op_name(source) == "relax.permute_dims" and _is_nchw_to_nhwc(source)
+        if spec.padded and transposed and tiling.kind != DEPTHWISE:
             data, spec = source.args[0], replace(spec, input_layout="NCHW")
         gv = self._kernel(("conv2d", spec, tiling), lambda: conv2d_compute(spec, tiling),
                           f"bndeploy_conv2d_{'depthwise' if tiling.kind == DEPTHWISE else 'direct'}")
