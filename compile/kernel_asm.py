@@ -31,6 +31,8 @@ class LoopStats:
     stack_accesses: int
     vector_stack_accesses: int  # spills and reloads of vector registers
     innermost: bool  # no other loop inside it
+    own_fmas: int = 0  # outside the loops nested in it
+    own_vector_stack_accesses: int = 0
 
 
 def arch_of_triple(triple: str) -> str:
@@ -42,6 +44,14 @@ def arch_of_triple(triple: str) -> str:
     if arch.startswith(("armv7", "arm")):
         return "arm"
     raise ValueError(f"no FMA/stack patterns for {triple!r}")
+
+
+def _numbered(lines: list[str], start: int, stop: int):
+    return [(index, lines[index]) for index in range(start, stop) if not _LABEL.match(lines[index].strip())]
+
+
+def _instructions(lines: list[str], start: int, stop: int) -> list[str]:
+    return [line for _, line in _numbered(lines, start, stop)]
 
 
 def fma_loops(asm: str, arch: str) -> list[LoopStats]:
@@ -60,13 +70,16 @@ def fma_loops(asm: str, arch: str) -> list[LoopStats]:
             spans.append((branch.group(2), labels[branch.group(2)], index))
     loops = []
     for label, first, last in spans:
-        body = [l for l in lines[first + 1:last + 1] if not _LABEL.match(l.strip())]
+        nested = [(f, l) for _, f, l in spans if first <= f and l <= last and (f, l) != (first, last)]
+        body = _instructions(lines, first + 1, last + 1)
+        own = [line for index, line in _numbered(lines, first + 1, last + 1)
+               if not any(f <= index <= l for f, l in nested)]
         fmas = sum(1 for l in body if fma.search(l))
         if not fmas:
             continue
         stack_lines = [l for l in body if stack.search(l)]
-        innermost = not any(first <= other_first and other_last <= last and (other_first, other_last) != (first, last)
-                            for _, other_first, other_last in spans)
+        own_vector_stack = sum(1 for l in own if stack.search(l) and vector.search(l))
         loops.append(LoopStats(label, len(body), fmas, len(stack_lines),
-                               sum(1 for l in stack_lines if vector.search(l)), innermost))
+                               sum(1 for l in stack_lines if vector.search(l)), not nested,
+                               sum(1 for l in own if fma.search(l)), own_vector_stack))
     return sorted(loops, key=lambda loop: loop.instructions)
