@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from bndeploy.errors import BndeployError
 from bndeploy.layout import ONNX_FILE
 from bndeploy.machine import cpu_description, usable_cpus
 from bndeploy.timing import interleaved_medians_ms
@@ -194,29 +195,18 @@ class BenchSettings:
     rounds: int = 7
     work: Path | None = None  # exports and artifacts; a temporary folder when None
     models: tuple[str, ...] = ()  # zoo suite: these torchvision models only (default: the whole zoo)
+    predict: bool = False  # no timing: llvm-mca's prediction of each conv kernel's register tile (any CPU target)
 
 
 def run_case(case: Case, settings: BenchSettings, work: Path, threads: int) -> tuple[Row, object]:
     """Export, compile and time one case; returns the row and the profile of its artifact."""
     import torch
 
-    from bndeploy.compile import CompileSettings, compile_model
-    from bndeploy.export import ExportSettings, export
-    from bndeploy.export.loader import LoadedModel
-    from bndeploy.export.models import seeded_normal
     from bndeploy.runtime import load_artifact
     from bndeploy.runtime.profile import profile_loaded
 
-    folder = work / f"{case.name}-{case.shape}-{case.mode}".replace(" ", "_").replace("/", "_").replace(">", "")
     module = case.build()
-    inputs = (seeded_normal(case.input_shape, 0),)
-    exported = export(LoadedModel(case.name, module, inputs), folder / "export",
-                      ExportSettings(modes=(case.mode,), force=True))[case.mode]
-    start = time.perf_counter()
-    onnx_path = exported / ONNX_FILE
-    (artifact_dir,) = compile_model(onnx_path, [settings.target], folder / "artifact",
-                                    CompileSettings(force=True))
-    compile_s = time.perf_counter() - start
+    onnx_path, artifact_dir, compile_s, inputs = export_and_compile(case, module, settings, work)
     artifact = load_artifact(artifact_dir)
     feeds = {spec.name: t.numpy() for spec, t in zip(artifact.inputs, inputs)}
     session = _ort_session(onnx_path, threads)
@@ -239,6 +229,38 @@ def run_case(case: Case, settings: BenchSettings, work: Path, threads: int) -> t
     row = Row(case.name, case.shape, case.mode, ms, compile_s, sum(k.flops for k in prof.kernels),
               _min_traffic(case, feeds, got), main, float(np.nanmax(np.abs(got - want))) if got.size else 0.0)
     return row, prof
+
+
+def export_and_compile(case: Case, module, settings: BenchSettings, work: Path, dump: bool = False):
+    """(exported ONNX, artifact dir, compile seconds, inputs): exactly a user's export and compile."""
+    from bndeploy.compile import CompileSettings, compile_model
+    from bndeploy.export import ExportSettings, export
+    from bndeploy.export.loader import LoadedModel
+    from bndeploy.export.models import seeded_normal
+
+    folder = work / f"{case.name}-{case.shape}-{case.mode}".replace(" ", "_").replace("/", "_").replace(">", "")
+    inputs = (seeded_normal(case.input_shape, 0),)
+    exported = export(LoadedModel(case.name, module, inputs), folder / "export",
+                      ExportSettings(modes=(case.mode,), force=True))[case.mode]
+    start = time.perf_counter()
+    onnx_path = exported / ONNX_FILE
+    (artifact_dir,) = compile_model(onnx_path, [settings.target], folder / "artifact",
+                                    CompileSettings(force=True, dump=dump))
+    return onnx_path, artifact_dir, time.perf_counter() - start, inputs
+
+
+def predict_case(case: Case, settings: BenchSettings, work: Path) -> list:
+    """llvm-mca's prediction for the register tile of each of bndeploy's kernels in the case's compiled library."""
+    from bndeploy.compile.targets import resolve_target
+    from bndeploy.compile.schedules.fma_peak import FMA_PEAK_SYMBOL
+    from bndeploy.compile.throughput import predict_kernels
+    from bndeploy.layout import ASSEMBLY_DUMP, DUMP_DIR
+
+    _, artifact_dir, _, _ = export_and_compile(case, case.build(), settings, work, dump=True)
+    spec = resolve_target(settings.target)
+    cpu = str(spec.tvm_target().attrs.get("mcpu", ""))
+    asm = (artifact_dir / DUMP_DIR / ASSEMBLY_DUMP).read_text()
+    return [p for p in predict_kernels(asm, spec.triple, cpu, only="bndeploy_") if p.kernel != FMA_PEAK_SYMBOL]
 
 
 def _ort_session(path: Path, threads: int):
@@ -329,6 +351,9 @@ def run_suite(settings: BenchSettings, say=print) -> tuple[list[Row], list[Case]
     use_all_cpus(threads)
     cases = suite_cases(settings.suite, settings.models)
     spec = resolve_target(settings.target)
+    if spec.device != "cpu" or spec.cross is not None:
+        raise BndeployError(f"target {spec.name!r} does not run on this machine: time it on the device "
+                            f"(bndeploy check --rpc), or predict its CPU kernels with --predict")
     rows, context = [], {"cpu": cpu_description(), "target": spec.name, "threads": threads, "rounds": settings.rounds}
     with _work_folder(settings.work) as work:
         for index, case in enumerate(cases, start=1):
@@ -358,9 +383,26 @@ class _work_folder:
             self._tmp.cleanup()
 
 
+def predict_suite(settings: BenchSettings, say=print) -> list[tuple[str, object]]:
+    """(case label, LoopPrediction) for every conv kernel of every case, compiled for the target."""
+    from bndeploy.compile.targets import resolve_target
+
+    spec = resolve_target(settings.target)
+    if spec.device != "cpu":
+        raise BndeployError(f"--predict reads CPU assembly; {spec.name!r} is a {spec.device} target")
+    cases, rows = suite_cases(settings.suite, settings.models), []
+    with _work_folder(settings.work) as work:
+        for index, case in enumerate(cases, start=1):
+            say(f"[{index}/{len(cases)}] {case.name} {case.shape} ({case.mode}): export, compile for {spec.name}, predict")
+            rows += [(f"{case.name} {case.shape}", prediction) for prediction in predict_case(case, settings, work)]
+    return rows
+
+
 def main(args) -> int:
     models = tuple(m for m in (args.models or "").split(",") if m)
-    settings = BenchSettings(args.suite, args.target, args.threads, args.rounds, args.work, models)
+    settings = BenchSettings(args.suite, args.target, args.threads, args.rounds, args.work, models, args.predict)
+    if settings.predict:
+        return _main_predict(settings, args.json)
     rows, cases, context = run_suite(settings, say=lambda line: print(line, flush=True))
     print()
     print(format_table(rows, cases, context))
@@ -371,13 +413,34 @@ def main(args) -> int:
     return 0
 
 
+def _main_predict(settings: BenchSettings, json_path: Path | None) -> int:
+    from bndeploy.compile.throughput import format_predictions
+
+    rows = predict_suite(settings, say=lambda line: print(line, flush=True))
+    print()
+    print(f"target {settings.target}, suite {settings.suite}")
+    print(format_predictions(rows))
+    if json_path:
+        from bndeploy.files import write_json
+
+        write_json(json_path, {"context": {"target": settings.target, "predicted": "llvm-mca"},
+                               "rows": [{"case": case} | asdict(p) | {"percent_of_peak": p.percent_of_peak}
+                                        for case, p in rows]})
+    return 0
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmark bndeploy's compiled artifacts against ONNX Runtime and torch")
     parser.add_argument("--suite", choices=SUITES, default="default",
                         help="default: conv3x3+BN+ReLU reference shapes + BatchNorm both modes; quick: one conv + BN; "
                              "conv: every conv class; zoo: six torchvision networks at batch 1 and 8; zoo-smoke: ResNet-18 "
                              "at 64x64 (CI)")
-    parser.add_argument("--target", default="cpu", help="cpu (this host), x86-64-avx2 or x86-64-avx512 (default: %(default)s)")
+    parser.add_argument("--target", default="cpu",
+                        help="timing: cpu (this host), x86-64-avx2 or x86-64-avx512; --predict: any CPU target "
+                             "(default: %(default)s)")
+    parser.add_argument("--predict", action="store_true",
+                        help="no timing: llvm-mca's predicted throughput of each conv kernel's register tile, for CPUs "
+                             "no board here can time (cortex-a76, carmel, ...)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--threads", type=int, default=0, help="threads for every runtime (default: all usable CPUs)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")

@@ -43,6 +43,7 @@ REFERENCE_FILE = "reference.npz"
 LIBRARY_FILE = "model.so"
 ARTIFACT_MANIFEST = "artifact.json"
 DUMP_DIR = "dump"
+ASSEMBLY_DUMP = "library.s"  # under DUMP_DIR: a CPU library's assembly (compile --dump)
 
 # reference.npz key prefixes: the recorded inputs, what PyTorch produced, what the ONNX spec prescribes
 # (running statistics of a train-mode export only).

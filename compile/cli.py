@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     parser.add_argument("--running-var", choices=("onnx", "torch"), default="onnx",
                         help="training-mode running-variance update: onnx (population variance, the ONNX "
                         "spec) or torch (unbiased, as PyTorch)")
-    parser.add_argument("--dump", action="store_true", help="write Relax IR (and CUDA source) under dump/")
+    parser.add_argument("--dump", action="store_true", help="write Relax IR, and the CPU library's assembly or the CUDA source, under dump/")
     parser.add_argument("--force", action="store_true", help="replace existing artifact directories")
     parser.add_argument("--tuned", metavar="DIR", help="a `bndeploy tune` folder: use the schedules it measured faster")
     parser.set_defaults(func=run)

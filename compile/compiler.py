@@ -13,8 +13,8 @@ import onnx
 from bndeploy import __version__
 from bndeploy.errors import ArtifactError, BndeployError, UnsupportedModelError
 from bndeploy.files import atomic_directory, check_output_dir, sha256_of
-from bndeploy.layout import (ARTIFACT_KIND, ARTIFACT_MANIFEST, DUMP_DIR, EXPORT_KIND, EXPORT_MANIFEST, LIBRARY_FILE,
-                             manifest_header, read_manifest, write_manifest)
+from bndeploy.layout import (ARTIFACT_KIND, ARTIFACT_MANIFEST, ASSEMBLY_DUMP, DUMP_DIR, EXPORT_KIND, EXPORT_MANIFEST,
+                             LIBRARY_FILE, manifest_header, read_manifest, write_manifest)
 
 from . import passes
 from .targets import TargetSpec, library_compiler, resolve_target, verify_library_machine
@@ -264,8 +264,7 @@ def lower_to_relax(source: SourceModel, settings: CompileSettings):
     except Exception as e:  # the importer raises assorted TVM and Python errors
         raise UnsupportedModelError(f"{source.path}: TVM's ONNX importer failed: {_first_line(e)}") from None
     bn_names = [_node_name(n) for n in _batchnorm_nodes(source.model)]
-    conv_names = [_node_name(n) for n in source.model.graph.node if n.op_type == "Conv"]
-    fusion = passes.fusion_report(mod, bn_names, conv_names)
+    fusion = passes.fusion_report(mod, bn_names, _linear_op_names(source.model))
     dumps = {"relax_imported.py": mod.script()}
     mod = passes.fold_conv_batchnorm(mod)
     mod = passes.lower_inference_batchnorm(mod)
@@ -278,6 +277,18 @@ def lower_to_relax(source: SourceModel, settings: CompileSettings):
     passes.assert_no_batchnorm(mod)
     dumps["relax_after_passes.py"] = mod.script()
     return mod, fusion, dumps
+
+
+def _linear_op_names(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """ONNX node names of the ops a BatchNorm can fold into, by fold_rules kind, in graph order."""
+    from .fold_rules import CONV, CONV_TRANSPOSE, MATMUL
+
+    kinds = {"Conv": CONV, "ConvTranspose": CONV_TRANSPOSE, "Gemm": MATMUL, "MatMul": MATMUL}
+    names: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type in kinds:
+            names.setdefault(kinds[node.op_type], []).append(_node_name(node))
+    return names
 
 
 def _write_dumps(dump_dir: Path, dumps: dict[str, str]) -> None:
@@ -307,10 +318,10 @@ def _build(mod, spec: TargetSpec, out_dir: Path, settings: CompileSettings) -> B
         kernels, archs = _build_cuda(mod, spec, out_dir, settings.dump)  # a worker process: no lock needed
         return BuildResult(kernels, archs, {})
     with _IN_PROCESS_TVM:
-        return _build_llvm(mod, spec, out_dir, settings.tuned)
+        return _build_llvm(mod, spec, out_dir, settings.tuned, settings.dump)
 
 
-def _build_llvm(mod, spec: TargetSpec, out_dir: Path, tuned: Path | None) -> BuildResult:
+def _build_llvm(mod, spec: TargetSpec, out_dir: Path, tuned: Path | None, dump: bool = False) -> BuildResult:
     from .cpu import build_lowered, lower_cpu
     from .kernel_costs import kernel_costs
     from .schedules import TUNED_ATTR, isa_for_target
@@ -326,6 +337,9 @@ def _build_llvm(mod, spec: TargetSpec, out_dir: Path, tuned: Path | None) -> Bui
     costs = kernel_costs(lowered)
     fma_peak = add_fma_peak(lowered, isa_for_target(target))
     executable = build_lowered(lowered, target)
+    if dump:  # the library's assembly, for `bndeploy bench --predict` and for reading
+        (out_dir / DUMP_DIR).mkdir(exist_ok=True)
+        (out_dir / DUMP_DIR / ASSEMBLY_DUMP).write_text(executable.mod.imports[0].inspect_source("asm"))
     library = out_dir / LIBRARY_FILE
     try:
         if fcompile is None:

@@ -10,7 +10,7 @@ FMAs and how many stack accesses it has, and how many of those move vector regis
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Per architecture: a vector FMA, a stack access, a vector register operand.
 _PATTERNS = {
@@ -33,6 +33,32 @@ class LoopStats:
     innermost: bool  # no other loop inside it
     own_fmas: int = 0  # outside the loops nested in it
     own_vector_stack_accesses: int = 0
+    own_body: tuple[str, ...] = field(default=(), repr=False, compare=False)  # its instructions outside nested loops
+
+
+_FUNCTION = re.compile(r"^\s*\.type\s+([\w.$]+),\s*[@%]function")
+_RUNTIME_PREFIX = "__tvm_ffi_"  # TVM's packed-call wrapper of a kernel
+_COMPUTE_SUFFIX = "_compute_"  # the kernel's body; its parallel loops follow as .L__tvm_parallel_lambda*
+
+
+def kernel_assembly(asm: str) -> dict[str, str]:
+    """The assembly of each kernel of a TVM CPU library, by kernel name: its body (`NAME_compute_`, or
+    `NAME` when it has no wrapper) and the parallel-loop functions LLVM outlined from it, which follow it."""
+    kernels: dict[str, list[str]] = {}
+    current = None
+    for line in asm.splitlines():
+        function = _FUNCTION.match(line)
+        if function:
+            name = function.group(1)
+            if name.startswith(".L"):
+                pass  # an outlined parallel loop: stays with the kernel before it
+            elif name.endswith(_COMPUTE_SUFFIX):
+                current = name[: -len(_COMPUTE_SUFFIX)]
+            else:
+                current = None  # a packed-call wrapper or a runtime helper
+        if current is not None:
+            kernels.setdefault(current, []).append(line)
+    return {name: "\n".join(lines) for name, lines in kernels.items()}
 
 
 def arch_of_triple(triple: str) -> str:
@@ -81,5 +107,5 @@ def fma_loops(asm: str, arch: str) -> list[LoopStats]:
         own_vector_stack = sum(1 for l in own if stack.search(l) and vector.search(l))
         loops.append(LoopStats(label, len(body), fmas, len(stack_lines),
                                sum(1 for l in stack_lines if vector.search(l)), not nested,
-                               sum(1 for l in own if fma.search(l)), own_vector_stack))
+                               sum(1 for l in own if fma.search(l)), own_vector_stack, tuple(own)))
     return sorted(loops, key=lambda loop: loop.instructions)

@@ -3,8 +3,9 @@
 Every ``relax.nn.batch_norm`` the ONNX importer produces is replaced by bndeploy's own arithmetic, so
 no TVM batch-norm lowering is ever relied on (see shared/notes/bn-semantics.md for why):
 
-1. inference BN after a convolution (constant weight, optional constant bias, constant BN params, no
-   other consumer of the conv output) -> the convolution with folded weight and bias;
+1. inference BN after a linear op (Conv, ConvTranspose, Gemm/MatMul: constant weight, optional constant
+   per-channel bias, constant BN params, no other consumer on the way; reshapes that keep the channel
+   axis looked through) -> the op with folded weight and bias (fold_rules.py: one rule per kind of op);
 2. every other inference BN -> elementwise ``x * s + t`` (constants precomputed when possible);
 3. training BN -> the ONNX-spec decomposition: batch mean, two-pass population variance, running
    statistics updated with the ONNX momentum (``running_var="torch"``: unbiased batch variance).
@@ -21,12 +22,12 @@ import numpy as np
 import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
-from tvm.relax.dpl import is_const, is_op, wildcard
+from tvm.relax.dpl import is_op, wildcard
 
 from bndeploy.errors import UnsupportedModelError
 
-CONV_OPS = ("relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv3d")
-CONV_KERNEL_LAYOUTS = ("OIW", "OIHW", "OIDHW")
+from .fold_rules import LINEAR_OPS, FoldTarget, constant_value, fold_target
+
 RUNNING_VAR_MODES = ("onnx", "torch")
 
 # What happens to a BN; the pass that handles each kind.
@@ -34,37 +35,7 @@ FOLD, SCALE_SHIFT, TRAINING = "fold", "scale_shift", "training"
 
 
 # --------------------------------------------------------------------------------------------------
-# Patterns
-
-
-def _any_conv(data, weight):
-    pattern = is_op(CONV_OPS[0])(data, weight)
-    for op in CONV_OPS[1:]:
-        pattern = pattern | is_op(op)(data, weight)
-    return pattern
-
-
-@dataclass(frozen=True)
-class ConvBatchNormPattern:
-    """conv(x, W const) [-> add(reshape(b const) | b const)] -> batch_norm(all params const)."""
-
-    data: object = field(default_factory=wildcard)
-    weight: object = field(default_factory=is_const)
-    bias: object = field(default_factory=is_const)
-    gamma: object = field(default_factory=is_const)
-    beta: object = field(default_factory=is_const)
-    mean: object = field(default_factory=is_const)
-    var: object = field(default_factory=is_const)
-
-    def __post_init__(self):
-        conv = _any_conv(self.data, self.weight)
-        # The ONNX importer reshapes the 1-D conv bias to (1, C, 1, ...) before the add.
-        bias_value = self.bias | is_op("relax.reshape")(self.bias, wildcard())
-        bias_add = is_op("relax.add")(conv, bias_value)
-        bn_input = bias_add | conv
-        bn = is_op("relax.nn.batch_norm")(bn_input, self.gamma, self.beta, self.mean, self.var)
-        for name, value in (("conv", conv), ("bias_add", bias_add), ("root", bn)):
-            object.__setattr__(self, name, value)
+# Pattern
 
 
 def batchnorm_pattern():
@@ -84,8 +55,14 @@ class BatchNormSite:
     call: relax.Call
     action: str  # FOLD, SCALE_SHIFT or TRAINING
     reason: str
-    conv_call: relax.Call | None = None  # the convolution feeding this BN (folded or not)
-    conv_bias: Constant | None = None  # the constant bias added between conv and BN (FOLD only)
+    target: FoldTarget | None = None  # the linear op feeding this BN (folded or not)
+    bias: np.ndarray | None = None  # FOLD: the per-channel constant added between the op and the BN
+    channel_axis: int = 1  # FOLD: the axis of the op's output the BN normalises
+    through: list[relax.Call] = field(default_factory=list)  # reshapes between the op and the BN, BN side first
+
+
+# Ops that move no data between channels, looked through between a linear op and its BN.
+RESHAPE_OPS = ("relax.reshape", "relax.flatten", "relax.squeeze", "relax.expand_dims")
 
 
 def _use_counts(func: relax.Function) -> dict[relax.Var, int]:
@@ -107,71 +84,136 @@ def _bindings(func: relax.Function):
         yield from block.bindings
 
 
-def _resolve(expr, var2val):
-    while isinstance(expr, relax.Var) and expr in var2val:
-        expr = var2val[expr]
-    return expr
+@dataclass
+class _Producer:
+    """What feeds a BN: [linear op] [+ bias] [-> reshapes], with the vars on the way."""
+
+    target: FoldTarget | None = None
+    bias: relax.Expr | None = None  # what is added to the op's output
+    bias_value: np.ndarray | None = None  # its value, when it is built from constants only
+    through: list[relax.Call] = field(default_factory=list)
+    chain: list[relax.Var] = field(default_factory=list)
 
 
-def _producing_conv(bn_call: relax.Call, var2val) -> tuple[relax.Call | None, list[relax.Var]]:
-    """The conv feeding this BN (directly or through one add) and the intermediate vars on the way."""
-    chain = []
+def _call_of(var, var2val) -> relax.Call | None:
+    value = var2val.get(var) if isinstance(var, relax.Var) else None
+    return value if isinstance(value, relax.Call) and hasattr(value.op, "name") else None
+
+
+def _producer(bn_call: relax.Call, var2val) -> _Producer:
+    found = _Producer()
     value = bn_call.args[0]
-    for _ in range(2):
-        if not isinstance(value, relax.Var) or value not in var2val:
-            return None, chain
-        chain.append(value)
-        value = var2val[value]
-        if isinstance(value, relax.Call) and value.op.name in CONV_OPS:
-            return value, chain
-        if not (isinstance(value, relax.Call) and value.op.name == "relax.add"):
-            return None, chain
-        value = value.args[0]
-    return None, chain
+    call = _call_of(value, var2val)
+    while call is not None and call.op.name in RESHAPE_OPS:
+        found.chain.append(value)
+        found.through.append(call)
+        value = call.args[0]
+        call = _call_of(value, var2val)
+    if call is None:
+        return found
+    found.chain.append(value)
+    if call.op.name == "relax.add":
+        for inner, bias in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
+            inner_call = _call_of(inner, var2val)
+            if inner_call is not None and inner_call.op.name in LINEAR_OPS:
+                found.chain.append(inner)
+                found.target, found.bias = fold_target(inner_call, var2val), bias
+                found.bias_value = constant_value(bias, var2val)
+                return found
+        return found
+    found.target = fold_target(call, var2val)
+    return found
 
 
-def _fold_blocker(site_call, conv, chain, match, uses) -> str | None:
-    """Why this inference BN cannot be folded into ``conv``; None when it can."""
+def _static_shape(expr) -> list[int] | None:
+    values = expr.ty.shape.values if hasattr(expr.ty, "shape") and expr.ty.shape is not None else None
+    if values is None or not all(isinstance(d, tvm.tirx.IntImm) for d in values):
+        return None
+    return [int(d) for d in values]
+
+
+def _axis_before(call: relax.Call, axis: int) -> int | None:
+    """The input axis of a reshape-like call that becomes its output's `axis`, all of it and only it,
+    with the same elements before it (None when the reshape splits or merges that axis)."""
+    out_shape, in_shape = _static_shape(call), _static_shape(call.args[0])
+    if out_shape is None or in_shape is None:
+        return None
+    before = int(np.prod(out_shape[:axis]))
+    for candidate, size in enumerate(in_shape):
+        if size == out_shape[axis] and int(np.prod(in_shape[:candidate])) == before:
+            return candidate
+    return None
+
+
+def _per_channel(bias: np.ndarray, out_ndim: int, axis: int, channels: int) -> np.ndarray | None:
+    """A bias broadcast over the op's output as one value per channel of `axis` (None: it varies along
+    another axis)."""
+    shape = [1] * (out_ndim - bias.ndim) + list(bias.shape)
+    if len(shape) != out_ndim or any(size != 1 for a, size in enumerate(shape) if a != axis):
+        return None
+    if shape[axis] not in (1, channels):
+        return None
+    return np.broadcast_to(bias.astype(np.float64).reshape(-1), (channels,)).copy()
+
+
+def _fold_blocker(site_call, found: _Producer, uses) -> str | None:
+    """Why this inference BN cannot be folded into the op before it; None when it can."""
     if not all(isinstance(p, Constant) for p in site_call.args[1:]):
         return "scale/bias/mean/var are not constants (graph inputs): rewritten to the elementwise formula"
-    if conv is None:
-        return "no convolution before it: rewritten to an elementwise scale and shift"
-    if not isinstance(conv.args[1], Constant):
-        return "the convolution weight is not a constant: rewritten to an elementwise scale and shift"
-    shared = [str(v.name) for v in chain if uses.get(v, 0) > 1]
+    target = found.target
+    if target is None:
+        return "no Conv, ConvTranspose, Gemm or MatMul before it: rewritten to an elementwise scale and shift"
+    if target.weight is None:
+        return f"the {target.kind} weight is not a constant: rewritten to an elementwise scale and shift"
+    shared = [str(v.name) for v in found.chain if uses.get(v, 0) > 1]
     if shared:
         return (
-            f"the convolution output ({', '.join(shared)}) has another consumer: folding would change it; "
+            f"the {target.kind} output ({', '.join(shared)}) has another consumer: folding would change it; "
             "rewritten to an elementwise scale and shift"
         )
-    if int(site_call.attrs.axis) != 1 or str(conv.attrs.kernel_layout) not in CONV_KERNEL_LAYOUTS:
-        return "channel axis or kernel layout is not the ONNX one (NC..., OI...): rewritten to scale and shift"
-    if match is None:
-        return "the bias between convolution and BN is not a per-channel constant: rewritten to scale and shift"
+    axis = int(site_call.attrs.axis)
+    for call in found.through:
+        axis = _axis_before(call, axis) if axis is not None else None
+    channels = target.channel_axis()
+    if channels is None or axis != channels:
+        where = "an axis the reshapes on the way split or merge" if axis is None else f"axis {axis} of its output"
+        return (f"the BatchNorm normalises {where}, but the {target.kind}'s output channels are "
+                f"{'in a layout bndeploy does not fold' if channels is None else f'axis {channels}'}: "
+                "rewritten to an elementwise scale and shift")
+    if found.bias is not None and _bias_vector(found, channels) is None:
+        return f"the bias between the {target.kind} and the BN is not a per-channel constant: rewritten to scale and shift"
     return None
+
+
+def _bias_vector(found: _Producer, axis: int) -> np.ndarray | None:
+    shape = _static_shape(found.target.call)
+    if found.bias_value is None or shape is None:
+        return None
+    return _per_channel(found.bias_value, len(shape), axis, shape[axis])
 
 
 def analyze_batchnorms(func: relax.Function) -> list[BatchNormSite]:
     """Every batch_norm binding of ``func`` in binding order, with the action chosen for it."""
     var2val = relax.analysis.get_var2val(func)
     uses = _use_counts(func)
-    pattern = ConvBatchNormPattern()
     sites = []
     for binding in _bindings(func):
         call = binding.value
         if not batchnorm_pattern().match(call):
             continue
-        conv, chain = _producing_conv(call, var2val)
+        found = _producer(call, var2val)
         if bool(call.attrs.training):
-            sites.append(BatchNormSite(binding.var, call, TRAINING, _TRAINING_REASON, conv))
+            sites.append(BatchNormSite(binding.var, call, TRAINING, _TRAINING_REASON, found.target))
             continue
-        match = pattern.root.extract_matched_expr(call, var2val)
-        blocker = _fold_blocker(call, conv, chain, match, uses)
-        if blocker is None:
-            bias = match[pattern.bias] if pattern.bias_add in match else None
-            sites.append(BatchNormSite(binding.var, call, FOLD, "folded into the convolution", conv, bias))
-        else:
-            sites.append(BatchNormSite(binding.var, call, SCALE_SHIFT, blocker, conv))
+        blocker = _fold_blocker(call, found, uses)
+        if blocker is not None:
+            sites.append(BatchNormSite(binding.var, call, SCALE_SHIFT, blocker, found.target))
+            continue
+        axis = found.target.channel_axis()
+        bias = _bias_vector(found, axis) if found.bias is not None else None
+        through = f" (through {', '.join(c.op.name.removeprefix('relax.') for c in found.through)})" if found.through else ""
+        sites.append(BatchNormSite(binding.var, call, FOLD, f"folded into the {found.target.kind}{through}",
+                                   found.target, bias, axis, found.through))
     return sites
 
 
@@ -205,22 +247,22 @@ def _bn_constants(call: relax.Call):
     return gamma, beta, mean, var
 
 
-def fold_into_conv(bb: relax.BlockBuilder, site: BatchNormSite, remap) -> relax.Expr:
-    """conv(x, W) [+ b] -> BN  ==>  conv(x, W * s) + ((b - mean) * s + beta), s = gamma / sqrt(var + eps).
+def fold_into_producer(bb: relax.BlockBuilder, site: BatchNormSite, remap) -> relax.Expr:
+    """op(x, W) [+ b] [-> reshapes] -> BN  ==>  op(x, W * s) + ((b - mean) * s + beta) [-> reshapes],
+    s = gamma / sqrt(var + eps), per output channel of the op (fold_rules.py says where they lie).
 
     Folding is done in float64 and rounded once to the weight dtype.
     """
-    call, conv = site.call, site.conv_call
+    call, target = site.call, site.target
     gamma, beta, mean, var = _bn_constants(call)
     scale = gamma / np.sqrt(var + float(call.attrs.epsilon))
-    weight = _np(conv.args[1])
-    bias = np.zeros_like(scale) if site.conv_bias is None else _np(site.conv_bias).astype(np.float64).reshape(-1)
-    folded_weight = weight.astype(np.float64) * scale.reshape(_channel_shape(weight.ndim, 0, -1))
-    folded_bias = (bias - mean) * scale + beta
-    out_ndim = len(call.args[0].ty.shape.values)
-    new_conv = bb.emit(relax.Call(conv.op, [remap(conv.args[0]), relax.const(folded_weight.astype(weight.dtype))], conv.attrs))
-    bias_b = relax.const(folded_bias.astype(weight.dtype).reshape(_channel_shape(out_ndim, 1, -1)))
-    y = bb.emit(relax.op.add(new_conv, bias_b))
+    bias = np.zeros_like(scale) if site.bias is None else site.bias
+    op = target.rebuilt(bb, remap(target.call.args[target.data_index]), target.scaled_weight(scale))
+    folded_bias = ((bias - mean) * scale + beta).astype(target.weight.dtype)
+    out_ndim = len(target.call.ty.shape.values)
+    y = bb.emit(relax.op.add(op, relax.const(folded_bias.reshape(_channel_shape(out_ndim, site.channel_axis, -1)))))
+    for reshape in reversed(site.through):
+        y = bb.emit(relax.Call(reshape.op, [y, *(remap(a) for a in reshape.args[1:])], reshape.attrs, reshape.ty_args))
     return relax.Tuple([y, call.args[3], call.args[4]])
 
 
@@ -392,8 +434,8 @@ def _tidy(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 def fold_conv_batchnorm(mod: tvm.IRModule) -> tvm.IRModule:
-    """Pass 1: fold each eligible inference BN into its convolution."""
-    return _rewrite(mod, FOLD, fold_into_conv)
+    """Pass 1: fold each eligible inference BN into the linear op before it."""
+    return _rewrite(mod, FOLD, fold_into_producer)
 
 
 def lower_inference_batchnorm(mod: tvm.IRModule) -> tvm.IRModule:
@@ -431,24 +473,34 @@ def _relax_functions(mod: tvm.IRModule):
 
 
 def fusion_report(mod: tvm.IRModule, batchnorm_names: list[str] | None = None,
-                  conv_names: list[str] | None = None) -> list[dict]:
-    """One {batchnorm, conv, folded, reason} entry per BN of ``mod`` (before the passes run).
+                  op_names: dict[str, list[str]] | None = None) -> list[dict]:
+    """One {batchnorm, into, op, folded, reason} entry per BN of ``mod`` (before the passes run): `into`
+    names the linear op before the BN (folded or not), `op` its kind (fold_rules: Conv, ConvTranspose,
+    MatMul for Gemm and MatMul).
 
-    Relax keeps no ONNX node names; the importer emits nodes in ONNX graph order, so the k-th
-    batch_norm (conv) binding is the k-th BatchNormalization (Conv) node. Names default to
-    ``batch_norm_<k>`` / ``conv_<k>`` when not given or when the counts disagree.
+    Relax keeps no ONNX node names; the importer emits nodes in ONNX graph order, so the k-th batch_norm
+    binding is the k-th BatchNormalization node and the k-th op of a kind the k-th ONNX node of that kind
+    (`op_names[kind]`). Names default to ``batch_norm_<k>`` / ``<kind>_<k>`` when the counts disagree.
     """
     report = []
     for func in _relax_functions(mod):
         sites = analyze_batchnorms(func)
-        convs = [b.value for b in _bindings(func) if isinstance(b.value, relax.Call) and b.value.op.name in CONV_OPS]
         bn_names = _names_or_default(batchnorm_names, len(sites), "batch_norm")
-        cv_names = _names_or_default(conv_names, len(convs), "conv")
+        var2val = relax.analysis.get_var2val(func)
+        ops_by_kind: dict[str, list[relax.Call]] = {}
+        for binding in _bindings(func):
+            target = fold_target(binding.value, var2val) if isinstance(binding.value, relax.Call) else None
+            if target is not None:
+                ops_by_kind.setdefault(target.kind, []).append(binding.value)
         for name, site in zip(bn_names, sites):
-            conv_name = None
-            if site.conv_call is not None:
-                conv_name = cv_names[_index_of(convs, site.conv_call)]
-            report.append({"batchnorm": name, "conv": conv_name, "folded": site.action == FOLD, "reason": site.reason})
+            into = kind = None
+            if site.target is not None:
+                kind = site.target.kind
+                calls = ops_by_kind[kind]
+                names = _names_or_default((op_names or {}).get(kind), len(calls), kind.lower().replace("/", "_"))
+                into = names[_index_of(calls, site.target.call)]
+            report.append({"batchnorm": name, "into": into, "op": kind, "folded": site.action == FOLD,
+                           "reason": site.reason})
     return report
 
 

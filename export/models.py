@@ -109,6 +109,54 @@ class TinyResNet(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
+class ConvClasses(nn.Module):
+    """One conv of every class real CNNs use, each -> BatchNorm -> ReLU, then pooling and a Linear layer:
+    7x7/2 stem, 3x3, 3x3/2, 1x1, depthwise 3x3, 3x3/2 and 5x5/2, grouped (8 channels per group)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.convs = nn.Sequential(
+            ConvBN(3, 16, 7, stride=2, padding=3, relu=True),
+            ConvBN(16, 16, relu=True),
+            ConvBN(16, 32, stride=2, relu=True),
+            ConvBN(32, 32, 1, padding=0, relu=True),
+            ConvBN(32, 32, groups=32, relu=True),
+            ConvBN(32, 32, stride=2, groups=32, relu=True),
+            ConvBN(32, 32, 5, stride=2, padding=2, groups=32, relu=True),
+            ConvBN(32, 32, groups=4, relu=True),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.convs(x))
+
+
+class DCGANGenerator(nn.Module):
+    """A DCGAN-style generator: ConvTranspose -> BN -> ReLU (twice), then ConvTranspose -> Tanh."""
+
+    def __init__(self, latent: int = 64, width: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(latent, width, 4, 1, 0, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width // 2), nn.ReLU(),
+            nn.ConvTranspose2d(width // 2, 3, 4, 2, 1, bias=False), nn.Tanh(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class MLPHead(nn.Module):
+    """A projection / classifier head: Linear -> BatchNorm1d -> ReLU -> Linear."""
+
+    def __init__(self, features: int = 128, hidden: int = 256, classes: int = 10):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 def _trained_tiny_resnet() -> nn.Module:
     return training.trained(TinyResNet, "tiny-resnet").eval()
 
@@ -134,6 +182,11 @@ REFERENCE_MODELS: dict[str, ModelSpec] = {
                   _seeded(lambda: ConvBN(8, 8, groups=8, bias=True)), (2, 8, 8, 8)),
         ModelSpec("conv-bn-strided", "Conv2d(4, 8, 3, stride=2, dilation=2, padding=2) -> BatchNorm2d(8)",
                   _seeded(lambda: ConvBN(4, 8, stride=2, dilation=2, padding=2)), (2, 4, 9, 9)),
+        ModelSpec("conv-classes", "every conv class (stem, 3x3, 3x3/2, 1x1, depthwise 3x3 and 5x5, grouped) -> BN -> ReLU, "
+                  "Linear head", _seeded(ConvClasses), (2, 3, 32, 32)),
+        ModelSpec("dcgan-generator", "DCGAN-style generator: ConvTranspose2d -> BN -> ReLU (x2) -> ConvTranspose2d -> Tanh",
+                  _seeded(DCGANGenerator), (4, 64, 1, 1)),
+        ModelSpec("mlp-head", "Linear(128, 256) -> BatchNorm1d -> ReLU -> Linear(256, 10)", _seeded(MLPHead), (8, 128)),
         ModelSpec("tiny-resnet", "small ResNet (conv-BN-ReLU basic blocks, ~0.3 M parameters) trained on synthetic images",
                   _trained_tiny_resnet, (8, 3, 16, 16), _dataset_input),
     ]

@@ -28,6 +28,7 @@ class Case:
     folded: list[bool]  # expected fusion-report "folded" per BatchNormalization, in graph order
     mode: str = "inference"
     conv_dims: int = field(default=0)
+    into: str | None = None  # the ONNX op type the fusion report names before the first BN (None: none)
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -73,6 +74,32 @@ def conv_reference(x, w, b=None, strides=None, pads=None, dilations=None, groups
                                  strides[i]) for i in range(nd))
             patch = xg[(slice(None), slice(None)) + window]
             out[:, g * og:(g + 1) * og] += np.einsum("nc...,oc->no...", patch, wg[(slice(None), slice(None)) + k])
+    if b is not None:
+        out += _channel(b, out.ndim)
+    return out
+
+
+def conv_transpose_reference(x, w, b=None, strides=None, pads=None, dilations=None, output_padding=None,
+                             groups=1) -> np.ndarray:
+    """ONNX ConvTranspose (NC..., weight (C_in, C_out / groups, k...)): every input element adds its
+    weights at out = in * stride + k * dilation - pad_begin; output_padding extends the end."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    nd = x.ndim - 2
+    strides, dilations = strides or [1] * nd, dilations or [1] * nd
+    pads, output_padding = pads or [0] * (2 * nd), output_padding or [0] * nd
+    kernel = w.shape[2:]
+    full = [strides[i] * (x.shape[2 + i] - 1) + dilations[i] * (kernel[i] - 1) + 1 + output_padding[i] for i in range(nd)]
+    cg, og = x.shape[1] // groups, w.shape[1]
+    out = np.zeros((x.shape[0], og * groups, *full))
+    for g in range(groups):
+        xg, wg = x[:, g * cg:(g + 1) * cg], w[g * cg:(g + 1) * cg]
+        for k in np.ndindex(*kernel):
+            window = tuple(slice(k[i] * dilations[i], k[i] * dilations[i] + strides[i] * (x.shape[2 + i] - 1) + 1,
+                                 strides[i]) for i in range(nd))
+            contribution = np.einsum("nc...,co->no...", xg, wg[(slice(None), slice(None)) + k])
+            out[(slice(None), slice(g * og, (g + 1) * og)) + window] += contribution
+    crop = tuple(slice(pads[i], full[i] - pads[nd + i]) for i in range(nd))
+    out = out[(slice(None), slice(None)) + crop]
     if b is not None:
         out += _channel(b, out.ndim)
     return out
@@ -155,10 +182,15 @@ def _tensor_info(name, shape):
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
 
 
+def _initializer(a) -> np.ndarray:
+    a = np.asarray(a)
+    return a if np.issubdtype(a.dtype, np.integer) else _f32(a)  # a Reshape's shape stays int64
+
+
 def _model(nodes, inputs, outputs, initializers) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "case", [_tensor_info(n, a.shape) for n, a in inputs.items()],
                               [_tensor_info(n, s) for n, s in outputs.items()],
-                              [numpy_helper.from_array(_f32(a), n) for n, a in initializers.items()])
+                              [numpy_helper.from_array(_initializer(a), n) for n, a in initializers.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -224,7 +256,100 @@ def conv_bn_case(name, x_shape=(2, 4, 7, 6), out_channels=6, kernel=(3, 3), bias
         conv_mag = conv_reference(np.abs(x), np.abs(w), None, **conv_kw) + _channel(np.abs(b if bias else 0), c.ndim)
         bounds["c"] = fp32_bound(int(np.prod(w.shape[1:])), conv_mag)
     model = _model(nodes, {"x": x}, outputs, inits)
-    return Case(name, model, {"x": x}, expected, bounds, [not conv_output_too], conv_dims=nd)
+    return Case(name, model, {"x": x}, expected, bounds, [not conv_output_too], conv_dims=nd, into="Conv")
+
+
+def conv_transpose_bn_case(name, x_shape=(2, 4, 5, 4), out_channels=6, kernel=(3, 3), bias=True, groups=1,
+                           strides=None, pads=None, dilations=None, output_padding=None, eps=1e-5, seed=7) -> Case:
+    """ConvTranspose [+bias] -> BN: the scale applies per output channel, axis 1 of the weight within a group."""
+    rng = _rng(seed)
+    nd = len(x_shape) - 2
+    x = _f32(rng.standard_normal(x_shape))
+    w = _f32(rng.standard_normal((x_shape[1], out_channels // groups, *kernel)) / np.sqrt(np.prod(kernel)))
+    b = _f32(rng.standard_normal(out_channels)) if bias else None
+    p = bn_params(out_channels, rng)
+    eps32 = float(np.float32(eps))
+    kw = dict(strides=strides, pads=pads, dilations=dilations, output_padding=output_padding, groups=groups)
+    onnx_names = {"strides": "strides", "pads": "pads", "dilations": "dilations", "output_padding": "output_padding",
+                  "groups": "group"}
+    attrs = {onnx_names[k]: v for k, v in kw.items() if v is not None}
+    inits = {"W": w, **({"B": b} if bias else {}), **_bn_inits(p)}
+    nodes = [helper.make_node("ConvTranspose", ["x", "W"] + (["B"] if bias else []), ["c"], name="deconv", **attrs),
+             _bn_node("c", "y", eps)]
+    y = bn_inference_reference(conv_transpose_reference(x, w, b, **kw), p, eps32)
+    s = np.asarray(p["scale"], np.float64) / np.sqrt(np.asarray(p["var"], np.float64) + eps32)
+    folded_abs = conv_transpose_reference(np.abs(x), np.abs(w), **kw) * _channel(np.abs(s), nd + 2)
+    extra = np.abs(s) * (np.abs(b if b is not None else 0) + np.abs(p["mean"])) + np.abs(p["bias"])
+    terms = x_shape[1] // groups * int(np.prod(kernel))
+    bound = fp32_bound(terms, folded_abs + _channel(extra, nd + 2))
+    model = _model(nodes, {"x": x}, {"y": y.shape}, inits)
+    return Case(name, model, {"x": x}, {"y": y}, {"y": bound}, [True], conv_dims=nd, into="ConvTranspose")
+
+
+def gemm_bn_case(name, rows=5, features_in=12, features_out=7, trans_b=1, alpha=1.0, beta=1.0, with_c=True,
+                 eps=1e-5, seed=8) -> Case:
+    """Gemm(x, W[, C]) -> BatchNorm1d over the output features (Linear -> BN1d)."""
+    rng = _rng(seed)
+    x = _f32(rng.standard_normal((rows, features_in)))
+    w_math = _f32(rng.standard_normal((features_in, features_out)) / np.sqrt(features_in))
+    w = w_math.T.copy() if trans_b else w_math
+    c = _f32(rng.standard_normal(features_out))
+    p = bn_params(features_out, rng)
+    eps32 = float(np.float32(eps))
+    inits = {"W": w, **({"C": c} if with_c else {}), **_bn_inits(p)}
+    nodes = [helper.make_node("Gemm", ["x", "W"] + (["C"] if with_c else []), ["g"], name="gemm", transB=trans_b,
+                              alpha=alpha, beta=beta), _bn_node("g", "y", eps)]
+    product = float(np.float32(alpha)) * (np.asarray(x, np.float64) @ np.asarray(w_math, np.float64))
+    bias = float(np.float32(beta)) * np.asarray(c, np.float64) if with_c else 0
+    y = bn_inference_reference(product + bias, p, eps32)
+    magnitude = abs(alpha) * np.abs(x) @ np.abs(w_math) + np.abs(bias)
+    return _dense_case(name, nodes, x, y, magnitude, features_in, p, eps32, inits, "Gemm")
+
+
+def matmul_bn_case(name, x_shape=(5, 12), weight_shape=(12, 7), weight_left=False, bias=True, bn_axis=1,
+                   reshape_to=None, eps=1e-5, seed=9, folded=True) -> Case:
+    """MatMul(x, W) or MatMul(W, x) [+ Add(bias)] [-> Reshape] -> BN over `bn_axis`."""
+    rng = _rng(seed)
+    x = _f32(rng.standard_normal(x_shape))
+    w = _f32(rng.standard_normal(weight_shape) / np.sqrt(weight_shape[-1 if weight_left else -2]))
+    product = np.asarray(w, np.float64) @ np.asarray(x, np.float64) if weight_left else \
+        np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    channel_axis_of_product = product.ndim - 2 if weight_left else product.ndim - 1
+    b = _f32(rng.standard_normal(product.shape[channel_axis_of_product]))
+    b_shaped = b.reshape([-1] + [1] * (product.ndim - 1 - channel_axis_of_product))
+    bn_input = product + (b_shaped if bias else 0)
+    nodes = [helper.make_node("MatMul", ["W", "x"] if weight_left else ["x", "W"], ["m"], name="matmul")]
+    inits = {"W": w}
+    last = "m"
+    if bias:
+        nodes.append(helper.make_node("Add", ["m", "B"], ["a"], name="bias"))
+        inits["B"], last = b_shaped, "a"
+    if reshape_to is not None:
+        nodes.append(helper.make_node("Reshape", [last, "shape"], ["r"], name="reshape"))
+        inits["shape"] = np.array(reshape_to, np.int64)
+        bn_input, last = bn_input.reshape(reshape_to), "r"
+    channels = bn_input.shape[bn_axis]
+    p = bn_params(channels, rng)
+    eps32 = float(np.float32(eps))
+    nodes.append(_bn_node(last, "y", eps))
+    moved = np.moveaxis(bn_input, bn_axis, 1)
+    y = np.moveaxis(bn_inference_reference(moved, p, eps32), 1, bn_axis)
+    magnitude = (np.abs(w) @ np.abs(x) if weight_left else np.abs(x) @ np.abs(w)) + (np.abs(b_shaped) if bias else 0)
+    terms = weight_shape[-1 if weight_left else -2]
+    case = _dense_case(name, nodes, x, y, magnitude.reshape(bn_input.shape), terms, p, eps32, inits, "MatMul", bn_axis)
+    case.folded = [folded]
+    return case
+
+
+def _dense_case(name, nodes, x, y, magnitude, terms, p, eps32, inits, into, bn_axis=1) -> Case:
+    """`magnitude`: |linear op + bias| computed on absolute values, in y's shape."""
+    s = np.asarray(p["scale"], np.float64) / np.sqrt(np.asarray(p["var"], np.float64) + eps32)
+    shape = [1] * y.ndim
+    shape[bn_axis] = -1
+    scaled = (magnitude + np.abs(np.asarray(p["mean"], np.float64)).reshape(shape)) * np.abs(s).reshape(shape)
+    bound = fp32_bound(terms, scaled + np.abs(np.asarray(p["bias"], np.float64)).reshape(shape))
+    model = _model(nodes, {"x": x}, {"y": y.shape}, {**inits, **_bn_inits(p)})
+    return Case(name, model, {"x": x}, {"y": y}, {"y": bound}, [True], into=into)
 
 
 def training_case(name, shape=(4, 3, 5, 5), conv=False, relu=False, momentum=0.9, eps=1e-5, seed=2,
@@ -271,6 +396,30 @@ def inference_cases() -> list[Case]:
         conv_bn_case("conv1d_bn", x_shape=(2, 4, 9), kernel=(3,), pads=[1, 1]),
         conv_bn_case("conv3d_bn", x_shape=(1, 2, 4, 5, 3), out_channels=3, kernel=(2, 2, 2)),
         conv_bn_case("conv_shared_output_bn", conv_output_too=True),
+        *linear_fold_cases(),
+    ]
+
+
+def linear_fold_cases() -> list[Case]:
+    """BatchNorm after the other linear ops: ConvTranspose, Gemm, MatMul (fold_rules.py)."""
+    return [
+        conv_transpose_bn_case("conv_transpose_bias_bn"),
+        conv_transpose_bn_case("conv_transpose_strided_padded_outpad_bn", bias=False, strides=[2, 2],
+                               pads=[1, 0, 1, 1], output_padding=[1, 0]),
+        conv_transpose_bn_case("conv_transpose_dilated_bn", dilations=[2, 1], pads=[1, 1, 0, 0]),
+        conv_transpose_bn_case("grouped_conv_transpose_bn", out_channels=6, groups=2),
+        conv_transpose_bn_case("depthwise_conv_transpose_bn", out_channels=4, groups=4, strides=[2, 2]),
+        conv_transpose_bn_case("conv1d_transpose_bn", x_shape=(2, 4, 7), kernel=(4,), strides=[2], pads=[1, 1]),
+        conv_transpose_bn_case("conv3d_transpose_bn", x_shape=(1, 2, 3, 4, 3), out_channels=3, kernel=(2, 2, 2),
+                               strides=[2, 1, 2]),
+        gemm_bn_case("gemm_transb_bn"),
+        gemm_bn_case("gemm_alpha_beta_bn", trans_b=0, alpha=0.5, beta=2.0),
+        gemm_bn_case("gemm_no_c_bn", with_c=False),
+        matmul_bn_case("matmul_add_bn"),
+        matmul_bn_case("matmul_bn", bias=False),
+        matmul_bn_case("matmul_weight_left_ncl_bn", x_shape=(2, 12, 5), weight_shape=(7, 12), weight_left=True),
+        matmul_bn_case("matmul_reshape_bn", reshape_to=(5, 7, 1)),
+        matmul_bn_case("matmul_bn_on_the_wrong_axis", x_shape=(2, 5, 12), folded=False),
     ]
 
 

@@ -174,7 +174,7 @@ def write_artifact(artifact_dir: Path, export_dir: Path, mode: str, compiled_par
             },
             "inputs": INPUT_SPECS,
             "outputs": output_specs(mode),
-            "fusion": [{"batchnorm": "bn", "conv": None, "folded": False, "reason": "no preceding conv"}],
+            "fusion": [{"batchnorm": "bn", "into": None, "op": None, "folded": False, "reason": "no preceding conv"}],
             "kernels": [],
             "versions": {"tvm": tvm.__version__, "bndeploy": "0.1.0"},
         },

@@ -35,10 +35,12 @@ def test_manifest_fields(conv_relu_artifact):
                                   "onnx_sha256": sha256_of(tmp / "model.onnx"), "export_manifest": None}
     assert manifest["inputs"] == [{"name": "x", "shape": [2, 4, 7, 6], "dtype": "float32"}]
     assert manifest["outputs"] == [{"name": "z", "shape": [2, 6, 5, 4], "dtype": "float32", "role": "output"}]
-    assert manifest["fusion"] == [{"batchnorm": "bn", "conv": "conv", "folded": True,
-                                   "reason": "folded into the convolution"}]
+    assert manifest["fusion"] == [{"batchnorm": "bn", "into": "conv", "op": "Conv", "folded": True,
+                                   "reason": "folded into the Conv"}]
     assert set(manifest["versions"]) == {"tvm", "bndeploy"}
-    assert sorted(p.name for p in (artifact / "dump").iterdir()) == ["relax_after_passes.py", "relax_imported.py"]
+    assert sorted(p.name for p in (artifact / "dump").iterdir()) == ["library.s", "relax_after_passes.py",
+                                                                      "relax_imported.py"]
+    assert "bndeploy_conv2d_direct" in (artifact / "dump" / "library.s").read_text()
     assert "batch_norm" in (artifact / "dump" / "relax_imported.py").read_text()
     assert "batch_norm" not in (artifact / "dump" / "relax_after_passes.py").read_text()
 

@@ -46,32 +46,58 @@ def run_relax(mod, inputs: list[np.ndarray]) -> list[np.ndarray]:
 # Decisions and report
 
 
+KIND_OF_ONNX_OP = {"Conv": "Conv", "ConvTranspose": "ConvTranspose", "Gemm": "Gemm/MatMul", "MatMul": "Gemm/MatMul"}
+
+
 @pytest.mark.parametrize("case", cases.inference_cases(), ids=lambda c: c.name)
 def test_fusion_report_decides_fold_per_case(case):
-    report = passes.fusion_report(imported(case), ["bn"], ["conv"])
+    kind = KIND_OF_ONNX_OP.get(case.into)
+    report = passes.fusion_report(imported(case), ["bn"], {kind: ["op"]} if kind else None)
     assert [entry["folded"] for entry in report] == case.folded
     entry = report[0]
     assert entry["batchnorm"] == "bn"
-    assert entry["conv"] == ("conv" if case.conv_dims else None)
+    assert (entry["into"], entry["op"]) == (("op", kind) if case.into else (None, None))
     assert entry["reason"]
 
 
 def test_report_explains_why_a_shared_conv_output_is_not_folded():
     case = cases.conv_bn_case("shared", conv_output_too=True)
-    (entry,) = passes.fusion_report(imported(case), ["bn"], ["conv"])
+    (entry,) = passes.fusion_report(imported(case), ["bn"], {"Conv": ["conv"]})
     assert entry["folded"] is False and "another consumer" in entry["reason"]
 
 
 def test_report_explains_graph_input_params_and_training_mode():
     (params,) = passes.fusion_report(imported(cases.batchnorm_case(params_as_inputs=True)))
     assert "not constants" in params["reason"]
-    (train,) = passes.fusion_report(imported(cases.training_case("t", conv=True)), ["bn"], ["conv"])
-    assert train == {"batchnorm": "bn", "conv": "conv", "folded": False, "reason": passes._TRAINING_REASON}
+    (train,) = passes.fusion_report(imported(cases.training_case("t", conv=True)), ["bn"], {"Conv": ["conv"]})
+    assert train == {"batchnorm": "bn", "into": "conv", "op": "Conv", "folded": False,
+                     "reason": passes._TRAINING_REASON}
 
 
 def test_report_falls_back_to_positional_names_when_counts_disagree():
     (entry,) = passes.fusion_report(imported(cases.conv_bn_case("c")), ["a", "b"], None)
-    assert (entry["batchnorm"], entry["conv"]) == ("batch_norm_0", "conv_0")
+    assert (entry["batchnorm"], entry["into"]) == ("batch_norm_0", "conv_0")
+
+
+def test_report_says_what_the_fold_looked_through_and_why_an_axis_does_not_fold():
+    (through,) = passes.fusion_report(imported(cases.matmul_bn_case("r", reshape_to=(5, 7, 1))))
+    assert through["folded"] and through["reason"] == "folded into the Gemm/MatMul (through reshape)"
+    (wrong,) = passes.fusion_report(imported(cases.matmul_bn_case("w", x_shape=(2, 5, 12), folded=False)))
+    assert not wrong["folded"] and "normalises axis 1" in wrong["reason"] and "axis 2" in wrong["reason"]
+
+
+@pytest.mark.parametrize("case", cases.linear_fold_cases(), ids=lambda c: c.name)
+def test_folded_batchnorm_leaves_no_scale_and_shift(case):
+    """A folded BN adds one bias add and nothing else: no multiply is left of it (a Gemm's alpha is the
+    Gemm's own; its beta * C is folded into the new bias), so no scale-and-shift kernel remains."""
+    before = imported(case)
+    after = passes.rewrite_batchnorms(before)
+    added = [op for op in set(ops_in(after)) if ops_in(after).count(op) > ops_in(before).count(op)]
+    if case.folded == [True]:
+        assert ops_in(after).count("relax.multiply") <= ops_in(before).count("relax.multiply")
+        assert "relax.nn.batch_norm" not in ops_in(after) and added in ([], ["relax.add"])
+    else:
+        assert ops_in(after).count("relax.multiply") == ops_in(before).count("relax.multiply") + 1
 
 
 # --------------------------------------------------------------------------------------------------

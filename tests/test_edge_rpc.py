@@ -14,6 +14,7 @@ Every server is a child process on 127.0.0.1, stopped by the test that started i
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import signal
 import socket
@@ -354,10 +355,25 @@ def emulated_device_missing() -> str | None:
     return None
 
 
+@pytest.fixture(scope="module")
+def conv_classes_orin(exported, tmp_path_factory):
+    """The conv-classes model (one conv of every class real CNNs use) compiled for the Jetson Orin CPU."""
+    from bndeploy.compile import compile_model
+
+    if not shutil.which(cross_compiler("cortex-a78ae")):
+        pytest.skip(f"{cross_compiler('cortex-a78ae')} is not installed (.ci/install-edge installs it)")
+    export_dir = exported("conv-classes")["inference"]
+    (directory,) = compile_model(export_dir / "model.onnx", ["cortex-a78ae"], tmp_path_factory.mktemp("conv-classes") / "orin")
+    kernels = json.loads((directory / "artifact.json").read_text())["kernels"]
+    assert sum("bndeploy_conv2d" in k for k in kernels) == 8 and any("bndeploy_dense" in k for k in kernels), kernels
+    assert not any("conv2d" in k and "bndeploy" not in k for k in kernels), f"a conv fell to TVM's generic path: {kernels}"
+    return directory
+
+
 @pytest.mark.slow
-def test_orin_cpu_artifacts_pass_check_on_emulated_aarch64_device(artifacts, tracker):
+def test_orin_cpu_artifacts_pass_check_on_emulated_aarch64_device(artifacts, conv_classes_orin, tracker):
     """cortex-a78ae libraries cannot load on x86 (test_foreign_library_...), so passing proves they
-    ran on the emulated aarch64 CPU."""
+    ran on the emulated aarch64 CPU: conv->BN in both modes, and every NEON conv kernel class."""
     missing = emulated_device_missing()
     if missing:
         pytest.skip(missing)
@@ -371,12 +387,13 @@ def test_orin_cpu_artifacts_pass_check_on_emulated_aarch64_device(artifacts, tra
         wait_registered(tracker, "orin-emulated")
         ready = time.monotonic()
         check_remotely(artifact_dirs[0], endpoint)
-        # the second through the CLI, as a user's CI job would run it
+        check_remotely(conv_classes_orin, endpoint)
+        # the train-mode one through the CLI, as a user's CI job would run it
         assert cli(["check", str(artifact_dirs[1]), "--rpc", tracker, "--key", "orin-emulated",
                     "--rpc-timeout", "180"]) == 0
-        assert sum("connected from" in line for line in server.lines) == len(modes), server.log()
+        assert sum("connected from" in line for line in server.lines) == len(modes) + 1, server.log()
     print(f"\nemulated aarch64: server up in {ready - started:.1f} s, "
-          f"{len(modes)} checks over RPC in {time.monotonic() - ready:.1f} s")
+          f"{len(modes) + 1} checks over RPC in {time.monotonic() - ready:.1f} s")
 
 
 def test_rpc_options_choose_the_endpoint():

@@ -88,3 +88,28 @@ def test_bench_zoo_smoke_times_the_products_own_artifact(tmp_path):
     kernels = json.loads(manifests[0].read_text())["kernels"]
     assert any(k.startswith("fused_bndeploy_conv2d") for k in kernels)
     assert not any("conv2d" in k and "bndeploy" not in k for k in kernels), "a conv fell to TVM's generic path"
+
+
+@pytest.mark.slow
+def test_bench_predict_gives_llvm_mcas_figures_for_an_edge_cpu(tmp_path):
+    """`bndeploy bench --predict` for a CPU no board here can time: compile_model's library (its assembly
+    dumped by `--dump`) analysed by llvm-mca, labelled as a prediction; timing that target is refused."""
+    import shutil
+
+    if not shutil.which("aarch64-linux-gnu-gcc"):
+        pytest.skip("aarch64-linux-gnu-gcc is not installed (.ci/install-edge installs it)")
+    work = tmp_path / "work"
+    result = subprocess.run([sys.executable, "-m", "bndeploy.cli", "bench", "--suite", "quick", "--target", "cortex-a76",
+                             "--predict", "--work", str(work), "--json", str(tmp_path / "p.json")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "PREDICTED by llvm-mca" in result.stdout
+    assert list(work.glob("*/artifact/dump/library.s")), "the prediction did not read compile_model's assembly"
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    conv = [row for row in rows if "conv2d_direct" in row["kernel"]]
+    assert conv and all(row["model_cpu"] == "cortex-a76" for row in conv)
+    assert conv[0]["fmas"] >= 4 and 0 < conv[0]["percent_of_peak"] <= 100
+
+    refused = subprocess.run([sys.executable, "-m", "bndeploy.cli", "bench", "--suite", "quick", "--target", "cortex-a76"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "--predict" in refused.stderr

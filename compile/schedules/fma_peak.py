@@ -2,7 +2,7 @@
 
 Each CPU artifact carries it (`bndeploy_fma_peak`), so `bndeploy profile` can state "% of peak" on any
 device, a board without a compiler included, for exactly the vector width and compiler the artifact's
-kernels use. The loop keeps one register-resident FMA chain per accumulator (as many as hide the FMA
+kernels use. The loop keeps one register-resident FMA chain per accumulator (at least as many as hide the FMA
 latency on every pipe) and nothing else: no loads, so it runs at the core's FMA throughput.
 """
 
@@ -18,10 +18,17 @@ CHUNKS = 64  # parallel work items, spread over the runtime's threads
 ITERATIONS = 20000
 
 
+def fma_peak_operands(isa: VectorISA) -> int:
+    """k: chain (i, j) multiplies addend register i by multiplier register j, so k * k distinct chains
+    (identical chains would be merged by the compiler) need only 2k operand registers beside them."""
+    k = 1
+    while (k + 1) ** 2 + 2 * (k + 1) <= isa.registers:
+        k += 1
+    return k
+
+
 def fma_peak_accumulators(isa: VectorISA) -> int:
-    # Each chain has its own addend register (identical chains would be merged by the compiler), so
-    # half the register file holds accumulators; never fewer than hide the FMA latency.
-    return max(isa.min_accumulators, (isa.registers - 2) // 2)
+    return fma_peak_operands(isa) ** 2
 
 
 def fma_peak_flops(isa: VectorISA) -> int:
@@ -35,10 +42,14 @@ def fma_peak_primfunc(isa: VectorISA) -> tirx.PrimFunc:
     lanes, accumulators = isa.lanes, fma_peak_accumulators(isa)
     x = te.placeholder((lanes,), "float32", name="x")
     decay = tirx.const(0.999, "float32")
-    chain = te.comm_reducer(lambda acc, addend: acc * decay + addend, lambda dtype: tirx.const(0.0, dtype), name="fma")
+    k = fma_peak_operands(isa)
+    # acc += addend * multiplier: the accumulator is the FMA's addend, which NEON's fmla (vd += vn * vm)
+    # needs; with acc * decay + addend every FMA needed a register copy first (half the peak on ARM).
     step = te.reduce_axis((0, ITERATIONS), name="step")
     out = te.compute((CHUNKS, accumulators, lanes),
-                     lambda c, a, lane: chain(x[lane] + a.astype("float32"), axis=step), name="acc")
+                     lambda c, a, lane: te.sum((x[lane] + (a // k).astype("float32"))
+                                               * (decay + (a % k).astype("float32") * tirx.const(1e-4, "float32")),
+                                               axis=step), name="acc")
     sch = s_tir.Schedule(te.create_prim_func([x, out]))
     block = sch.get_sblock("acc")
     chunk, accumulator, lane, step_loop = sch.get_loops(block)
