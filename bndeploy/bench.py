@@ -9,7 +9,8 @@ FMA peak measured by the kernel the artifact carries, or the memory bandwidth), 
 where the artifact spends its time (`bndeploy profile`'s kernel classes).
 
 Suites: default (the three conv3x3+BN+ReLU reference shapes and BatchNorm in both modes), quick, conv
-(every conv class of real CNNs), zoo (six torchvision networks at batch 1 and 8), zoo-smoke (CI-sized).
+(every conv class of real CNNs), fold (BatchNorm folded into ConvTranspose and Linear: a DCGAN generator,
+an MLP head), zoo (six torchvision networks at batch 1 and 8), zoo-smoke (CI-sized).
 """
 
 from __future__ import annotations
@@ -127,6 +128,15 @@ def _linear_bn(features_in: int, features_out: int):
     return build
 
 
+def _reference(name: str):
+    def build():
+        from bndeploy.export.models import REFERENCE_MODELS
+
+        return REFERENCE_MODELS[name].factory()
+
+    return build
+
+
 def _zoo(name: str):
     def build():
         from bndeploy.export.zoo import zoo_model
@@ -160,6 +170,13 @@ CONV_CLASSES = [
 ]
 
 
+# BatchNorm folded into the linear ops other than Conv: a GAN generator (ConvTranspose) and an MLP head (Linear)
+FOLD_MODELS = [
+    Case("dcgan-generator", "batch 64", _reference("dcgan-generator"), (64, 64, 1, 1)),
+    Case("mlp-head", "batch 256", _reference("mlp-head"), (256, 128)),
+]
+
+
 def zoo_cases(names, batches, image=224) -> list[Case]:
     return [Case(name, f"batch {batch}", _zoo(name), (batch, 3, image, image)) for batch in batches for name in names]
 
@@ -173,6 +190,8 @@ def suite_cases(suite: str, models: tuple[str, ...] = ()) -> list[Case]:
         return [conv_case(*REFERENCE_CONVS[0]), bn_case("inference")]
     if suite == "conv":
         return list(CONV_CLASSES)
+    if suite == "fold":
+        return list(FOLD_MODELS)
     if suite == "zoo":
         return zoo_cases(models or ZOO, ZOO_BATCHES)
     if suite == "zoo-smoke":
@@ -180,7 +199,7 @@ def suite_cases(suite: str, models: tuple[str, ...] = ()) -> list[Case]:
     raise ValueError(f"unknown suite {suite!r}")
 
 
-SUITES = ("default", "quick", "conv", "zoo", "zoo-smoke")
+SUITES = ("default", "quick", "conv", "fold", "zoo", "zoo-smoke")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,7 +452,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmark bndeploy's compiled artifacts against ONNX Runtime and torch")
     parser.add_argument("--suite", choices=SUITES, default="default",
                         help="default: conv3x3+BN+ReLU reference shapes + BatchNorm both modes; quick: one conv + BN; "
-                             "conv: every conv class; zoo: six torchvision networks at batch 1 and 8; zoo-smoke: ResNet-18 "
+                             "conv: every conv class; fold: a DCGAN generator and an MLP head (BN folded into ConvTranspose "
+                             "and Linear); zoo: six torchvision networks at batch 1 and 8; zoo-smoke: ResNet-18 "
                              "at 64x64 (CI)")
     parser.add_argument("--target", default="cpu",
                         help="timing: cpu (this host), x86-64-avx2 or x86-64-avx512; --predict: any CPU target "

@@ -192,6 +192,51 @@ def test_conv_class_runs_bndeploy_kernel_and_matches_onnxruntime(case, target):
     np.testing.assert_allclose(got, onnxruntime_run(model, x), atol=ATOL, rtol=RTOL)
 
 
+# Transposed convs (GAN generators, segmentation decoders, U-Net up-sampling): the dense kernel and a col2im
+# gather, bias and activation fused into the gather. name: (input NCHW, out channels, kernel, stride, pads
+# (top, left, bottom, right), output_padding, dilation, groups)
+CONV_TRANSPOSE_CLASSES = {
+    "4x4 s2 p1 (DCGAN)": ((2, 32, 5, 5), 16, 4, 2, (1, 1, 1, 1), (0, 0), 1, 1),
+    "3x3 s2 p1 output_padding 1 (decoder)": ((1, 24, 7, 6), 12, 3, 2, (1, 1, 1, 1), (1, 1), 1, 1),
+    "2x2 s2 (U-Net)": ((1, 16, 8, 8), 8, 2, 2, (0, 0, 0, 0), (0, 0), 1, 1),
+    "4x4 s1 p0 from 1x1 (latent)": ((4, 64, 1, 1), 32, 4, 1, (0, 0, 0, 0), (0, 0), 1, 1),
+    "3x3 s1 dilation 2 asymmetric pads": ((1, 8, 6, 5), 8, 3, 1, (1, 0, 2, 1), (0, 0), 2, 1),
+    "grouped (NCHW fallback)": ((1, 8, 5, 5), 8, 3, 2, (1, 1, 1, 1), (0, 0), 1, 2),
+}
+
+
+def conv_transpose_onnx(x_shape, out_channels, kernel, stride, pads, output_padding, dilation, groups, rng):
+    w = (rng.standard_normal((x_shape[1], out_channels // groups, kernel, kernel)) / kernel).astype(np.float32)
+    b = rng.standard_normal(out_channels).astype(np.float32)
+    top, left, bottom, right = pads
+    nodes = [helper.make_node("ConvTranspose", ["x", "w", "b"], ["c"], strides=[stride] * 2, pads=[top, left, bottom, right],
+                              output_padding=list(output_padding), dilations=[dilation] * 2, group=groups),
+             helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "deconv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("target", runnable_x86_targets())
+@pytest.mark.parametrize("case", sorted(CONV_TRANSPOSE_CLASSES))
+def test_conv_transpose_runs_dense_and_col2im_and_matches_onnxruntime(case, target):
+    rng = np.random.default_rng(1)
+    model = conv_transpose_onnx(*CONV_TRANSPOSE_CLASSES[case], rng)
+    tvm_target = resolve_target(target).tvm_target()
+    kernels = kernel_names(schedule_module(import_onnx(model), tvm_target))
+    if "grouped" in case:
+        assert any("conv2d_transpose" in k for k in kernels), kernels  # TVM's NCHW kernel, between transposes
+    else:
+        assert any(k.startswith("bndeploy_dense") for k in kernels), kernels
+        (gather,) = [k for k in kernels if "col2im" in k]
+        assert gather.startswith("fused_bndeploy_col2im_add_relu"), kernels  # (and the output transpose)
+        assert not any("conv2d_transpose" in k for k in kernels), kernels
+    x = rng.standard_normal(CONV_TRANSPOSE_CLASSES[case][0]).astype(np.float32)
+    got = run_vm(build_cpu(import_onnx(model), tvm_target), x)[0]
+    np.testing.assert_allclose(got, onnxruntime_run(model, x), atol=ATOL, rtol=RTOL)
+
+
 def test_residual_add_and_relu_fuse_into_the_conv_that_feeds_them():
     """ResNet's block end: conv -> +bias -> +identity -> ReLU is one kernel writing from registers."""
     rng = np.random.default_rng(1)
@@ -299,24 +344,33 @@ def test_squeeze_excitation_broadcast_stays_out_of_the_conv_tile():
     np.testing.assert_allclose(run_vm(executable, x)[0], onnxruntime_run(model, x), atol=ATOL, rtol=RTOL)
 
 
-def test_sigmoid_is_vectorised_and_accurate():
-    """SiLU (x * sigmoid(x)) is in every EfficientNet conv epilogue: sigmoid must not call the C library's
-    scalar expf per element. The polynomial exp keeps it within 1e-6 of the float64 value (the fp32
-    inference tolerance is 1e-5 + 1e-4 |x|); NaN stays NaN, +-inf give 1 and 0 as in ONNX Runtime."""
-    x = np.concatenate([np.linspace(-30, 30, 4093), [np.nan, np.inf, -np.inf]]).astype(np.float32).reshape(1, -1)
-    graph = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["y"])], "s",
+FAST_MATH = {  # ONNX op: (C library function TVM would call per element, float64 reference, f(+inf), f(-inf))
+    "Sigmoid": ("expf", lambda x: 1.0 / (1.0 + np.exp(-x)), 1.0, 0.0),
+    "Tanh": ("tanhf", np.tanh, 1.0, -1.0),
+}
+
+
+@pytest.mark.parametrize("op", sorted(FAST_MATH))
+def test_transcendental_activations_are_vectorised_and_accurate(op):
+    """Sigmoid (SiLU, in every EfficientNet conv epilogue) and Tanh (a GAN generator's output) must not call
+    the C library's scalar function per element. The polynomial forms stay within 1e-6 of the float64 value
+    (the fp32 inference tolerance is 1e-5 + 1e-4 |x|); NaN stays NaN, +-inf give the limits, as in ONNX Runtime."""
+    libm, reference, at_inf, at_minus_inf = FAST_MATH[op]
+    x = np.concatenate([np.linspace(-30, 30, 4093), [1e-20, -3e-8, np.nan, np.inf, -np.inf]]).astype(np.float32)
+    x = x.reshape(1, -1)
+    graph = helper.make_graph([helper.make_node(op, ["x"], ["y"])], "s",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     target = resolve_target("x86-64-avx2").tvm_target()
     executable = build_cpu(import_onnx(model), target)
     asm = executable.mod.imports[0].inspect_source("asm")
-    assert "expf" not in asm and "vfmadd" in asm
+    assert libm not in asm and "vfmadd" in asm
     got = run_vm(executable, x)[0][0]
-    want = 1.0 / (1.0 + np.exp(-x[0].astype(np.float64)))
+    want = reference(x[0].astype(np.float64))
     finite = np.isfinite(x[0])
     assert np.abs(got[finite] - want[finite]).max() <= 1e-6
-    assert np.isnan(got[-3]) and got[-2] == 1.0 and got[-1] == 0.0
+    assert np.isnan(got[-3]) and got[-2] == at_inf and got[-1] == at_minus_inf
 
 
 def test_channels_last_pooling_reads_contiguous_channel_vectors():

@@ -11,6 +11,9 @@ from tvm import s_tir, tirx
 from .conv_schedule import NotAConvKernel, has_conv_block, schedule_conv
 
 SCHEDULED_ATTR = "bndeploy.scheduled"
+# On a block: computed once into its own buffer, never inlined into its consumers (an expensive gather that
+# an inlined epilogue would evaluate once per reference, e.g. the many references of a polynomial tanh).
+MATERIALIZE_ATTR = "bndeploy.materialize"
 OPAQUE_PATTERN = 8  # relax OpPatternKind.kOpaque: FuseOps must not merge a scheduled kernel
 
 
@@ -39,7 +42,7 @@ def _inline_producers(sch: s_tir.Schedule) -> None:
     while changed:
         changed = False
         for block in sch.get_child_blocks(sch.get_sblock("root")):
-            if _is_reduction(sch, block) or not sch.get_consumers(block):
+            if _is_reduction(sch, block) or not sch.get_consumers(block) or MATERIALIZE_ATTR in sch.get(block).annotations:
                 continue
             try:
                 sch.compute_inline(block)

@@ -12,6 +12,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .bn_stats import BatchStatsSpec, build_batch_stats_primfunc
 from .conv2d import DEPTHWISE, ConvSpec, choose_tiling, conv2d_compute, pack_weight
+from .conv_transpose import ConvTransposeSpec, col2im_primfunc, gemm_weight
 from .isa import isa_for_target
 
 
@@ -71,6 +72,8 @@ class _KernelRewriter(PyExprMutator):
             replacement = self._rewrite_conv(call)
         elif _op_name(call) == "relax.matmul":
             replacement = self._rewrite_dense(call)
+        elif _op_name(call) == "relax.nn.conv2d_transpose":
+            replacement = self._rewrite_conv_transpose(call)
         if replacement is None:
             replacement = self._rewrite_batch_stats(call)
         return replacement if replacement is not None else super().visit_call_(call)
@@ -107,14 +110,45 @@ class _KernelRewriter(PyExprMutator):
         matrix = weight.value.numpy()
         if matrix.dtype != "float32" or matrix.ndim != 2 or matrix.shape[0] != shape[1]:
             return None
-        spec = ConvSpec.dense(shape[0], shape[1], matrix.shape[1])
+        return self._dense(self.visit_expr(x), shape[0], matrix)
+
+    def _dense(self, x: relax.Expr, rows: int, matrix: np.ndarray):
+        """x (rows, K) @ matrix (K, M) by bndeploy's dense kernel, or None when no tile fits the ISA."""
+        spec = ConvSpec.dense(rows, matrix.shape[0], matrix.shape[1])
         tiling = choose_tiling(spec, self._isa)
         if tiling is None:
             return None
         gv = self._kernel(("dense", spec, tiling), lambda: conv2d_compute(spec, tiling), "bndeploy_dense")
         packed = pack_weight(np.ascontiguousarray(matrix.T).reshape(spec.out_channels, spec.in_channels, 1, 1), spec, tiling)
-        return relax.call_tir(gv, [self.visit_expr(x), relax.const(packed)],
-                              relax.TensorType(spec.output_shape, "float32"))
+        return relax.call_tir(gv, [x, relax.const(packed)], relax.TensorType(spec.output_shape, "float32"))
+
+    # conv2d_transpose ----------------------------------------------------------------------------
+
+    def _rewrite_conv_transpose(self, call: relax.Call):
+        """An NHWC, one-group conv2d_transpose with constant IOHW weights -> bndeploy's dense kernel (every
+        input pixel times the weights of every tap) and a col2im gather (conv_transpose.py)."""
+        spec = _conv_transpose_spec(call)
+        flat = None
+        if spec is not None:
+            flat = self.builder_.emit(relax.op.reshape(self.visit_expr(call.args[0]), (spec.rows, spec.in_channels)))
+        cols = self._dense(flat, spec.rows, gemm_weight(call.args[1].value.numpy())) if spec is not None else None
+        if cols is None:
+            return self._conv_transpose_in_nchw(call)
+        gv = self._kernel(("col2im", spec), lambda: col2im_primfunc(spec), "bndeploy_col2im")
+        return relax.call_tir(gv, [self.builder_.emit(cols)], relax.TensorType(spec.output_shape, "float32"))
+
+    def _conv_transpose_in_nchw(self, call: relax.Call):
+        """TVM legalises conv2d_transpose only in NCHW: one bndeploy does not compute (groups, a dynamic
+        shape) goes back to NCHW between two transposes."""
+        attrs = call.attrs
+        if attrs.data_layout != "NHWC":
+            return None
+        nchw = relax.op.permute_dims(self.visit_expr(call.args[0]), [0, 3, 1, 2])
+        out = relax.op.nn.conv2d_transpose(
+            self.builder_.emit(nchw), self.visit_expr(call.args[1]), strides=attrs.strides, padding=attrs.padding,
+            output_padding=attrs.output_padding, dilation=attrs.dilation, groups=attrs.groups, data_layout="NCHW",
+            kernel_layout=attrs.kernel_layout, out_layout="NCHW", out_dtype=attrs.out_dtype)
+        return relax.op.permute_dims(self.builder_.emit(out), [0, 2, 3, 1])
 
     # batch statistics ----------------------------------------------------------------------------
 
@@ -210,9 +244,30 @@ def _conv_spec(conv: relax.Call) -> ConvSpec | None:
     )
 
 
-# Channels-last for every conv2d: the layout bndeploy's kernels compute in. ConvertLayout carries it
-# through elementwise ops, pooling and reductions, so a network transposes only at its edges.
-CHANNELS_LAST = {"relax.nn.conv2d": ["NHWC", "OIHW"]}
+def _conv_transpose_spec(call: relax.Call) -> ConvTransposeSpec | None:
+    attrs = call.attrs
+    data, weight = call.args
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "IOHW", "NHWC") or int(attrs.groups) != 1:
+        return None
+    if not isinstance(weight, Constant) or weight.value.dtype != "float32" or _dtype(data) != "float32":
+        return None
+    if str(attrs.out_dtype) not in ("", "None", "void", "float32"):
+        return None
+    shape = _static_shape(data)
+    if shape is None or weight.value.shape[0] != shape[3]:
+        return None
+    _, out_channels, kh, kw = weight.value.shape
+    return ConvTransposeSpec(*shape, out_channels=int(out_channels), kernel=(int(kh), int(kw)),
+                             strides=tuple(int(s) for s in attrs.strides),
+                             padding=tuple(int(p) for p in attrs.padding),
+                             output_padding=tuple(int(p) for p in attrs.output_padding),
+                             dilation=tuple(int(d) for d in attrs.dilation))
+
+
+# Channels-last for every conv2d and conv2d_transpose: the layout bndeploy's kernels compute in.
+# ConvertLayout carries it through elementwise ops, pooling and reductions, so a network transposes only
+# at its edges.
+CHANNELS_LAST = {"relax.nn.conv2d": ["NHWC", "OIHW"], "relax.nn.conv2d_transpose": ["NHWC", "IOHW"]}
 
 
 @tvm.transform.module_pass(opt_level=0, name="bndeploy.ConvertToChannelsLast")
