@@ -17,6 +17,7 @@ from bndeploy.layout import (ARTIFACT_KIND, ARTIFACT_MANIFEST, ASSEMBLY_DUMP, DU
                              LIBRARY_FILE, manifest_header, read_manifest, write_manifest)
 
 from . import passes
+from .opset_conversion import ai_onnx_opset, convert_old_opset, refuse_unconvertible
 from .targets import TargetSpec, library_compiler, resolve_target, verify_library_machine
 
 DTYPES = ("float32", "float16")
@@ -53,6 +54,7 @@ class SourceModel:
     inputs: list[dict]
     outputs: list[dict]
     train_dropout: dict | None = None  # the export's record of dropout run as identity in train mode
+    opset_conversion: dict | None = None  # an opset below 14 converted in memory (opset_conversion.py)
 
 
 Progress = Callable[[str], None]
@@ -123,36 +125,33 @@ def load_source(onnx_path) -> SourceModel:
         raise BndeployError(f"{path}: not a valid ONNX model ({_first_line(e)})") from None
     _refuse_external_data_outside(model, path.parent)
     _check_opset(model, path)
+    refuse_unconvertible(model, path)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
         onnx.checker.check_model(model)
     except Exception as e:  # onnx ValidationError, missing external file, ...
         raise BndeployError(f"{path}: not a valid ONNX model ({_first_line(e)})") from None
+    model, conversion = convert_old_opset(model, path)
     _check_batchnorm_shapes(model, path)
     sha = sha256_of(path)
     export_path = path.parent / EXPORT_MANIFEST
     export = _matching_export_manifest(export_path, path, sha)
     if export is not None:
         return SourceModel(path, sha, model, export_path, export["mode"], export["inputs"], export["outputs"],
-                           export.get("train_dropout"))
+                           export.get("train_dropout"), conversion)
     inputs, outputs = _interface_from_graph(model)
-    return SourceModel(path, sha, model, None, _mode_of(model), inputs, outputs)
-
-
-# BatchNormalization-14 is the first version with training_mode (earlier ones carry is_test/spatial/
-# consumed_inputs and other semantics); newer than this onnx package knows cannot be checked at all.
-MIN_OPSET = 14
+    return SourceModel(path, sha, model, None, _mode_of(model), inputs, outputs, opset_conversion=conversion)
 
 
 def _check_opset(model: onnx.ModelProto, path: Path) -> None:
+    """No newer opset than this onnx package knows (it could not even be checked); opsets below 14 are
+    converted after the check (opset_conversion.py)."""
     newest = onnx.defs.onnx_opset_version()
-    for opset in model.opset_import:
-        if opset.domain in ("", "ai.onnx") and not MIN_OPSET <= opset.version <= newest:
-            raise UnsupportedModelError(
-                f"{path}: ONNX opset {opset.version} is not supported; bndeploy compiles opsets "
-                f"{MIN_OPSET}..{newest} (it exports opset 20): re-export or convert the model "
-                "(onnx.version_converter)"
-            )
+    opset = ai_onnx_opset(model)
+    if opset is not None and opset > newest:
+        raise UnsupportedModelError(
+            f"{path}: ONNX opset {opset} is newer than this onnx package knows ({newest}): upgrade onnx "
+            f"(pip install -U onnx) or convert the model down (onnx.version_converter)")
 
 
 def _refuse_external_data_outside(model: onnx.ModelProto, folder: Path) -> None:
@@ -401,7 +400,10 @@ def _manifest(source: SourceModel, spec: TargetSpec, settings, fusion, built: Bu
         "running_var": settings.running_var,
         "library": {"file": LIBRARY_FILE, "sha256": sha256_of(out_dir / LIBRARY_FILE)},
         "source": {"onnx": str(source.path), "onnx_sha256": source.sha256,
-                   "export_manifest": str(source.export_manifest) if source.export_manifest else None},
+                   "export_manifest": str(source.export_manifest) if source.export_manifest else None,
+                   "opset": ai_onnx_opset(source.model) if source.opset_conversion is None
+                   else source.opset_conversion["from_opset"],
+                   **({"opset_conversion": source.opset_conversion} if source.opset_conversion else {})},
         "inputs": source.inputs,
         "outputs": source.outputs,
         "fusion": fusion,

@@ -23,7 +23,8 @@ def validate_inputs(inputs: Mapping[str, np.ndarray], specs: list[TensorSpec]) -
         raise BndeployError(
             "inputs do not match the artifact: " + "; ".join(problems) + f". The artifact expects: {describe_all(specs)}"
         )
-    return {spec.name: np.ascontiguousarray(inputs[spec.name]) for spec in specs}
+    # np.asarray, not np.ascontiguousarray: that one turns a rank-0 input (a scalar bound) into shape (1,)
+    return {spec.name: np.asarray(inputs[spec.name], order="C") for spec in specs}
 
 
 def _name_problems(inputs: Mapping[str, np.ndarray], specs: list[TensorSpec]) -> list[str]:

@@ -32,7 +32,8 @@ def test_manifest_fields(conv_relu_artifact):
     assert (manifest["mode"], manifest["dtype"], manifest["running_var"]) == ("inference", "float32", "onnx")
     assert manifest["library"] == {"file": "model.so", "sha256": sha256_of(artifact / "model.so")}
     assert manifest["source"] == {"onnx": str((tmp / "model.onnx").absolute()),
-                                  "onnx_sha256": sha256_of(tmp / "model.onnx"), "export_manifest": None}
+                                  "onnx_sha256": sha256_of(tmp / "model.onnx"), "export_manifest": None,
+                                  "opset": cases.OPSET}
     assert manifest["inputs"] == [{"name": "x", "shape": [2, 4, 7, 6], "dtype": "float32"}]
     assert manifest["outputs"] == [{"name": "z", "shape": [2, 6, 5, 4], "dtype": "float32", "role": "output"}]
     assert manifest["fusion"] == [{"batchnorm": "bn", "into": "conv", "op": "Conv", "folded": True,

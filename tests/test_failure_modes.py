@@ -77,11 +77,41 @@ def test_valid_protobuf_that_is_not_a_model(tmp_path, payload):
     assert "ir_version" in message.lower() or "ir version" in message.lower()
 
 
-@pytest.mark.parametrize("opset", [6, 99])
-def test_unsupported_opset_is_named(tmp_path, opset):
-    path = write_model(tmp_path / "m", bn_onnx(opset=opset))
+def test_opset_older_than_7_is_refused_with_the_way_out(tmp_path):
+    path = write_model(tmp_path / "m", bn_onnx(opset=6))
     message = refuse(path, tmp_path / "out", UnsupportedModelError)
-    assert f"ONNX opset {opset} is not supported; bndeploy compiles opsets 14.." in message
+    assert "ONNX opset 6 is older than 7, the oldest bndeploy converts" in message and "re-export" in message
+
+
+def test_opset_newer_than_onnx_knows_is_refused(tmp_path):
+    path = write_model(tmp_path / "m", bn_onnx(opset=99))
+    message = refuse(path, tmp_path / "out", UnsupportedModelError)
+    assert "ONNX opset 99 is newer than this onnx package knows" in message
+
+
+def _old_batchnorm(opset: int, outputs=("y",), **attrs) -> onnx.ModelProto:
+    model = bn_onnx(opset=opset)
+    node = model.graph.node[0]
+    node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
+    del node.output[:]
+    node.output.extend(outputs)
+    del model.graph.output[:]
+    model.graph.output.extend(helper.make_tensor_value_info(o, TensorProto.FLOAT, SHAPE if o == "y" else [3])
+                              for o in outputs)
+    return model
+
+
+def test_batchnorm_spatial_0_is_refused_with_its_reason(tmp_path):
+    path = write_model(tmp_path / "m", _old_batchnorm(7, spatial=0))
+    message = refuse(path, tmp_path / "out", UnsupportedModelError)
+    assert "spatial=0" in message and "per channel" in message
+
+
+@pytest.mark.parametrize("outputs", [("y", "mean", "var"), ("y", "mean", "var", "saved_mean", "saved_var")])
+def test_old_batchnorm_training_outputs_are_refused_with_the_way_out(tmp_path, outputs):
+    path = write_model(tmp_path / "m", _old_batchnorm(13, outputs=outputs))
+    message = refuse(path, tmp_path / "out", UnsupportedModelError)
+    assert "training outputs" in message and "opset 14 or later" in message
 
 
 def test_unsupported_op_is_named(tmp_path):
