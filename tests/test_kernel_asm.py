@@ -43,10 +43,6 @@ CONV_CLASSES = {
 }
 GEMM = "gemm 256->128 batch 8"  # a Linear layer: bndeploy's dense kernel (the direct conv as a 1x1 over rows)
 CLASSES = sorted(CONV_CLASSES) + [GEMM]
-# Dense register tiles (direct conv, grouped, Gemm). The depthwise tiles are predicted at 52-64% on the
-# Cortex-A57 model: their inlined zero border puts compares and branches in the tile loop, and llvm-mca
-# counts every path (README: "Predicted throughput on the ARM edge CPUs").
-DENSE_CLASSES = [case for case in CLASSES if not case.startswith("depthwise")]
 
 
 def conv_relu(x_shape, out_channels, kernel, stride, groups):
@@ -120,7 +116,7 @@ def test_armv7_conv_kernels_are_neon_vectorised(case):
 
 
 @pytest.mark.parametrize("target_name", ARM_EDGE_TARGETS)
-@pytest.mark.parametrize("case", DENSE_CLASSES)
+@pytest.mark.parametrize("case", CLASSES)
 def test_register_tile_is_predicted_near_the_cores_fma_peak(case, target_name):
     """llvm-mca (the core's scheduling model, or its stand-in) on the hottest loop of the conv kernel:
     FLOP per cycle at least PREDICTED_PERCENT_OF_PEAK% of what the same model gives independent FMAs."""

@@ -312,7 +312,8 @@ def _padded_input(data, spec: ConvSpec, extra_right: int = 0):
     return te.compute(
         _i64(n, h + pt + pb, w + pl + pr + extra_right, c),
         lambda i, y, x, j: tirx.if_then_else(
-            tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w),
+            # likely: lets LoopPartition split a depthwise row into border and branch-free inner tiles
+            tirx.likely(tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w)),
             data[i, j, y - pt, x - pl] if nchw else data[i, y - pt, x - pl, j], zero
         ),
         name="pad",
