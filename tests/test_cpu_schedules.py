@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import tvm
 from onnx import TensorProto, helper, numpy_helper
-from tvm import relax, tirx
+from tvm import relax, s_tir, te, tirx, topi
 
 from bndeploy.compile.cpu import build_cpu, schedule_module
 from bndeploy.compile.onnx_import import import_onnx
@@ -388,3 +388,26 @@ def test_channels_last_pooling_reads_contiguous_channel_vectors():
     assert "T.vectorized(" in text and "local" in text  # channel vectors accumulated in registers
     x = rng.standard_normal((2, 32, 7, 7)).astype(np.float32)
     np.testing.assert_allclose(run_vm(build_cpu(import_onnx(model), HOST), x)[0], onnxruntime_run(model, x), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("shape, axes", [((2, 48, 28, 28), (0, 2, 3, 1)), ((2, 28, 28, 48), (0, 3, 1, 2)),
+                                         ((1, 3, 224, 224), (0, 2, 3, 1))])
+def test_layout_transposes_are_tiled_and_exact(shape, axes):
+    """The NCHW <-> NHWC transposes at a network's edges run in tiles that reuse each cache line of the
+    strided side (generic._tile_transpose); a stem's 3 channels leave too few for a tile and keep the plain
+    vectorised loop. Either way the values are exactly the transpose."""
+    from bndeploy.compile.schedules.generic import _tile_transpose
+
+    x = te.placeholder(shape, "float32", name="x")
+    y = topi.transpose(x, axes)
+    sch = s_tir.Schedule(te.create_prim_func([x, y]))
+    (block,) = sch.get_child_blocks(sch.get_sblock("root"))
+    tiled = _tile_transpose(sch, block)
+    assert tiled == (shape[1] != 3), sch.mod["main"].script()
+    if tiled:
+        assert {"parallel", "vectorized"} <= loop_kinds(sch.mod["main"])
+    built = tvm.compile(sch.mod["main"] if tiled else te.create_prim_func([x, y]), target=HOST)
+    data = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    out = tvm.runtime.tensor(np.empty(np.transpose(data, axes).shape, np.float32))
+    built(tvm.runtime.tensor(data), out)
+    np.testing.assert_array_equal(out.numpy(), np.transpose(data, axes))
