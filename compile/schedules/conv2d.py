@@ -32,8 +32,9 @@ MAX_CHANNEL_VECTORS = 4
 
 
 @dataclass(frozen=True)
-class ConvSpec:
-    """A 2-D convolution on NHWC data with OIHW weights (the ONNX weight layout)."""
+class ConvGeometry:
+    """What a 2-D convolution (or transposed convolution) over an NHWC input is: sizes, kernel, strides,
+    padding and dilation, as the ONNX attributes give them."""
 
     batch: int
     height: int
@@ -44,6 +45,12 @@ class ConvSpec:
     strides: tuple[int, int] = (1, 1)
     padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
     dilation: tuple[int, int] = (1, 1)
+
+
+@dataclass(frozen=True)
+class ConvSpec(ConvGeometry):
+    """A 2-D convolution on NHWC data with OIHW weights (the ONNX weight layout)."""
+
     groups: int = 1
     # "NCHW": the kernel takes the NCHW tensor and its padding copy transposes it (a network's input,
     # which would otherwise be transposed by a kernel of its own first). "NC": a dense layer (matmul),

@@ -21,22 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import te, tirx
 
-from .conv2d import _i64
+from .conv2d import ConvGeometry, _i64
 from .generic import MATERIALIZE_ATTR
 
 
 @dataclass(frozen=True)
-class ConvTransposeSpec:
-    batch: int
-    height: int
-    width: int
-    in_channels: int
-    out_channels: int
-    kernel: tuple[int, int]
-    strides: tuple[int, int] = (1, 1)
-    padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
-    output_padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
+class ConvTransposeSpec(ConvGeometry):
+    """A one-group 2-D transposed convolution on NHWC data with IOHW weights (ONNX's ConvTranspose layout)."""
+
+    output_padding: tuple[int, int] = (0, 0)  # extra rows and columns at the output's end
 
     @property
     def output_shape(self) -> tuple[int, int, int, int]:
