@@ -366,13 +366,13 @@ def run_suite(settings: BenchSettings, say=print) -> tuple[list[Row], list[Case]
 
     from bndeploy.runtime.artifact import use_all_cpus
 
-    threads = settings.threads or usable_cpus()
-    use_all_cpus(threads)
-    cases = suite_cases(settings.suite, settings.models)
     spec = resolve_target(settings.target)
     if spec.device != "cpu" or spec.cross is not None:
         raise BndeployError(f"target {spec.name!r} does not run on this machine: time it on the device "
                             f"(bndeploy check --rpc), or predict its CPU kernels with --predict")
+    threads = settings.threads or usable_cpus()
+    use_all_cpus(threads)
+    cases = suite_cases(settings.suite, settings.models)
     rows, context = [], {"cpu": cpu_description(), "target": spec.name, "threads": threads, "rounds": settings.rounds}
     with _work_folder(settings.work) as work:
         for index, case in enumerate(cases, start=1):

@@ -83,9 +83,14 @@ _KINDS = {
 LINEAR_OPS = tuple(_KINDS)
 
 
+def linear_kind(expr) -> str | None:
+    """CONV, CONV_TRANSPOSE or MATMUL for a linear op bndeploy folds into, else None."""
+    return _KINDS.get(expr.op.name) if isinstance(expr, relax.Call) and hasattr(expr.op, "name") else None
+
+
 def fold_target(call: relax.Call, var2val) -> FoldTarget | None:
     """The call as a fold target, or None when it is not a linear op bndeploy folds into."""
-    kind = _KINDS.get(call.op.name) if isinstance(call, relax.Call) and hasattr(call.op, "name") else None
+    kind = linear_kind(call)
     if kind is None:
         return None
     if kind != MATMUL:

@@ -37,7 +37,6 @@ class LoopStats:
 
 
 _FUNCTION = re.compile(r"^\s*\.type\s+([\w.$]+),\s*[@%]function")
-_RUNTIME_PREFIX = "__tvm_ffi_"  # TVM's packed-call wrapper of a kernel
 _COMPUTE_SUFFIX = "_compute_"  # the kernel's body; its parallel loops follow as .L__tvm_parallel_lambda*
 
 
@@ -59,6 +58,11 @@ def kernel_assembly(asm: str) -> dict[str, str]:
         if current is not None:
             kernels.setdefault(current, []).append(line)
     return {name: "\n".join(lines) for name, lines in kernels.items()}
+
+
+def fma_pattern(arch: str) -> re.Pattern:
+    """A vector FMA instruction of the architecture."""
+    return re.compile(_PATTERNS[arch][0])
 
 
 def arch_of_triple(triple: str) -> str:

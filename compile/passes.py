@@ -26,7 +26,7 @@ from tvm.relax.dpl import is_op, wildcard
 
 from bndeploy.errors import UnsupportedModelError
 
-from .fold_rules import LINEAR_OPS, FoldTarget, constant_value, fold_target
+from .fold_rules import LINEAR_OPS, FoldTarget, constant_value, fold_target, linear_kind
 
 RUNNING_VAR_MODES = ("onnx", "torch")
 
@@ -486,12 +486,11 @@ def fusion_report(mod: tvm.IRModule, batchnorm_names: list[str] | None = None,
     for func in _relax_functions(mod):
         sites = analyze_batchnorms(func)
         bn_names = _names_or_default(batchnorm_names, len(sites), "batch_norm")
-        var2val = relax.analysis.get_var2val(func)
         ops_by_kind: dict[str, list[relax.Call]] = {}
         for binding in _bindings(func):
-            target = fold_target(binding.value, var2val) if isinstance(binding.value, relax.Call) else None
-            if target is not None:
-                ops_by_kind.setdefault(target.kind, []).append(binding.value)
+            kind = linear_kind(binding.value)
+            if kind is not None:
+                ops_by_kind.setdefault(kind, []).append(binding.value)
         for name, site in zip(bn_names, sites):
             into = kind = None
             if site.target is not None:

@@ -14,6 +14,7 @@ model; it has none for Carmel or Cortex-A78AE, which fall back to `FALLBACK_MODE
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from bndeploy.errors import BndeployError
 
-from .kernel_asm import arch_of_triple, fma_loops, kernel_assembly
+from .kernel_asm import arch_of_triple, fma_loops, fma_pattern, kernel_assembly
 
 MCA_ITERATIONS = 200
 
@@ -37,8 +38,6 @@ _VECTOR_WIDTHS = {
     "aarch64": [(re.compile(r"\.4s"), 4, "fmla v{acc}.4s, v30.4s, v31.4s", 24)],
     "arm": [(re.compile(r"\bq\d+"), 4, "vfma.f32 q{acc}, q14, q15", 12)],
 }
-_FMA = {"x86_64": re.compile(r"\bvfmadd\d+ps\b"), "aarch64": re.compile(r"\bfmla\s+v\d+\.4s"),
-        "arm": re.compile(r"\b(vfma|vmla)\.f32\s+q\d+")}
 _BRANCH = re.compile(r"^\s*(j\w+|b(\.\w+)?|b\w\w|cbn?z|tbn?z)\s")
 _TOTAL_CYCLES = re.compile(r"^Total Cycles:\s+(\d+)", re.MULTILINE)
 
@@ -90,6 +89,7 @@ class _NoModel(Exception):
     pass
 
 
+@functools.lru_cache(maxsize=None)
 def model_cpu(triple: str, cpu: str) -> str:
     """`cpu` when llvm-mca has a scheduling model for it, else the fallback for the architecture."""
     probe = [_VECTOR_WIDTHS[arch_of_triple(triple)][0][2].format(acc=0)]
@@ -108,6 +108,7 @@ def _width_of(fma_lines: list[str], arch: str) -> tuple[int, str, int]:
     raise ValueError("no vector FMA of a known width")
 
 
+@functools.lru_cache(maxsize=None)  # one llvm-mca run per model and vector width, not per kernel
 def peak_fmas_per_cycle(triple: str, cpu: str, template: str, accumulators: int) -> float:
     return accumulators / mca_cycles_per_iteration([template.format(acc=a) for a in range(accumulators)], triple, cpu)
 
@@ -116,13 +117,14 @@ def predict_kernels(asm: str, triple: str, cpu: str, only: str = "") -> list[Loo
     """The hottest FMA loop of every kernel (whose name contains `only`) in a library's assembly."""
     arch = arch_of_triple(triple)
     model = model_cpu(triple, cpu)
+    fma = fma_pattern(arch)
     predictions = []
     for kernel, text in kernel_assembly(asm).items():
         loops = fma_loops(text, arch) if only in kernel else []
         if not loops:
             continue
         tile = max(loops, key=lambda loop: loop.own_fmas)
-        lanes, template, accumulators = _width_of([l for l in tile.own_body if _FMA[arch].search(l)], arch)
+        lanes, template, accumulators = _width_of([l for l in tile.own_body if fma.search(l)], arch)
         cycles = mca_cycles_per_iteration(list(tile.own_body), triple, model)
         peak = peak_fmas_per_cycle(triple, model, template, accumulators)
         predictions.append(LoopPrediction(kernel, tile.label, tile.own_fmas, lanes, cycles, peak, model))
