@@ -17,7 +17,7 @@ from bndeploy.layout import (ARTIFACT_KIND, ARTIFACT_MANIFEST, ASSEMBLY_DUMP, DU
                              LIBRARY_FILE, manifest_header, read_manifest, write_manifest)
 
 from . import passes
-from .opset_conversion import ai_onnx_opset, convert_old_opset, refuse_unconvertible
+from .opset_conversion import ai_onnx_opset, convert_old_opset, refuse_unsupported_opset
 from .targets import TargetSpec, library_compiler, resolve_target, verify_library_machine
 
 DTYPES = ("float32", "float16")
@@ -124,8 +124,7 @@ def load_source(onnx_path) -> SourceModel:
     except Exception as e:  # protobuf DecodeError, ...
         raise BndeployError(f"{path}: not a valid ONNX model ({_first_line(e)})") from None
     _refuse_external_data_outside(model, path.parent)
-    _check_opset(model, path)
-    refuse_unconvertible(model, path)
+    refuse_unsupported_opset(model, path)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
         onnx.checker.check_model(model)
@@ -141,17 +140,6 @@ def load_source(onnx_path) -> SourceModel:
                            export.get("train_dropout"), conversion)
     inputs, outputs = _interface_from_graph(model)
     return SourceModel(path, sha, model, None, _mode_of(model), inputs, outputs, opset_conversion=conversion)
-
-
-def _check_opset(model: onnx.ModelProto, path: Path) -> None:
-    """No newer opset than this onnx package knows (it could not even be checked); opsets below 14 are
-    converted after the check (opset_conversion.py)."""
-    newest = onnx.defs.onnx_opset_version()
-    opset = ai_onnx_opset(model)
-    if opset is not None and opset > newest:
-        raise UnsupportedModelError(
-            f"{path}: ONNX opset {opset} is newer than this onnx package knows ({newest}): upgrade onnx "
-            f"(pip install -U onnx) or convert the model down (onnx.version_converter)")
 
 
 def _refuse_external_data_outside(model: onnx.ModelProto, folder: Path) -> None:

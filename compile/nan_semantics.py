@@ -111,12 +111,6 @@ def _sigmoid(x: te.Tensor) -> te.Tensor:
     return te.compute(x.shape, lambda *i: one / (one + exp_neg(*i)), name="sigmoid", tag="elemwise")
 
 
-def _legalize_sigmoid(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    if str(getattr(call.ty, "dtype", "")) != "float32":
-        return _default(bb, call)
-    return bb.call_te(_sigmoid, call.args[0], primfunc_name_hint="sigmoid")
-
-
 def _tanh(x: te.Tensor) -> te.Tensor:
     """TVM's rational tanh (topi.fast_tanh, Eigen's: a few ulp, vectorisable; TVM's own tanh calls the C
     library's tanhf per element, unvectorised: 20 ns per value, most of a DCGAN generator's last layer).
@@ -125,14 +119,20 @@ def _tanh(x: te.Tensor) -> te.Tensor:
     return te.compute(x.shape, lambda *i: tirx.Select(_is_nan(x)(*i), x(*i), fast(*i)), name="tanh", tag="elemwise")
 
 
-def _legalize_tanh(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    if str(getattr(call.ty, "dtype", "")) != "float32":
-        return _default(bb, call)
-    return bb.call_te(_tanh, call.args[0], primfunc_name_hint="tanh")
+def _float32_unary(compute):
+    """Legalise a float32 call with `compute`, any other dtype as TVM does."""
+    name = compute.__name__.strip("_")
+
+    def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        if str(getattr(call.ty, "dtype", "")) != "float32":
+            return _default(bb, call)
+        return bb.call_te(compute, call.args[0], primfunc_name_hint=name)
+
+    return legalize
 
 
 # Vectorisable transcendental functions for the CPU (on CUDA the device's own exp is fast).
-CPU_FAST_MATH = {"relax.sigmoid": _legalize_sigmoid, "relax.tanh": _legalize_tanh}
+CPU_FAST_MATH = {"relax.sigmoid": _float32_unary(_sigmoid), "relax.tanh": _float32_unary(_tanh)}
 
 NAN_PRESERVING = {
     "relax.nn.relu": _legalize_relu,
@@ -143,5 +143,6 @@ NAN_PRESERVING = {
 
 
 def legalize_ops(cpu: bool = False) -> tvm.transform.Pass:
-    """TVM's LegalizeOps with the NaN-preserving legalisations above (and, for CPUs, vectorisable sigmoid)."""
+    """TVM's LegalizeOps with the NaN-preserving legalisations above (and, for CPUs, vectorisable sigmoid
+    and tanh)."""
     return relax.transform.LegalizeOps(customize_legalize_map={**NAN_PRESERVING, **(CPU_FAST_MATH if cpu else {})})

@@ -30,11 +30,11 @@ def ai_onnx_opset(model: onnx.ModelProto) -> int | None:
 
 
 def convert_old_opset(model: onnx.ModelProto, path: Path) -> tuple[onnx.ModelProto, dict | None]:
-    """(the model at opset 14 or later, the conversion's record or None when none was needed)."""
+    """(the model at opset 14 or later, the conversion's record or None when none was needed). The model
+    has passed `refuse_unsupported_opset`."""
     opset = ai_onnx_opset(model)
     if opset is None or opset >= CONVERTED_OPSET:
         return model, None
-    refuse_unconvertible(model, path)
     try:
         converted = version_converter.convert_version(model, CONVERTED_OPSET)
     except Exception as e:  # the converter raises RuntimeError/ConvertError with the C++ assertion text
@@ -45,10 +45,16 @@ def convert_old_opset(model: onnx.ModelProto, path: Path) -> tuple[onnx.ModelPro
                        "by": f"onnx.version_converter (onnx {onnx.__version__})"}
 
 
-def refuse_unconvertible(model: onnx.ModelProto, path: Path) -> None:
-    """Refuse, with the reason, an opset too old to convert or an old BatchNormalization form bndeploy does not
-    map (before onnx's own checker, whose message for them would not say what to do)."""
+def refuse_unsupported_opset(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse, with the reason and the way out, an opset newer than this onnx package knows (it could not even
+    be checked), one too old to convert, or an old BatchNormalization form bndeploy does not map. Runs before
+    onnx's own checker, whose message for these would not say what to do."""
     opset = ai_onnx_opset(model)
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and opset > newest:
+        raise UnsupportedModelError(
+            f"{path}: ONNX opset {opset} is newer than this onnx package knows ({newest}): upgrade onnx "
+            f"(pip install -U onnx) or convert the model down (onnx.version_converter)")
     if opset is None or opset >= CONVERTED_OPSET:
         return
     if opset < OLDEST_OPSET:

@@ -128,11 +128,11 @@ class _KernelRewriter(PyExprMutator):
         """An NHWC, one-group conv2d_transpose with constant IOHW weights -> bndeploy's dense kernel (every
         input pixel times the weights of every tap) and a col2im gather (conv_transpose.py)."""
         spec = _conv_transpose_spec(call)
-        flat = None
-        if spec is not None:
-            flat = self.builder_.emit(relax.op.reshape(self.visit_expr(call.args[0]), (spec.rows, spec.in_channels)))
-        cols = self._dense(flat, spec.rows, gemm_weight(call.args[1].value.numpy())) if spec is not None else None
-        if cols is None:
+        if spec is None:
+            return self._conv_transpose_in_nchw(call)
+        flat = self.builder_.emit(relax.op.reshape(self.visit_expr(call.args[0]), (spec.rows, spec.in_channels)))
+        cols = self._dense(flat, spec.rows, gemm_weight(call.args[1].value.numpy()))
+        if cols is None:  # no register tile on this ISA (the reshape above is left to dead-code elimination)
             return self._conv_transpose_in_nchw(call)
         gv = self._kernel(("col2im", spec), lambda: col2im_primfunc(spec), "bndeploy_col2im")
         return relax.call_tir(gv, [self.builder_.emit(cols)], relax.TensorType(spec.output_shape, "float32"))
