@@ -70,6 +70,17 @@ def conv_block(x_shape, out_channels, groups, epilogue) -> onnx.ModelProto:
     return graph(nodes, x_shape, inits)
 
 
+def conv_transpose_block(x_shape, out_channels, epilogue) -> onnx.ModelProto:
+    """ConvTranspose 4x4 stride 2 (+bias) -> epilogue, as a GAN generator has it: bndeploy's dense kernel and
+    col2im gather, where a NaN or Inf input pixel must reach exactly the outputs its taps land on."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((x_shape[1], out_channels, 4, 4)).astype(np.float32) * 0.3
+    inits = [const("w", weight), const("b", rng.standard_normal(out_channels))]
+    nodes = [helper.make_node("ConvTranspose", ["x", "w", "b"], ["c"], strides=[2, 2], pads=[1, 1, 1, 1])]
+    nodes += epilogue(inits)
+    return graph(nodes, x_shape, inits)
+
+
 def relu(inits):
     return [helper.make_node("Relu", ["c"], ["y"])]
 
@@ -83,6 +94,10 @@ def silu(inits):
     return [helper.make_node("Sigmoid", ["c"], ["s"]), helper.make_node("Mul", ["c", "s"], ["y"])]
 
 
+def tanh(inits):
+    return [helper.make_node("Tanh", ["c"], ["y"])]
+
+
 def residual_relu(inits):
     return [helper.make_node("Add", ["c", "x"], ["r"]), helper.make_node("Relu", ["r"], ["y"])]
 
@@ -94,6 +109,8 @@ CONV_BLOCKS = {
     "conv_residual_relu": conv_block((1, 16, 9, 9), 16, 1, residual_relu),
     "grouped_conv_relu": conv_block((1, 32, 9, 9), 32, 4, relu),
     "depthwise_relu6": conv_block((1, 32, 9, 9), 32, 32, relu6),
+    "conv_transpose_relu": conv_transpose_block((1, 16, 5, 5), 16, relu),
+    "conv_transpose_tanh": conv_transpose_block((1, 16, 5, 5), 8, tanh),
 }
 
 
