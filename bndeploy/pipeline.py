@@ -66,7 +66,7 @@ class PipelineResult:
         return EXIT_MISMATCH if any(r.result == "FAIL" for r in self.rows) else EXIT_OK
 
     def table(self) -> str:
-        header = ("model", "mode", "target", "BN folded", "max |err|", "result", "bndeploy ms", "ORT ms", "ratio")
+        header = ("model", "mode", "target", "BN fused", "max |err|", "result", "bndeploy ms", "ORT ms", "ratio")
         lines = [header] + [_cells(r) for r in self.rows]
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
@@ -214,8 +214,13 @@ def _finish(later: list, rounds: int, progress: Progress) -> None:
 
 
 def _folded(artifact: Path) -> str:
+    """"folded k/n" (inference: BNs folded into their linear op), "stats k/n" (train: BNs whose batch
+    statistics are summed in their conv's epilogue)."""
     fusion = read_artifact_manifest(artifact).get("fusion", [])
-    return f"{sum(1 for f in fusion if f.get('folded'))}/{len(fusion)}"
+    trained = [f for f in fusion if "statistics" in f]
+    if trained:
+        return f"stats {sum(1 for f in trained if f['statistics'].startswith('fused'))}/{len(fusion)}"
+    return f"folded {sum(1 for f in fusion if f.get('folded'))}/{len(fusion)}"
 
 
 def _check(row: Row, artifact: Path, progress: Progress) -> None:

@@ -266,6 +266,14 @@ def lower_to_relax(source: SourceModel, settings: CompileSettings):
     return mod, fusion, dumps
 
 
+def _conv_names(model: onnx.ModelProto, ordinals: list[int]) -> list[str]:
+    """The ONNX names of the k-th Conv nodes (the importer emits one conv2d per Conv, in graph order)."""
+    from .fold_rules import CONV
+
+    names = _linear_op_names(model).get(CONV, [])
+    return [names[k] for k in ordinals if k < len(names)]
+
+
 def _linear_op_names(model: onnx.ModelProto) -> dict[str, list[str]]:
     """ONNX node names of the ops a BatchNorm can fold into, by fold_rules kind, in graph order."""
     from .fold_rules import CONV, CONV_TRANSPOSE, MATMUL
@@ -295,6 +303,7 @@ class BuildResult:
     costs: dict[str, dict[str, int]]  # per kernel: useful FLOPs and parameter bytes per call (CPU targets)
     fma_peak: dict | None = None  # the FMA-peak kernel the library carries for `bndeploy profile`
     tuned_kernels: list[str] = field(default_factory=list)  # kernels scheduled from the tuning database
+    statistics_fused: list[int] = field(default_factory=list)  # ordinals of the Convs that sum BN statistics
 
 
 def _build(mod, spec: TargetSpec, out_dir: Path, settings: CompileSettings) -> BuildResult:
@@ -312,6 +321,7 @@ def _build_llvm(mod, spec: TargetSpec, out_dir: Path, tuned: Path | None, dump: 
     from .cpu import build_lowered, lower_cpu
     from .kernel_costs import kernel_costs
     from .schedules import TUNED_ATTR, isa_for_target
+    from .schedules.relax_rewrite import STATISTICS_FUSED_ATTR
     from .schedules.fma_peak import add_fma_peak
     from .tuning import load_database
 
@@ -337,8 +347,9 @@ def _build_llvm(mod, spec: TargetSpec, out_dir: Path, tuned: Path | None, dump: 
         raise BndeployError(f"target {spec.name!r}: linking {LIBRARY_FILE} failed: {_link_error(e)}") from None
     verify_library_machine(library, spec)
     kernels = kernel_names(executable)
+    fused = [int(k) for k in (lowered.attrs or {}).get(STATISTICS_FUSED_ATTR, [])]
     return BuildResult(kernels, [], {name: costs[name] for name in kernels if name in costs}, fma_peak,
-                       [name for name in kernels if name in tuned_kernels])
+                       [name for name in kernels if name in tuned_kernels], fused)
 
 
 def _link_error(error: Exception) -> str:
@@ -394,7 +405,7 @@ def _manifest(source: SourceModel, spec: TargetSpec, settings, fusion, built: Bu
                    **({"opset_conversion": source.opset_conversion} if source.opset_conversion else {})},
         "inputs": source.inputs,
         "outputs": source.outputs,
-        "fusion": fusion,
+        "fusion": passes.place_statistics(fusion, _conv_names(source.model, built.statistics_fused), spec.device),
         "kernels": built.kernels,
         "kernel_costs": built.costs,
         "fma_peak": built.fma_peak,

@@ -498,9 +498,36 @@ def fusion_report(mod: tvm.IRModule, batchnorm_names: list[str] | None = None,
                 calls = ops_by_kind[kind]
                 names = _names_or_default((op_names or {}).get(kind), len(calls), kind.lower().replace("/", "_"))
                 into = names[_index_of(calls, site.target.call)]
-            report.append({"batchnorm": name, "into": into, "op": kind, "folded": site.action == FOLD,
-                           "reason": site.reason})
+            entry = {"batchnorm": name, "into": into, "op": kind, "folded": site.action == FOLD, "reason": site.reason}
+            if site.action == TRAINING:
+                entry["statistics"] = SEPARATE_STATISTICS
+            report.append(entry)
     return report
+
+
+SEPARATE_STATISTICS = "a one-pass statistics kernel of its own (reads the BN's input once more)"
+
+
+def place_statistics(report: list[dict], fused_convs: list[str], device: str) -> list[dict]:
+    """The fusion report for one target: each train-mode BN says where its batch statistics are summed,
+    given the convs (by ONNX node name) whose kernels sum them in their epilogue on this target."""
+    placed = []
+    for entry in report:
+        if "statistics" in entry:
+            entry = {**entry, "statistics": _statistics_placement(entry, fused_convs, device)}
+        placed.append(entry)
+    return placed
+
+
+def _statistics_placement(entry: dict, fused_convs: list[str], device: str) -> str:
+    if entry.get("op") == "Conv" and entry.get("into") in fused_convs:
+        return f"fused into {entry['into']}: summed in the conv kernel's epilogue"
+    if device == "cuda":
+        return f"{SEPARATE_STATISTICS}: CUDA kernels do not sum statistics in a conv epilogue yet"
+    if entry.get("op") != "Conv":
+        return f"{SEPARATE_STATISTICS}: no Conv before it"
+    return (f"{SEPARATE_STATISTICS}: {entry['into']} has no register-tiled direct kernel on this target "
+            "(depthwise convs, groups narrower than a vector, other dtypes) to add the sums to")
 
 
 def _index_of(items, item) -> int:

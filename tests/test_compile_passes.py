@@ -71,7 +71,7 @@ def test_report_explains_graph_input_params_and_training_mode():
     assert "not constants" in params["reason"]
     (train,) = passes.fusion_report(imported(cases.training_case("t", conv=True)), ["bn"], {"Conv": ["conv"]})
     assert train == {"batchnorm": "bn", "into": "conv", "op": "Conv", "folded": False,
-                     "reason": passes._TRAINING_REASON}
+                     "reason": passes._TRAINING_REASON, "statistics": passes.SEPARATE_STATISTICS}
 
 
 def test_report_falls_back_to_positional_names_when_counts_disagree():

@@ -40,7 +40,10 @@ def test_default_pipeline_passes(tmp_path, capsys):
     assert summary["exit_code"] == 0
     resnet_inference = next(r for r in summary["rows"] if r["model"] == "tiny-resnet" and r["mode"] == "inference"
                             and r["target"] == "cpu")
-    assert resnet_inference["folded"] == "9/9"
+    assert resnet_inference["folded"] == "folded 9/9"
+    resnet_train = next(r for r in summary["rows"] if r["model"] == "tiny-resnet" and r["mode"] == "train"
+                        and r["target"] == "cpu")
+    assert resnet_train["folded"] == "stats 9/9"  # every train-mode BN's statistics summed in its conv
     assert (tmp_path / "out" / "conv-bn" / "train" / "cpu-check.junit.xml").is_file()
 
 

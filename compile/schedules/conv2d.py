@@ -345,22 +345,57 @@ def conv2d_compute(spec: ConvSpec, tiling: Tiling):
 
 def _direct_compute(spec: ConvSpec, tiling: Tiling):
     """Accumulators over (batch, flattened output pixel, channel): a tile of pixels may span rows, as its
-    pixels' input addresses are computed once per tile, outside the long reduction.
+    pixels' input addresses are computed once per tile, outside the long reduction."""
+    conv = direct_conv(spec, tiling)
+    return te.create_prim_func([conv.data, conv.weight, conv.out]).with_attr("op_pattern", OUT_EWISE_FUSABLE)
+
+
+@dataclass(frozen=True)
+class DirectConv:
+    """The tensors of a direct conv: its input, the zero-bordered input it reads (`source`), the packed
+    weight, the accumulators (N, pixels padded to whole tiles, channels padded to whole blocks) and the
+    NHWC output."""
+
+    data: te.Tensor
+    source: object
+    weight: te.Tensor
+    accumulators: te.Tensor
+    out: te.Tensor
+
+
+def direct_conv(spec: ConvSpec, tiling: Tiling, pixel_tiles: int = 0) -> DirectConv:
+    """A direct conv's tensors; conv_stats.py adds batch statistics to the same ones. `pixel_tiles`: the
+    accumulators' tiles per image (default: as many as cover the pixels; more are clamped copies of the last
+    pixel, never written out)."""
+    data = te.placeholder(_i64(*spec.input_shape), "float32", name="data")
+    source = _padded_input(data, spec) if spec.input_layout != "NC" else _as_image(data)
+    blocks = -(-spec.out_channels // tiling.channel_block)
+    kh, kw = spec.kernel
+    weight = te.placeholder(_i64(blocks, kh, kw, spec.in_per_group, tiling.channel_block), "float32",
+                            name="weight_packed")
+    accumulate = direct_accumulation(spec, tiling, source, weight)
+    attrs = {CONV_BLOCK_ATTR: tiling.annotation(), CONV_FLOPS_ATTR: spec.flops}
+    pixels = max(pixel_tiles * tiling.pixel_block, _ceil_to(spec.pixels, tiling.pixel_block))
+    conv = te.compute(_i64(spec.batch, pixels, blocks * tiling.channel_block), accumulate, name="conv", attrs=attrs)
+    if spec.input_layout == "NC":
+        out = te.compute(_i64(*spec.output_shape), lambda x, o: conv[0, x, o], name="conv_out")
+    else:
+        ow = tirx.IntImm("int64", spec.out_width)
+        out = te.compute(_i64(*spec.output_shape), lambda i, y, x, o: conv[i, y * ow + x, o], name="conv_out")
+    return DirectConv(data, source, weight, conv, out)
+
+
+def direct_accumulation(spec: ConvSpec, tiling: Tiling, source, weight):
+    """(i, p, o) -> te.sum of output pixel p (flattened), channel o, over new reduction axes.
 
     For a dense conv without horizontal dilation, one kernel row's taps and input channels form a single
     reduction axis (kw * C_in + ic): in NHWC the inputs a pixel reads along it are consecutive floats, and
     so are the packed weights, so the innermost loop runs KW times longer with the same body (a 3x3 conv's
     reduction is 3 loops of 3 * C_in instead of 9 of C_in; a 7x7 stem's 7 of 21 instead of 49 of 3)."""
-    data = te.placeholder(_i64(*spec.input_shape), "float32", name="data")
-    source = _padded_input(data, spec) if spec.input_layout != "NC" else _as_image(data)
     kh, kw = spec.kernel
-    pixels = _ceil_to(spec.pixels, tiling.pixel_block)
-    cb = tiling.channel_block
     group_inputs = spec.in_per_group
-    blocks = -(-spec.out_channels // cb)
-    weight = te.placeholder(_i64(blocks, kh, kw, group_inputs, cb), "float32", name="weight_packed")
-    cb64, per_group = tirx.IntImm("int64", cb), tirx.IntImm("int64", spec.out_per_group)
-    in_group = tirx.IntImm("int64", group_inputs)
+    cb64 = tirx.IntImm("int64", tiling.channel_block)
+    per_group, in_group = tirx.IntImm("int64", spec.out_per_group), tirx.IntImm("int64", group_inputs)
     rkh = te.reduce_axis(_i64(0, kh), name="rkh")
     if spec.groups == 1 and spec.dilation[1] == 1:
         rkwc = te.reduce_axis(_i64(0, kw * group_inputs), name="rkwc")
@@ -369,24 +404,16 @@ def _direct_compute(spec: ConvSpec, tiling: Tiling):
             y, x = _input_position(spec, p, rkh, rkwc // in_group)
             return te.sum(source[i, y, x, rkwc % in_group] * weight[o // cb64, rkh, rkwc // in_group, rkwc % in_group, o % cb64],
                           axis=[rkh, rkwc])
-    else:
-        rkw = te.reduce_axis(_i64(0, kw), name="rkw")
-        ric = te.reduce_axis(_i64(0, group_inputs), name="ric")
+        return accumulate
 
-        def accumulate(i, p, o):
-            y, x = _input_position(spec, p, rkh, rkw)
-            start = o // per_group * in_group if spec.groups > 1 else 0  # the first input of o's group
-            return te.sum(source[i, y, x, start + ric] * weight[o // cb64, rkh, rkw, ric, o % cb64],
-                          axis=[rkh, rkw, ric])
+    rkw = te.reduce_axis(_i64(0, kw), name="rkw")
+    ric = te.reduce_axis(_i64(0, group_inputs), name="ric")
 
-    attrs = {CONV_BLOCK_ATTR: tiling.annotation(), CONV_FLOPS_ATTR: spec.flops}
-    conv = te.compute(_i64(spec.batch, pixels, blocks * cb), accumulate, name="conv", attrs=attrs)
-    if spec.input_layout == "NC":
-        out = te.compute(_i64(*spec.output_shape), lambda x, o: conv[0, x, o], name="conv_out")
-    else:
-        ow = tirx.IntImm("int64", spec.out_width)
-        out = te.compute(_i64(*spec.output_shape), lambda i, y, x, o: conv[i, y * ow + x, o], name="conv_out")
-    return te.create_prim_func([data, weight, out]).with_attr("op_pattern", OUT_EWISE_FUSABLE)
+    def accumulate_grouped(i, p, o):
+        y, x = _input_position(spec, p, rkh, rkw)
+        start = o // per_group * in_group if spec.groups > 1 else 0  # the first input of o's group
+        return te.sum(source[i, y, x, start + ric] * weight[o // cb64, rkh, rkw, ric, o % cb64], axis=[rkh, rkw, ric])
+    return accumulate_grouped
 
 
 class _as_image:

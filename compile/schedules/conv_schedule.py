@@ -48,10 +48,9 @@ def schedule_conv(func: tirx.PrimFunc) -> tirx.PrimFunc:
             pad = None
         _tile_depthwise(sch, conv, writer, tiling)
     else:
-        _flatten_pixels(sch, writer)
         _tile_direct(sch, conv, writer, tiling)
     if pad is not None:
-        _schedule_pad(sch, pad)
+        schedule_pad_copy(sch, pad)
     if tail is not None:
         from .generic import vectorize_and_parallelize
 
@@ -98,12 +97,20 @@ def _flatten_pixels(sch: s_tir.Schedule, writer) -> None:
 
 
 def _tile_direct(sch: s_tir.Schedule, conv, writer, tiling: Tiling) -> None:
+    n, p_outer, o_outer, reduction, p_inner, o_inner = split_direct_tiles(sch, conv, writer, tiling)
+    outer = [n, p_outer, o_outer] if tiling.pixels_outer else [n, o_outer, p_outer]
+    sch.reorder(*outer, *reduction, p_inner, o_inner)
+    register_tile(sch, conv, writer, outer, reduction, p_inner, o_inner, tiling)
+
+
+def split_direct_tiles(sch: s_tir.Schedule, conv, writer, tiling: Tiling):
+    """The direct conv's loops split into register tiles: (n, pixel tiles, channel blocks, reduction
+    loops, pixels of a tile, channels of a block); the writer iterates the accumulators' axes."""
+    _flatten_pixels(sch, writer)
     n, p, o, *reduction = sch.get_loops(conv)
     p_outer, p_inner = sch.split(p, [None, tiling.pixel_block])
     o_outer, o_inner = sch.split(o, [None, tiling.channel_block])
-    outer = [n, p_outer, o_outer] if tiling.pixels_outer else [n, o_outer, p_outer]
-    sch.reorder(*outer, *reduction, p_inner, o_inner)
-    _register_tile(sch, conv, writer, outer, reduction, p_inner, o_inner, tiling)
+    return n, p_outer, o_outer, reduction, p_inner, o_inner
 
 
 def _tile_depthwise(sch: s_tir.Schedule, conv, writer, tiling: Tiling) -> None:
@@ -119,10 +126,10 @@ def _tile_depthwise(sch: s_tir.Schedule, conv, writer, tiling: Tiling) -> None:
     c_outer, c_inner = sch.split(c, [None, tiling.channel_block])
     sch.reorder(n, y, c_outer, x_outer, *reduction, x_inner, c_inner)
     sch.annotate(x_outer, "pragma_loop_partition_hint", 1)
-    _register_tile(sch, conv, writer, [n, y, c_outer, x_outer], reduction, x_inner, c_inner, tiling, parallel_loops=2)
+    register_tile(sch, conv, writer, [n, y, c_outer, x_outer], reduction, x_inner, c_inner, tiling, parallel_loops=2)
 
 
-def _register_tile(sch: s_tir.Schedule, conv, writer, outer, reduction, pixels, channels, tiling: Tiling,
+def register_tile(sch: s_tir.Schedule, conv, writer, outer, reduction, pixels, channels, tiling: Tiling,
                    parallel_loops: int = 0) -> None:
     """Accumulators of one tile in registers over the whole reduction, written by the epilogue. The outer
     loops run in parallel (the first `parallel_loops` of them, when given)."""
@@ -152,7 +159,7 @@ def _unroll_tile(sch: s_tir.Schedule, pixels, channels, tiling: Tiling) -> None:
         sch.vectorize(channels)
 
 
-def _schedule_pad(sch: s_tir.Schedule, pad) -> None:
+def schedule_pad_copy(sch: s_tir.Schedule, pad) -> None:
     n, y, x, c = sch.get_loops(pad)
     sch.parallel(sch.fuse(n, y))
     extent = int(sch.get(c).extent)

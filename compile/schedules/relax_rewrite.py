@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tvm
@@ -11,7 +11,8 @@ from tvm.ir.expr import Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .bn_stats import BatchStatsSpec, build_batch_stats_primfunc
-from .conv2d import DEPTHWISE, ConvSpec, choose_tiling, conv2d_compute, pack_weight
+from .conv2d import DEPTHWISE, DIRECT, ConvSpec, Tiling, choose_tiling, conv2d_compute, pack_weight
+from .conv_stats import build_conv2d_stats_primfunc, pixel_chunks, shift_primfunc, stats_combine_primfunc
 from .conv_transpose import ConvTransposeSpec, col2im_primfunc, gemm_weight
 from .isa import isa_for_target
 
@@ -40,17 +41,23 @@ def _dtype(expr) -> str | None:
 @mutator
 class _KernelRewriter(PyExprMutator):
     """Replaces each NHWC conv2d with constant weights by a call to bndeploy's conv kernel, and
-    `variance(x)` / `mean(square(x - mean(x)))` over (N, H, W) by the one-pass statistics kernel."""
+    `variance(x)` / `mean(square(x - mean(x)))` over (N, H, W) by the one-pass statistics kernel, or, when
+    x is a direct conv's output (plus a per-channel constant), by statistics summed in that conv's epilogue."""
 
     def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
         super().__init__(mod)
         self._isa = isa_for_target(target)
         self._kernels: dict[tuple, tvm.ir.GlobalVar] = {}
         self._stats_calls: list[tuple[relax.Expr, relax.Var]] = []
+        self._epilogue_stats: list[tuple[relax.Expr, relax.Expr]] = []  # (x, (mean, variance) from its conv)
+        self.statistics_fused: list[int] = []  # ordinals of the convs that sum statistics in their epilogue
 
     def rewrite(self, func: relax.Function) -> relax.Function:
         # Patterns are matched on the original bindings: rewritten ones are no longer in the builder.
         self._var2val = relax.analysis.get_var2val(func)
+        self._stats_wanted = [source for binding in _bindings(func)
+                              if (source := _conv_stats_source(binding.value, self._value_of)) is not None]
+        self._convs = [b.value for b in _bindings(func) if _op_name(b.value) == "relax.nn.conv2d"]
         return self.visit_expr(func)
 
     def _value_of(self, expr):
@@ -94,11 +101,37 @@ class _KernelRewriter(PyExprMutator):
         transposed = _op_name(source) == "relax.permute_dims" and _is_nchw_to_nhwc(source)
         if spec.padded and transposed and tiling.kind != DEPTHWISE:
             data, spec = source.args[0], replace(spec, input_layout="NCHW")
+        weight = relax.const(pack_weight(call.args[1].value.numpy(), spec, tiling))
+        wanted = next((s for s in self._stats_wanted if s.conv.same_as(call)), None)
+        if wanted is not None and tiling.kind == DIRECT:
+            self.statistics_fused.append(next(k for k, conv in enumerate(self._convs) if conv.same_as(call)))
+            return self._conv_with_stats(self.visit_expr(data), weight, spec, tiling, wanted)
         gv = self._kernel(("conv2d", spec, tiling), lambda: conv2d_compute(spec, tiling),
                           f"bndeploy_conv2d_{'depthwise' if tiling.kind == DEPTHWISE else 'direct'}")
-        weight = pack_weight(call.args[1].value.numpy(), spec, tiling)
-        return relax.call_tir(gv, [self.visit_expr(data), relax.const(weight)],
-                              relax.TensorType(spec.output_shape, "float32"))
+        return relax.call_tir(gv, [self.visit_expr(data), weight], relax.TensorType(spec.output_shape, "float32"))
+
+    def _conv_with_stats(self, data: relax.Expr, weight: relax.Expr, spec: ConvSpec, tiling: Tiling,
+                         wanted: "_StatsSource") -> relax.Expr:
+        """The conv kernel that also sums its output's batch statistics (conv_stats.py), and the small
+        kernels around it: the shift before, the mean and variance after. Returns the conv's output."""
+        chunks = pixel_chunks(spec, tiling)
+        gv = self._kernel(("conv2d_stats", spec, tiling), lambda: build_conv2d_stats_primfunc(spec, tiling, chunks),
+                          "bndeploy_conv2d_direct_stats")
+        shift_gv = self._kernel(("conv2d_shift", spec, tiling), lambda: shift_primfunc(spec, tiling), "bndeploy_conv2d_shift")
+        combine_gv = self._kernel(("stats_combine", spec, tiling, chunks),
+                                  lambda: stats_combine_primfunc(spec, tiling, chunks), "bndeploy_conv_stats_combine")
+        padded = -(-spec.out_channels // tiling.channel_block) * tiling.channel_block
+        shift = self.builder_.emit(relax.call_tir(shift_gv, [data, weight], relax.TensorType((padded,), "float32")))
+        sums = relax.TensorType((spec.batch, chunks, padded), "float64")
+        conv = self.builder_.emit(relax.call_tir(
+            gv, [data, weight, shift], [relax.TensorType(spec.output_shape, "float32"), sums, sums]))
+        channel = relax.TensorType((spec.out_channels,), "float32")
+        # statistics of conv + b: the mean moves by b, the variance does not
+        bias = relax.const(wanted.bias if wanted.bias is not None else np.zeros(spec.out_channels, "float32"))
+        stats = self.builder_.emit(relax.call_tir(
+            combine_gv, [shift, relax.TupleGetItem(conv, 1), relax.TupleGetItem(conv, 2), bias], [channel, channel]))
+        self._epilogue_stats.append((wanted.x, stats))
+        return relax.TupleGetItem(conv, 0)
 
     def _rewrite_dense(self, call: relax.Call):
         """matmul(x (rows, K), W const (K, M)) -> the direct conv kernel as a 1x1 conv over the rows, so a
@@ -155,14 +188,10 @@ class _KernelRewriter(PyExprMutator):
     def _rewrite_batch_stats(self, call: relax.Call):
         """mean(x) and variance(x) / mean((x - mean(x))^2) over (N, H, W) of an NCHW or NHWC tensor: TVM would
         read x three times (mean, variance, then normalise); one kernel computes both in one pass."""
-        name = _op_name(call)
-        if name == "relax.variance":
-            x, which = call.args[0], 1
-        elif name == "relax.mean":
-            centered = _centered_square_source(self._value_of(call.args[0]), self._value_of)
-            x, which = (call.args[0], 0) if centered is None else (centered, 1)
-        else:
+        x = _stats_operand(call, self._value_of)
+        if x is None:
             return None
+        which = 0 if _op_name(call) == "relax.mean" and x.same_as(call.args[0]) else 1  # mean, else variance
         shape = _static_shape(x)
         axes = call.attrs.axis
         if shape is None or len(shape) != 4 or _dtype(x) != "float32" or axes is None:
@@ -175,22 +204,79 @@ class _KernelRewriter(PyExprMutator):
             spec, keepdims_shape = BatchStatsSpec(n, c, h, w, channels_last=True), (1, 1, 1, c)
         else:
             return None
-        stats = self._batch_stats(self.visit_expr(x), spec)
+        stats = self._batch_stats(x, spec)
         out_shape = keepdims_shape if call.attrs.keepdims else (spec.channels,)
         return relax.op.reshape(relax.TupleGetItem(stats, which), out_shape)
 
-    def _batch_stats(self, x: relax.Expr, spec: BatchStatsSpec) -> relax.Var:
+    def _batch_stats(self, x: relax.Expr, spec: BatchStatsSpec) -> relax.Expr:
         """One statistics call per tensor, shared by its mean and its variance."""
-        for seen, stats in self._stats_calls:
+        for seen, stats in self._epilogue_stats + self._stats_calls:
             if seen.same_as(x):
                 return stats
         gv = self._kernel(("bn_stats", spec), lambda: build_batch_stats_primfunc(spec), "bndeploy_batch_stats")
         flat_shape = (spec.rows, spec.channels) if spec.channels_last else (spec.batch, spec.channels, spec.plane)
-        flat = self.builder_.emit(relax.op.reshape(x, flat_shape))
+        flat = self.builder_.emit(relax.op.reshape(self.visit_expr(x), flat_shape))
         channel = relax.TensorType((spec.channels,), "float32")
         stats = self.builder_.emit(relax.call_tir(gv, [flat], [channel, channel]))
         self._stats_calls.append((x, stats))
         return stats
+
+
+def _stats_operand(call, value_of) -> relax.Expr | None:
+    """x when call is variance(x), mean(x) or mean((x - mean(x))^2), else None."""
+    name = _op_name(call)
+    if name == "relax.variance":
+        return call.args[0]
+    if name == "relax.mean":
+        centered = _centered_square_source(value_of(call.args[0]), value_of)
+        return call.args[0] if centered is None else centered
+    return None
+
+
+@dataclass(frozen=True)
+class _StatsSource:
+    """Batch statistics over (N, H, W) of x = conv(...) [+ bias]: the conv can sum them in its epilogue."""
+
+    x: relax.Expr
+    conv: relax.Call
+    bias: np.ndarray | None  # per output channel
+
+
+def _conv_stats_source(call, value_of) -> _StatsSource | None:
+    """The conv (and per-channel constant bias) whose NHWC output a channels-last mean/variance reduces."""
+    x = _stats_operand(call, value_of)
+    if x is None or call.attrs.axis is None or sorted(int(a) % 4 for a in call.attrs.axis) != [0, 1, 2]:
+        return None
+    shape = _static_shape(x)
+    if shape is None or len(shape) != 4 or _dtype(x) != "float32":
+        return None
+    producer, bias = value_of(x), None
+    if _op_name(producer) == "relax.add":
+        for operand, other in (producer.args, reversed(producer.args)):
+            bias = _channel_vector(other, shape[3])
+            if bias is not None and _op_name(value_of(operand)) == "relax.nn.conv2d":
+                producer = value_of(operand)
+                break
+        else:
+            return None
+    if _op_name(producer) != "relax.nn.conv2d" or _conv_spec(producer) is None:
+        return None
+    return _StatsSource(x, producer, bias)
+
+
+def _channel_vector(expr, channels: int) -> np.ndarray | None:
+    """A constant broadcast along the last (channel) axis only, as a (channels,) float32 vector."""
+    if not isinstance(expr, Constant):
+        return None
+    value = expr.value.numpy()
+    if value.dtype != np.float32 or value.size not in (1, channels) or any(d != 1 for d in value.shape[:-1]):
+        return None
+    return np.broadcast_to(value.reshape(-1), (channels,)).astype(np.float32)
+
+
+def _bindings(func: relax.Function):
+    for block in func.body.blocks:
+        yield from block.bindings
 
 
 def _centered_square_source(expr, value_of):
@@ -264,6 +350,11 @@ def _conv_transpose_spec(call: relax.Call) -> ConvTransposeSpec | None:
                              dilation=tuple(int(d) for d in attrs.dilation))
 
 
+# Module attribute: the ordinals (k-th conv2d binding of the function, which is the k-th ONNX Conv node) of
+# the convs whose output's batch statistics are summed in their epilogue; the fusion report reads it.
+STATISTICS_FUSED_ATTR = "bndeploy.statistics_fused_convs"
+
+
 # Channels-last for every conv2d and conv2d_transpose: the layout bndeploy's kernels compute in.
 # ConvertLayout carries it through elementwise ops, pooling and reductions, so a network transposes only
 # at its edges.
@@ -306,4 +397,5 @@ def rewrite_to_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gv, rewriter.rewrite(func))
-    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+    mod = relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+    return mod.with_attr(STATISTICS_FUSED_ATTR, sorted(rewriter.statistics_fused))
