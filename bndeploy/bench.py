@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -146,8 +146,16 @@ def _zoo(name: str):
     return build
 
 
-def conv_case(n: int, c: int, hw: int) -> Case:
-    return Case("conv3x3+bn+relu", f"{n},{c},{hw}", _conv_bn_relu(c, c, 3), (n, c, hw, hw))
+def conv_case(n: int, c: int, hw: int, mode: str = "inference") -> Case:
+    return Case("conv3x3+bn+relu", f"{n},{c},{hw}", _conv_bn_relu(c, c, 3), (n, c, hw, hw), mode)
+
+
+def train_cases() -> list[Case]:
+    """Each train-mode block beside its inference (folded) artifact: what batch statistics cost."""
+    blocks = [(conv_case(*shape, "inference"), conv_case(*shape, "train")) for shape in REFERENCE_CONVS]
+    resnet = [Case("tiny-resnet", "8,3,16", _reference("tiny-resnet"), (8, 3, 16, 16), mode)
+              for mode in ("inference", "train")]
+    return [case for pair in blocks for case in pair] + resnet
 
 
 def bn_case(mode: str) -> Case:
@@ -196,10 +204,14 @@ def suite_cases(suite: str, models: tuple[str, ...] = ()) -> list[Case]:
         return zoo_cases(models or ZOO, ZOO_BATCHES)
     if suite == "zoo-smoke":
         return zoo_cases(("resnet18",), (1,), image=64)
+    if suite == "train":
+        return train_cases()
+    if suite == "zoo-train":
+        return [replace(case, mode="train") for case in zoo_cases(models or ZOO, (8,))]
     raise ValueError(f"unknown suite {suite!r}")
 
 
-SUITES = ("default", "quick", "conv", "fold", "zoo", "zoo-smoke")
+SUITES = ("default", "quick", "conv", "fold", "zoo", "zoo-smoke", "train", "zoo-train")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +272,8 @@ def export_and_compile(case: Case, module, settings: BenchSettings, work: Path, 
     folder = work / f"{case.name}-{case.shape}-{case.mode}".replace(" ", "_").replace("/", "_").replace(">", "")
     inputs = (seeded_normal(case.input_shape, 0),)
     exported = export(LoadedModel(case.name, module, inputs), folder / "export",
-                      ExportSettings(modes=(case.mode,), force=True))[case.mode]
+                      ExportSettings(modes=(case.mode,), force=True,
+                                     train_dropout="identity" if case.mode == "train" else None))[case.mode]
     start = time.perf_counter()
     onnx_path = exported / ONNX_FILE
     (artifact_dir,) = compile_model(onnx_path, [settings.target], folder / "artifact",
@@ -337,7 +350,7 @@ def _percent(value: float | None) -> str:
 
 
 def summary_lines(rows: list[Row], context: dict) -> list[str]:
-    lines = []
+    lines = train_over_inference_lines(rows)
     for mode_shape, group in _geomean_groups(rows).items():
         ratios = [r.ratio for r in group]
         geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
@@ -353,11 +366,24 @@ def summary_lines(rows: list[Row], context: dict) -> list[str]:
     return lines
 
 
+def train_over_inference_lines(rows: list[Row]) -> list[str]:
+    """For a case timed in both modes: the train-mode artifact's time over the inference (folded) one's."""
+    inference = {(r.case, r.shape): r for r in rows if r.mode == "inference"}
+    lines = []
+    for row in rows:
+        folded = inference.get((row.case, row.shape)) if row.mode == "train" else None
+        if folded is not None:
+            lines.append(f"{row.case} {row.shape}: train mode {row.ms['bndeploy'] / folded.ms['bndeploy']:.2f}x the "
+                         f"inference (folded) artifact's time; ONNX Runtime {row.ms['onnxruntime'] / folded.ms['onnxruntime']:.2f}x")
+    return lines
+
+
 def _geomean_groups(rows: list[Row]) -> dict[str, list[Row]]:
     groups: dict[str, list[Row]] = {}
+    modes = {row.mode for row in rows}
     for row in rows:
         key = row.shape if row.shape.startswith("batch") else "all"
-        groups.setdefault(key, []).append(row)
+        groups.setdefault(f"{key}, {row.mode}" if len(modes) > 1 else key, []).append(row)
     return groups
 
 
@@ -454,7 +480,8 @@ def register(subparsers) -> None:
                         help="default: conv3x3+BN+ReLU reference shapes + BatchNorm both modes; quick: one conv + BN; "
                              "conv: every conv class; fold: a DCGAN generator and an MLP head (BN folded into ConvTranspose "
                              "and Linear); zoo: six torchvision networks at batch 1 and 8; zoo-smoke: ResNet-18 "
-                             "at 64x64 (CI)")
+                             "at 64x64 (CI); train: the conv3x3+BN+ReLU shapes and tiny-resnet in both modes; "
+                             "zoo-train: the zoo in train mode at batch 8")
     parser.add_argument("--target", default="cpu",
                         help="timing: cpu (this host), x86-64-avx2 or x86-64-avx512; --predict: any CPU target "
                              "(default: %(default)s)")

@@ -155,3 +155,52 @@ def test_a_depthwise_conv_keeps_its_statistics_kernel_and_the_report_says_why(co
     assert any(k.startswith("bndeploy_batch_stats") for k in manifest["kernels"]), manifest["kernels"]
     (entry,) = manifest["fusion"]
     assert "no register-tiled direct kernel" in entry["statistics"]
+
+
+def train_conv_bn_relu(groups: int):
+    """Conv 3x3 (16 -> 32 channels, `groups`) -> BatchNormalization(training_mode=1) -> Relu, with the
+    updated running mean and variance as outputs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    c = lambda name, v: numpy_helper.from_array(np.asarray(v, np.float32), name)  # noqa: E731
+    inits = [c("w", rng.standard_normal((32, 16 // groups, 3, 3)) * 0.3), c("gamma", rng.uniform(0.5, 2, 32)),
+             c("beta", rng.standard_normal(32)), c("mean", rng.standard_normal(32)), c("var", rng.uniform(0.5, 2, 32))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4, group=groups),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b", "rm", "rv"],
+                              training_mode=1, momentum=0.9),
+             helper.make_node("Relu", ["b"], ["y"])]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
+               for n, shape in (("y", [2, 32, 7, 7]), ("rm", [32]), ("rv", [32]))]
+    g = helper.make_graph(nodes, "train", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, 7, 7])],
+                          outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+
+
+@pytest.mark.parametrize("special", [np.nan, np.inf], ids=["nan", "inf"])
+def test_train_statistics_put_nan_and_inf_where_onnxruntime_does(special, tmp_path):
+    """A NaN or Inf input pixel in one group of a grouped conv: the batch statistics, outputs and running
+    statistics of that group's channels become non-finite exactly where ORT's do, the other group's stay
+    finite and within the train-mode tolerance."""
+    import onnx
+    import onnxruntime as ort
+
+    from bndeploy.compile import compile_model
+    from bndeploy.runtime import load_artifact
+
+    model = train_conv_bn_relu(groups=2)
+    onnx.save(model, tmp_path / "model.onnx")
+    (artifact,) = compile_model(tmp_path / "model.onnx", ["cpu"], tmp_path / "artifact")
+    manifest = json.loads((artifact / "artifact.json").read_text())
+    assert manifest["fusion"][0]["statistics"].startswith("fused into")
+    x = np.random.default_rng(2).standard_normal((2, 16, 7, 7)).astype(np.float32)
+    x[1, 3, 4, 5] = special  # an input channel of the first group only
+    got = load_artifact(artifact).run({"x": x})
+    want = dict(zip(("y", "rm", "rv"), ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})))
+    for name, expected in want.items():
+        actual = got[name]
+        np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected), err_msg=f"{name}: NaN positions")
+        np.testing.assert_array_equal(np.isinf(actual), np.isinf(expected), err_msg=f"{name}: Inf positions")
+        finite = np.isfinite(expected)
+        assert finite.any(), "the other group must stay finite for the test to mean anything"
+        np.testing.assert_allclose(actual[finite], expected[finite], atol=1e-4, rtol=1e-4)
