@@ -249,9 +249,9 @@ def compare(
         return result
     a, b = actual.astype(np.float64), expected.astype(np.float64)
     finite = np.isfinite(a) & np.isfinite(b)
-    with np.errstate(invalid="ignore"):  # inf - inf at non-finite positions, masked out right here
+    with np.errstate(invalid="ignore"):  # inf - inf and 0 * inf at non-finite positions, masked out right here
         abs_error = np.where(finite, np.abs(a - b), 0.0)
-    within = np.where(finite, abs_error <= tolerance.atol + tolerance.rtol * np.abs(b), _nonfinite_agree(a, b))
+        within = np.where(finite, abs_error <= tolerance.atol + tolerance.rtol * np.abs(b), _nonfinite_agree(a, b))
     outside = ~within
 
     result.total = int(a.size)
