@@ -56,7 +56,7 @@ details.output[open]{padding-bottom:8px} details.output>summary{cursor:pointer;p
 details.output.near>summary{background:#fff8e1} details.output.failed>summary{background:#fdecea}
 .charts{display:flex;flex-wrap:wrap;gap:16px} figure{margin:0} figcaption{color:#555;font-size:12px}
 svg text{font:11px system-ui,sans-serif;fill:#444} .bar{fill:#5b8def} .bar.bad{fill:#d32f2f}
-.axis{stroke:#888} .grid{stroke:#eee} .tol{stroke:#c62828;stroke-dasharray:4 3} .nearline{stroke:#f0b400;stroke-dasharray:2 3}
+.axis,.grid,.tol,.nearline{shape-rendering:crispEdges} .axis{stroke:#888} .grid{stroke:#eee} .tol{stroke:#c62828;stroke-dasharray:4 3} .nearline{stroke:#f0b400;stroke-dasharray:2 3}
 .series{fill:none;stroke-width:1;opacity:.45}
 """
 

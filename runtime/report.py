@@ -24,9 +24,9 @@ from bndeploy.runtime.specs import TensorSpec
 # A passing comparison whose margin is at least this (its error is half of what is allowed, or more) is
 # "near": the terminal lists it and the HTML report expands it, as it does failures.
 NEAR_MARGIN = 0.5
-# Without --verbose: how many failures the terminal table lists and explains, and how many of the
-# passing comparisons closest to their tolerance it lists beside them.
-SHOWN_FAILURES = 10
+# Without --verbose: how many failures the terminal table lists and explains, how many near misses it
+# lists beside them, and how many of the closest passing comparisons when nothing failed or came near.
+SHOWN_FAILURES = 8
 EXPLAINED_FAILURES = 3
 SHOWN_CLOSEST = 3
 SHOWN_NEAR = 5
@@ -174,12 +174,12 @@ class Report:
                 f"error/allowed {stats.margin_max:.3g})")
 
     def shown_comparisons(self) -> list[Comparison]:
-        """Without --verbose: the worst failures, then the near misses, and at least the closest few."""
+        """Without --verbose: the worst failures, then the near misses; with neither, the closest few."""
         ranked = self.by_margin()
         failed = [c for c in ranked if not c.passed][:SHOWN_FAILURES]
         passing = [c for c in ranked if c.passed]
         near = [c for c in passing if c.margin >= NEAR_MARGIN][:SHOWN_NEAR]
-        return failed + (near if len(near) >= SHOWN_CLOSEST else passing[:SHOWN_CLOSEST])
+        return failed + near if failed or near else passing[:SHOWN_CLOSEST]
 
     def shown_title(self, shown: list[Comparison], verbose: bool) -> str:
         if verbose or len(shown) == len(self.comparisons):
