@@ -30,6 +30,8 @@ SHOWN_FAILURES = 8
 EXPLAINED_FAILURES = 3
 SHOWN_CLOSEST = 3
 SHOWN_NEAR = 5
+# A report with at most this many comparisons lists them all: it fits on a screen as it is.
+SMALL_REPORT = 10
 KINDS = ("output", "running_mean", "running_var")
 
 
@@ -174,7 +176,10 @@ class Report:
                 f"error/allowed {stats.margin_max:.3g})")
 
     def shown_comparisons(self) -> list[Comparison]:
-        """Without --verbose: the worst failures, then the near misses; with neither, the closest few."""
+        """Without --verbose: the worst failures, then the near misses; with neither, the closest few
+        (a small report: everything)."""
+        if len(self.comparisons) <= SMALL_REPORT:
+            return self.by_depth()
         ranked = self.by_margin()
         failed = [c for c in ranked if not c.passed][:SHOWN_FAILURES]
         passing = [c for c in ranked if c.passed]
@@ -184,7 +189,8 @@ class Report:
     def shown_title(self, shown: list[Comparison], verbose: bool) -> str:
         if verbose or len(shown) == len(self.comparisons):
             return f"every comparison, in graph order ({len(shown)}; margin = {self.gate.label} of error/allowed, <= 1 passes):"
-        return (f"failed and closest to tolerance ({len(shown)} of {len(self.comparisons)}; margin = {self.gate.label} "
+        what = "failed and closest to tolerance" if self.failures else "closest to tolerance"
+        return (f"{what} ({len(shown)} of {len(self.comparisons)}; margin = {self.gate.label} "
                 f"of error/allowed, <= 1 passes; --verbose for all):")
 
     def verdict(self) -> str:
