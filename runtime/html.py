@@ -1,6 +1,6 @@
 """The HTML report: one self-contained page (inline CSS and SVG; no scripts, no external files) that opens
 with the answer and then the detail:
-1. the verdict and the summary (what was compared, the gate, counts by kind, the element closest to failing);
+1. the verdict and the summary (what was compared, the gate, counts by kind, the worst element);
 2. an overview chart: every comparison's margin (error / allowed, log scale) against its layer depth, with
    the tolerance (margin 1) drawn; each point links to its section;
 3. one collapsible section per output or running statistic with every figure of each reference and the
@@ -89,9 +89,9 @@ def summary_section(report: Report) -> str:
              f"gate: {report.gate.describe()}; tolerance (atol/rtol) {report.tolerances_line()}",
              f"margin = the gate's statistic of error / allowed: 1 is the tolerance; {NEAR_MARGIN:g} or more is "
              "near (expanded below with the failures)"]
-    closest = report.closest_element_line()
-    if closest:
-        facts.append(f"closest element: {closest}")
+    worst = report.worst_element_line()
+    if worst:
+        facts.append(f"worst element: {worst}")
     head = "".join(f"<th>{h}</th>" for h in ("kind", "tensors", "comparisons", "pass", "fail", "max margin", "at"))
     rows = "".join(
         f"<tr><td>{kind}</td><td class='num'>{n['tensors']}</td><td class='num'>{n['comparisons']}</td>"

@@ -2,7 +2,7 @@
 machines (JSON, JUnit).
 
 A person reads the answer first: the summary (what was compared, the gate, pass/fail counts by kind, the
-element closest to failing), then only what failed or came closest to its tolerance; ``verbose`` lists
+worst element: the one closest to failing, or furthest past it), then only what failed or came closest to its tolerance; ``verbose`` lists
 everything. "Closest to its tolerance" is the comparison's margin (bndeploy.compare: the gate's statistic
 of error / allowed, <= 1 passes); the same figure sorts the terminal table, expands HTML sections and is
 written to the JSON. The per-output places (kind, BatchNorm, depth in the graph) come from the artifact's
@@ -140,8 +140,8 @@ class Report:
             f"  compared: {self.compared_line()}",
             f"  gate: {self.gate.describe()}; tolerance (atol/rtol) {self.tolerances_line()}",
         ]
-        closest = self.closest_element_line()
-        return lines + ([f"  closest element: {closest}"] if closest else [])
+        worst = self.worst_element_line()
+        return lines + ([f"  worst element: {worst}"] if worst else [])
 
     def compared_line(self) -> str:
         places = self.places()
@@ -158,12 +158,11 @@ class Report:
     def tolerances_line(self) -> str:
         return ", ".join(dict.fromkeys(str(c.tolerance) for c in self.comparisons)) or "-"
 
-    def closest_element_line(self) -> str | None:
-        """The element with the highest error/allowed over every comparison (or the first NaN/Inf mismatch)."""
+    def worst_element_line(self) -> str | None:
+        """The element with the highest error/allowed over every comparison; a shape or NaN/Inf failure first."""
         if not self.comparisons:
             return None
-        top = max(self.comparisons, key=lambda c: _sortable(c.statistics.margin_max if not c.nonfinite_mismatches
-                                                            and not c.problem else math.inf))
+        top = max(self.comparisons, key=_element_severity)
         if top.problem:
             return f"{top.title}: {top.problem}"
         if top.nonfinite_mismatches:
@@ -357,6 +356,10 @@ def case_figures(c: Comparison) -> str:
 
 def _figure(value: float | None) -> str:
     return "-" if value is None else f"{value:.2e}"
+
+
+def _element_severity(c: Comparison) -> float:
+    return math.inf if c.problem or c.nonfinite_mismatches else _sortable(c.statistics.margin_max)
 
 
 def _sortable(value: float) -> float:

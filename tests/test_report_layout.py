@@ -41,7 +41,7 @@ def test_terminal_summary_answers_first_and_fits_on_one_screen(resnet18_shaped):
                         "82 comparisons, 82 pass, 0 fail")
     assert lines[3].startswith("  gate: every element within atol + rtol*|reference| (--check-stat max)")
     closest = max(resnet18_shaped.comparisons, key=lambda c: c.statistics.margin_max)
-    assert lines[4].startswith(f"  closest element: {closest.title} at [{closest.statistics.tightest_index[0]}]")
+    assert lines[4].startswith(f"  worst element: {closest.title} at [{closest.statistics.tightest_index[0]}]")
     kinds = {line.split()[0]: line.split()[1:5] for line in lines[6:10]}
     assert kinds["output"] == ["1", "2", "2", "0"] and kinds["running_var"] == ["20", "40", "40", "0"]
     # Only the closest comparisons are listed, highest margin first; --verbose lists all 82.
@@ -64,7 +64,7 @@ def test_failures_come_first_with_their_explanation(one_failure):
     assert [r[0] for r in rows[:2]] == ["layer3.2.bn.running_var_updated"] * 2 and {r[-1] for r in rows[:2]} == {"FAIL"}
     assert rows[2:] == []  # nothing else came near (margin >= 0.5)
     assert "FAIL layer3.2.bn.running_var_updated vs torch:\n  1 of 64 elements (1.56%) outside" in text
-    assert "closest element: layer3.2.bn.running_var_updated vs " in text and "error/allowed 3)" in text
+    assert "worst element: layer3.2.bn.running_var_updated vs " in text and "error/allowed 3)" in text
     assert text.endswith("result: FAIL (2 of 82 comparisons)")
 
 
@@ -82,6 +82,22 @@ def test_many_failures_stay_on_one_screen():
     assert rows[0][0] == "layer5.3.bn.running_mean_updated"  # the largest error (21x allowed) first
     assert "(37 more failures explained with --verbose, and in the JSON, JUnit and HTML reports)" in text
     assert report.summary(verbose=True).count("\nFAIL ") == 40
+
+
+def test_shape_and_nan_failures_lead_the_summary(tmp_path):
+    from bndeploy.compare import compare
+    from bndeploy.runtime import Report, Tolerance
+
+    tolerance = Tolerance(1e-3, 0.0)
+    far_off = compare(np.array([5.0, 1.0]), np.ones(2), tolerance, "a", "torch", "torch/a")
+    nan = compare(np.array([1.0, np.nan]), np.ones(2), tolerance, "b", "torch", "torch/b")
+    report = Report("/x", "cpu", "cpu", "inference", "float32", "test", ("torch",), [far_off, nan])
+    assert "  worst element: b vs torch: NaN/Inf mismatch at [1]" in report.summary().splitlines()
+    report.comparisons.append(compare(np.zeros((2, 3)), np.zeros((3, 2)), tolerance, "c", "torch", "torch/c"))
+    assert "  worst element: c vs torch: shape [2, 3] differs from the reference's [3, 2] (torch/c)" in report.summary()
+    report.write_html(tmp_path / "r.html")  # no charts for a shape failure, its details instead
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("<details class='output failed'") == 3 and "data-output='c'" in page
 
 
 def test_json_and_junit_keep_every_figure(one_failure, tmp_path):
