@@ -358,8 +358,9 @@ def _figure(value: float | None) -> str:
     return "-" if value is None else f"{value:.2e}"
 
 
-def _element_severity(c: Comparison) -> float:
-    return math.inf if c.problem or c.nonfinite_mismatches else _sortable(c.statistics.margin_max)
+def _element_severity(c: Comparison) -> tuple[bool, bool, float]:
+    """A shape failure, then a NaN/Inf mismatch, then the highest element error/allowed."""
+    return c.problem is not None, c.nonfinite_mismatches > 0, _sortable(c.statistics.margin_max)
 
 
 def _sortable(value: float) -> float:
