@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from bndeploy.compare import Comparison, compare
+from bndeploy.compare import Comparison, Gate, compare
 from bndeploy.errors import BndeployError
 from bndeploy.layout import REFERENCE_FILE, SPEC, TORCH, reference_key
 from bndeploy.runtime.artifact import Artifact
@@ -33,6 +33,7 @@ def check(
     seed: int | None = None,
     device: str | None = None,
     remote: RpcEndpoint | None = None,
+    gate: Gate = Gate(),
 ) -> Report:
     """Run the artifact once and compare each output with each reference in ``against``.
 
@@ -42,6 +43,7 @@ def check(
     ``seed`` generates inputs instead. ``tolerances``: None (documented defaults for the artifact's
     dtype and mode), one Tolerance for all outputs, a Tolerances, or {output: Tolerance | (atol, rtol)}.
     ``remote``: run on a device behind TVM RPC instead of here (references are still computed here).
+    ``gate``: which error statistic decides pass/fail (bndeploy.compare.Gate; default: every element).
     """
     against = validate_against(against)
     artifact = open_artifact(artifact_dir, device, remote)
@@ -63,14 +65,17 @@ def check(
         dtype=artifact.dtype,
         inputs_source=inputs_source,
         against=against,
+        outputs=outputs,
+        gate=gate,
     )
     report.references = reference_versions(against, export)
     report.notes += nonfinite_notes(feed, actual) + train_dropout_notes(artifact)
     if "torch" in against:
-        report.comparisons += compare_with_torch(artifact, outputs, actual, export, tols)
-        report.notes += running_var_notes(artifact, outputs, export)
+        report.comparisons += compare_with_torch(artifact, outputs, actual, export, tols, gate)
+        report.running_var_gaps = running_var_gaps(outputs, export)
+        report.notes += running_var_note(artifact, report.running_var_gaps)
     if "onnxruntime" in against:
-        comparisons, notes = compare_with_onnxruntime(artifact, outputs, actual, feed, tols)
+        comparisons, notes = compare_with_onnxruntime(artifact, outputs, actual, feed, tols, gate)
         report.comparisons += comparisons
         report.notes += notes
     return report
@@ -164,47 +169,67 @@ def torch_reference_key(artifact: Artifact, spec: TensorSpec) -> str:
     return reference_key(prefix, spec.name)
 
 
-def compare_with_torch(artifact, outputs, actual, export: ExportReferences, tols: Tolerances) -> list[Comparison]:
+def compare_with_torch(artifact, outputs, actual, export: ExportReferences, tols: Tolerances,
+                       gate: Gate = Gate()) -> list[Comparison]:
     comparisons = []
     for spec in outputs:
         key = torch_reference_key(artifact, spec)
         expected = export.at(key)
-        comparisons.append(compare(actual[spec.name], expected, tols.for_output(spec.name), spec.name, "torch", key))
+        comparisons.append(compare(actual[spec.name], expected, tols.for_output(spec.name), spec.name, "torch", key, gate))
     return comparisons
 
 
-def running_var_notes(artifact, outputs, export: ExportReferences) -> list[str]:
-    """The population-vs-unbiased difference, stated with its size: expected, not a failure."""
-    notes = []
+def running_var_gaps(outputs, export: ExportReferences) -> list[dict]:
+    """Per BatchNorm, how far torch's unbiased running_var is from the ONNX spec's population one."""
+    gaps = []
     for spec in outputs:
         if spec.role != "running_var" or not (export.has(TORCH, spec.name) and export.has(SPEC, spec.name)):
             continue
         gap = np.max(np.abs(export.get(TORCH, spec.name).astype(np.float64) - export.get(SPEC, spec.name)))
-        n = spec.batch_count if spec.batch_count is not None else "unknown"
-        follows = "the ONNX spec" if artifact.running_var == "onnx" else "PyTorch"
-        notes.append(
-            f"running_var: ONNX uses the population variance, PyTorch the unbiased one (n/(n-1), n={n}): "
-            f"torch's own value differs from the ONNX spec by max {gap:.3g} "
-            f"[{spec.name}: the artifact follows {follows}, so it is compared against {torch_reference_key(artifact, spec)}]"
-        )
-    return notes
+        gaps.append({"output": spec.name, "batch_count": spec.batch_count, "max_gap": float(gap)})
+    return gaps
 
 
-def compare_with_onnxruntime(artifact, outputs, actual, feed, tols: Tolerances) -> tuple[list[Comparison], list[str]]:
+def running_var_note(artifact, gaps: list[dict]) -> list[str]:
+    """The population-vs-unbiased difference, stated with its size (a range over BatchNorms): expected, not a failure."""
+    if not gaps:
+        return []
+    counts = sorted({g["batch_count"] for g in gaps if g["batch_count"] is not None})
+    n = "unknown" if not counts else str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+    low, high = min(g["max_gap"] for g in gaps), max(g["max_gap"] for g in gaps)
+    size = f"max {high:.3g}" if len(gaps) == 1 else f"max {low:.3g} to {high:.3g} over {len(gaps)} BatchNorms"
+    follows = "the ONNX spec" if artifact.running_var == "onnx" else "PyTorch"
+    prefix = SPEC if artifact.running_var == "onnx" else TORCH
+    compared = gaps[0]["output"] if len(gaps) == 1 else "<name>"
+    return [
+        f"running_var: ONNX uses the population variance, PyTorch the unbiased one (n/(n-1), n={n}): "
+        f"torch's own value differs from the ONNX spec by {size} "
+        f"[the artifact follows {follows}, so it is compared against {reference_key(prefix, compared)}]"
+    ]
+
+
+def compare_with_onnxruntime(artifact, outputs, actual, feed, tols: Tolerances,
+                             gate: Gate = Gate()) -> tuple[list[Comparison], list[str]]:
     from bndeploy.onnxruntime_reference import run_onnxruntime
 
     expected = run_onnxruntime(source_onnx_path(artifact.manifest, artifact.directory), feed)
-    comparisons, notes = [], []
+    comparisons, skipped = [], []
     for spec in outputs:
         if spec.role == "running_var" and artifact.running_var == "torch":
-            notes.append(
-                f"{spec.name} vs onnxruntime: skipped; onnxruntime follows the ONNX spec (population variance) "
-                "while this artifact implements PyTorch's unbiased update, so it is compared against torch only"
-            )
+            skipped.append(spec.name)
             continue
         if spec.name not in expected:
             raise BndeployError(f"the source ONNX model has no output {spec.name!r} (it has {', '.join(expected)})")
         comparisons.append(
-            compare(actual[spec.name], expected[spec.name], tols.for_output(spec.name), spec.name, "onnxruntime", "onnxruntime")
+            compare(actual[spec.name], expected[spec.name], tols.for_output(spec.name), spec.name, "onnxruntime",
+                    "onnxruntime", gate)
         )
-    return comparisons, notes
+    return comparisons, skipped_running_var_note(skipped)
+
+
+def skipped_running_var_note(skipped: list[str]) -> list[str]:
+    if not skipped:
+        return []
+    names = skipped[0] if len(skipped) == 1 else f"{skipped[0]} and {len(skipped) - 1} more running_var outputs"
+    return [f"{names} vs onnxruntime: skipped; onnxruntime follows the ONNX spec (population variance) "
+            "while this artifact implements PyTorch's unbiased update, so it is compared against torch only"]

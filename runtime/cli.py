@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bndeploy.compare import CHECK_STATS, DEFAULT_ERROR_QUANTILE, Gate
 from bndeploy.errors import BndeployError
 from bndeploy.runtime.check import REFERENCES, check, choose_inputs
 from bndeploy.runtime.device_cli import add_rpc_arguments, endpoint_from_args
@@ -32,7 +33,14 @@ def register(sub) -> None:
     chk.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
     chk.add_argument("--junit", type=Path, metavar="FILE", help="write a JUnit XML report (one testcase per output and reference)")
     chk.add_argument("--html", type=Path, metavar="FILE", help="write a self-contained HTML report with error charts")
+    chk.add_argument("--check-stat", choices=CHECK_STATS, default="max",
+                     help="error statistic that gates pass/fail: max (every element within tolerance), or the mean, "
+                          "median or --error-quantile of error/allowed over the elements <= 1 (default: %(default)s)")
+    chk.add_argument("--error-quantile", type=float, default=DEFAULT_ERROR_QUANTILE, metavar="Q",
+                     help="the quantile reported, and gated on with --check-stat quantile (default: %(default)s)")
     chk.add_argument("-q", "--quiet", action="store_true", help="print only the result line")
+    chk.add_argument("-v", "--verbose", action="store_true",
+                     help="list every comparison and failure (default: the summary, then what failed or came closest)")
     chk.set_defaults(func=check_command)
 
 
@@ -63,8 +71,9 @@ def check_command(args) -> int:
         seed=args.seed,
         device=args.device,
         remote=endpoint_from_args(args),
+        gate=Gate(args.check_stat, args.error_quantile),
     )
-    print(report.summary().splitlines()[-1] if args.quiet else report.summary())
+    print(report.summary().splitlines()[-1] if args.quiet else report.summary(verbose=args.verbose))
     for path, write in ((args.json, report.write_json), (args.junit, report.write_junit), (args.html, report.write_html)):
         if path is not None:
             write(path)
