@@ -7,8 +7,13 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from bndeploy.compare import Comparison
-from bndeploy.errors import EXIT_MISMATCH, EXIT_OK
+from bndeploy.errors import EXIT_ERROR, EXIT_MISMATCH, EXIT_OK
+
+if TYPE_CHECKING:
+    from bndeploy.runtime.topk import TopKAgreement
 
 
 @dataclass
@@ -24,10 +29,16 @@ class Report:
     notes: list[str] = field(default_factory=list)
     # {"torch" | "onnxruntime": {"version": ..., "how": ...}}: what each reference was computed with
     references: dict[str, dict] = field(default_factory=dict)
+    # Many samples (--inputs-dir, --data-loader, a golden): how many were compared, the ones that could not
+    # be used ("NAME: why"), per output and reference the worst sample, and top-k agreement gates.
+    samples: int = 1
+    sample_errors: list[str] = field(default_factory=list)
+    sample_results: list[dict] = field(default_factory=list)
+    top_k: list["TopKAgreement"] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.comparisons)
+        return all(c.passed for c in self.comparisons) and not self.sample_errors and all(t.passed for t in self.top_k)
 
     @property
     def failures(self) -> list[Comparison]:
@@ -35,6 +46,8 @@ class Report:
 
     @property
     def exit_code(self) -> int:
+        if self.sample_errors:
+            return EXIT_ERROR
         return EXIT_OK if self.passed else EXIT_MISMATCH
 
     def summary(self) -> str:
@@ -45,6 +58,7 @@ class Report:
             *([f"  {self.references_line()}"] if self.references else []),
             "",
             *format_table(self.comparisons),
+            *samples_lines(self),
         ]
         for failure in self.failures:
             lines.append("")
@@ -54,8 +68,7 @@ class Report:
             lines.append("")
             lines += [f"note: {note}" for note in self.notes]
         lines.append("")
-        verdict = "PASS" if self.passed else f"FAIL ({len(self.failures)} of {len(self.comparisons)} comparisons)"
-        lines.append(f"result: {verdict}")
+        lines.append(f"result: {verdict(self)}")
         return "\n".join(lines)
 
     def references_line(self) -> str:
@@ -75,6 +88,10 @@ class Report:
             "passed": self.passed,
             "comparisons": [c.to_dict() for c in self.comparisons],
             "notes": self.notes,
+            "samples": self.samples,
+            "sample_results": self.sample_results,
+            "sample_errors": self.sample_errors,
+            "top_k": [t.to_dict() for t in self.top_k],
         }
 
     def write_json(self, path: str | Path) -> None:
@@ -107,6 +124,7 @@ class Report:
                 failure = ET.SubElement(case, "failure", message=comparison.details().splitlines()[0])
                 failure.text = comparison.details()
             ET.SubElement(case, "system-out").text = _case_figures(comparison)
+        _junit_samples(self, suite)
         if self.notes:
             ET.SubElement(suite, "system-out").text = "\n".join(self.notes)
         return suites
@@ -115,6 +133,44 @@ class Report:
         from bndeploy.runtime.html import render_html
 
         Path(path).write_text(render_html(self))
+
+
+def verdict(report: Report) -> str:
+    if report.sample_errors:
+        return f"ERROR ({len(report.sample_errors)} sample(s) could not be used; {report.samples} compared)"
+    if report.passed:
+        return "PASS"
+    failed_gates = sum(not t.passed for t in report.top_k)
+    gates = f", {failed_gates} of {len(report.top_k)} top-k gates" if report.top_k else ""
+    return f"FAIL ({len(report.failures)} of {len(report.comparisons)} comparisons{gates})"
+
+
+def samples_lines(report: Report) -> list[str]:
+    """Several samples: the worst one per output and reference, top-k agreement, the samples refused."""
+    lines = []
+    if report.sample_results or report.sample_errors:
+        lines += ["", f"samples: {report.samples} compared (the table shows each output's worst sample)"]
+    for r in report.sample_results:
+        lines.append(f"  {r['output']} vs {r['reference']}: {r['failing']} of {r['samples']} samples fail; "
+                     f"worst {r['worst_sample']} (max abs {r['worst_max_abs_error']:.2e})")
+    if report.top_k:
+        lines += [""] + [t.line() for t in report.top_k]
+    lines += [f"ERROR sample {error}" for error in report.sample_errors]
+    return lines
+
+
+def _junit_samples(report: Report, suite: ET.Element) -> None:
+    """A testcase per top-k gate, and an errored testcase per sample that could not be used."""
+    for t in report.top_k:
+        case = ET.SubElement(suite, "testcase", classname=f"bndeploy.check.{t.reference}", name=f"top-k {t.output}")
+        if not t.passed:
+            ET.SubElement(case, "failure", message=t.line())
+    for error in report.sample_errors:
+        case = ET.SubElement(suite, "testcase", classname="bndeploy.check.samples", name=error.split(":")[0])
+        ET.SubElement(case, "error", message=error)
+    suite.set("tests", str(len(report.comparisons) + len(report.top_k) + len(report.sample_errors)))
+    suite.set("failures", str(len(report.failures) + sum(not t.passed for t in report.top_k)))
+    suite.set("errors", str(len(report.sample_errors)))
 
 
 COLUMNS = ("output", "vs", "max abs", "max rel", "outside tol", "atol/rtol", "result")
