@@ -94,8 +94,8 @@ class GoldenSamples(SampleSource):
     def __init__(self, golden: Golden) -> None:
         self.golden = golden
         self.many = len(golden.entries) > 1
-        self.description = (f"recorded in the golden {golden.directory} ({len(golden.entries)} sample(s), "
-                            f"saved from {golden.manifest.get('inputs_source', 'unknown inputs')})")
+        self.description = (f"recorded in the golden {golden.directory} ({len(golden.entries)} sample(s); originally "
+                            f"{golden.manifest.get('inputs_source', 'unknown')})")
 
     def __iter__(self) -> Iterator[Sample]:
         for entry in self.golden.entries:
@@ -158,7 +158,13 @@ def foreign_differences(golden: Golden, artifact, outputs: list[TensorSpec]) -> 
 def _spec_differences(kind: str, golden: list[TensorSpec], artifact: list[TensorSpec], float_width_may_differ: bool) -> list[str]:
     golden_names, artifact_names = [s.name for s in golden], [s.name for s in artifact]
     if golden_names != artifact_names:
-        return [f"{kind}s: the golden has {', '.join(golden_names)}; the artifact has {', '.join(artifact_names)}"]
+        only_golden = [n for n in golden_names if n not in artifact_names]
+        only_artifact = [n for n in artifact_names if n not in golden_names]
+        if not only_golden and not only_artifact:
+            return [f"{kind}s: in another order ({', '.join(golden_names)} in the golden)"]
+        return [f"{kind}s: " + "; ".join(
+            f"{len(names)} only in the {where} ({_short(names)})"
+            for names, where in ((only_golden, "golden"), (only_artifact, "artifact")) if names)]
     differences = []
     for recorded, actual in zip(golden, artifact):
         if list(recorded.shape) != list(actual.shape):
@@ -167,6 +173,11 @@ def _spec_differences(kind: str, golden: list[TensorSpec], artifact: list[Tensor
         if recorded.dtype != actual.dtype and not (float_width_may_differ and _both_floating(recorded.dtype, actual.dtype)):
             differences.append(f"{kind} {actual.name!r}: dtype {recorded.dtype} in the golden, {actual.dtype} in the artifact")
     return differences
+
+
+def _short(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _both_floating(a: str, b: str) -> bool:
@@ -191,7 +202,7 @@ class GoldenWriter:
     ``commit`` moves it into place whole, ``discard`` (or an error) leaves nothing behind."""
 
     def __init__(self, directory: str | Path, replace: bool = False) -> None:
-        self.directory = Path(directory)
+        self.directory = Path(directory).absolute()
         self._stack = contextlib.ExitStack()
         self.tmp = self._stack.enter_context(_atomic(self.directory, replace))
         (self.tmp / GOLDEN_SAMPLES_DIR).mkdir()
