@@ -95,6 +95,16 @@ def check(
     report.notes += train_dropout_notes(artifact) + golden_notes
     run = CheckRun(artifact, runners, outputs, tols, samples.many, top_k_agreement)
     writer = GoldenWriter(golden_output.directory, golden_output.replace) if golden_output else None
+    run_samples(run, samples, writer)
+    run.finish(report)
+    report.notes += samples.notes()
+    if writer is not None:
+        finish_golden(writer, report, artifact, outputs, runners, run)
+    return report
+
+
+def run_samples(run: "CheckRun", samples: SampleSource, writer: GoldenWriter | None) -> None:
+    """Every sample through the check, one at a time; on any error the golden being written is removed."""
     try:
         for sample in samples:
             run.add(sample, writer)
@@ -102,11 +112,6 @@ def check(
         if writer is not None:
             writer.discard()
         raise
-    run.finish(report)
-    report.notes += samples.notes()
-    if writer is not None:
-        finish_golden(writer, report, artifact, outputs, runners, run)
-    return report
 
 
 class CheckRun:

@@ -7,6 +7,7 @@ as NCHW or NHWC, cast to the input's dtype. ``imagenet`` is torchvision's classi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -55,7 +56,7 @@ class ImagePreprocessing:
                          " (bilinear)")
         if self.crop is not None:
             steps.append(f"center crop {_hw(self.crop)}")
-        steps.append(f"x {self.scale:g}")
+        steps.append("/255" if math.isclose(self.scale, 1 / 255) else f"x {self.scale:g}")
         steps.append(f"mean {_floats(self.mean)}, std {_floats(self.std)}")
         steps.append(self.layout.upper())
         return ", ".join(steps)
@@ -81,7 +82,7 @@ def images_in_batches(paths: list[Path], root: Path, preprocess: ImagePreprocess
     file that cannot be decoded or comes out in another shape (the batch fills up with the next images).
     Names of images that do not fill a last batch are appended to ``leftover``."""
     spec = image_input(specs or [])
-    batch = spec.shape[0] if isinstance(spec.shape[0], int) else 1
+    batch = batch_size(spec)
     wanted = tuple(spec.shape[1:])
     pending: list[tuple[str, np.ndarray]] = []
     for path in paths:
@@ -100,6 +101,11 @@ def images_in_batches(paths: list[Path], root: Path, preprocess: ImagePreprocess
             yield _batch_name(pending), {spec.name: np.stack([p for _, p in pending]).astype(spec.dtype)}, None
             pending = []
     leftover.extend(name for name, _ in pending)
+
+
+def batch_size(spec: TensorSpec) -> int:
+    """Images per sample: the input's static batch dimension, or 1 when it is dynamic."""
+    return spec.shape[0] if isinstance(spec.shape[0], int) else 1
 
 
 def image_input(specs: list[TensorSpec]) -> TensorSpec:

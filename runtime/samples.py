@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from bndeploy.errors import BndeployError
-from bndeploy.runtime.images import IMAGE_SUFFIXES, ImagePreprocessing, images_in_batches
+from bndeploy.runtime.images import IMAGE_SUFFIXES, ImagePreprocessing, batch_size, image_input, images_in_batches
 from bndeploy.runtime.inputs import load_inputs_file
 from bndeploy.runtime.specs import TensorSpec
 
@@ -117,8 +117,9 @@ class InputsDir(SampleSource):
             notes.append(f"ignored {len(self.ignored)} file(s) under {self.directory} that are neither arrays "
                          f"({', '.join(ARRAY_SUFFIXES)}) nor images: {self._listed(self.ignored)}")
         if self.leftover:
+            batch = batch_size(image_input(self._specs or []))
             notes.append(f"not checked: the last {len(self.leftover)} image(s) ({', '.join(self.leftover)}) do not "
-                         "fill a batch of the artifact's input")
+                         f"fill a batch of {batch} (the artifact's batch size)")
         return notes
 
     def _describe(self) -> str:

@@ -376,10 +376,10 @@ def test_images_are_preprocessed_as_stated_and_batched(classifier, tmp_path, cap
                  "--preprocess", spec])
     out = capsys.readouterr().out
     assert code == 2  # the broken image
-    assert ("6 image(s) preprocessed: RGB, resize shorter side to 36 (bilinear), center crop 32x32, x 0.00392157, "
+    assert ("6 image(s) preprocessed: RGB, resize shorter side to 36 (bilinear), center crop 32x32, /255, "
             "mean 0.5/0.4/0.3, std 0.2/0.25/0.3, NCHW") in out
     assert "samples: 2 compared" in out and "ERROR sample img9.png: not a readable image" in out
-    assert "not checked: the last 1 image(s) (img4.png)" in out
+    assert "not checked: the last 1 image(s) (img4.png) do not fill a batch of 2 (the artifact's batch size)" in out
     assert "RGB, resize shorter side to 256 (bilinear), center crop 224x224" in ImagePreprocessing.parse("imagenet").describe()
     assert main(["check", str(classifier), "--inputs-dir", str(tmp_path / "images")]) == 2
     assert "say how to turn them into inputs with --preprocess" in capsys.readouterr().err
