@@ -82,6 +82,19 @@ def check(
     golden_notes = golden.refuse_if_foreign(artifact, outputs) if golden else []
     runners = reference_runners(choices, artifact, outputs, export, golden)
     tols = resolve_tolerances(tolerances, artifact.dtype, artifact.mode, [o.name for o in outputs])
+    report = new_report(artifact, samples, runners)
+    report.notes += golden_notes
+    run = CheckRun(artifact, runners, outputs, tols, samples.many, top_k_agreement)
+    writer = GoldenWriter(golden_output.directory, golden_output.replace) if golden_output else None
+    run_samples(run, samples, writer)
+    run.finish(report)
+    report.notes += samples.notes()
+    if writer is not None:
+        finish_golden(writer, report, artifact, outputs, runners, run)
+    return report
+
+
+def new_report(artifact: Artifact, samples: SampleSource, runners: list[Runner]) -> Report:
     report = Report(
         artifact=str(artifact.directory),
         device=artifact.device,
@@ -92,14 +105,7 @@ def check(
         against=tuple(runner.name for runner in runners),
     )
     report.references = {runner.name: runner.provenance() for runner in runners}
-    report.notes += train_dropout_notes(artifact) + golden_notes
-    run = CheckRun(artifact, runners, outputs, tols, samples.many, top_k_agreement)
-    writer = GoldenWriter(golden_output.directory, golden_output.replace) if golden_output else None
-    run_samples(run, samples, writer)
-    run.finish(report)
-    report.notes += samples.notes()
-    if writer is not None:
-        finish_golden(writer, report, artifact, outputs, runners, run)
+    report.notes += train_dropout_notes(artifact)
     return report
 
 
