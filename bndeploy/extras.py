@@ -6,6 +6,7 @@ The other stages need more, and name the extra to install when something is miss
     bndeploy[export]   torch, onnx, onnxscript, onnxruntime   (export and its validation against ORT)
     bndeploy[compile]  onnx                                    (compile: read and check the ONNX model)
     bndeploy[check]    onnxruntime                             (check's "onnxruntime" reference)
+    bndeploy[images]   Pillow                                  (check --inputs-dir with images)
     bndeploy[tune]     onnx, psutil, cloudpickle, xgboost       (tune: MetaSchedule and its cost model)
     bndeploy[full]     all of the above, rich, tornado          (a workstation: pipeline, bench, tracker)
     bndeploy[zoo]      export's, torchvision                    (torchvision's networks: bench --suite zoo)
@@ -24,13 +25,14 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "export": ("torch", "onnx", "onnxscript", "onnxruntime"),
     "compile": ("onnx",),
     "check": ("onnxruntime",),
+    "images": ("PIL",),
 }
 EXTRAS["tune"] = (*EXTRAS["compile"], "psutil", "cloudpickle", "xgboost")
 EXTRAS["full"] = tuple(dict.fromkeys([*EXTRAS["export"], *EXTRAS["compile"], *EXTRAS["check"], *EXTRAS["tune"],
-                                      "rich", "tornado"]))
+                                      *EXTRAS["images"], "rich", "tornado"]))
 EXTRAS["zoo"] = (*EXTRAS["export"], "torchvision")
 # Distributions whose import name differs (xgboost-cpu: xgboost without the CUDA/NCCL libraries, 400+ MB).
-IMPORT_NAMES = {"xgboost-cpu": "xgboost"}
+IMPORT_NAMES = {"xgboost-cpu": "xgboost", "pillow": "PIL"}
 
 # torch is installed first, by hand, to choose its build: an unpinned torch is a multi-GB CUDA download.
 TORCH_HINT = " (install torch first to choose its build, e.g. pip install torch==2.13.0 for the CPU one)"

@@ -13,6 +13,11 @@ Artifact directory (``bndeploy compile``, one per target)::
     model.so        the compiled library
     artifact.json   manifest of kind "artifact"
     dump/           only with --dump
+
+Golden directory (``bndeploy check --save-golden``)::
+
+    golden.json     manifest of kind "golden": provenance, the model's inputs/outputs, one entry per sample
+    samples/        one .npz per sample: input/<name>, and <reference>/<output> per reference compared
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ FORMAT_VERSION = 1
 
 EXPORT_KIND = "export"
 ARTIFACT_KIND = "artifact"
+GOLDEN_KIND = "golden"
 
 # Export directory
 ONNX_FILE = "model.onnx"
@@ -44,6 +50,10 @@ LIBRARY_FILE = "model.so"
 ARTIFACT_MANIFEST = "artifact.json"
 DUMP_DIR = "dump"
 ASSEMBLY_DUMP = "library.s"  # under DUMP_DIR: a CPU library's assembly (compile --dump)
+
+# Golden directory
+GOLDEN_MANIFEST = "golden.json"
+GOLDEN_SAMPLES_DIR = "samples"
 
 # reference.npz key prefixes: the recorded inputs, what PyTorch produced, what the ONNX spec prescribes
 # (running statistics of a train-mode export only).
@@ -88,6 +98,24 @@ def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Golden samples
+
+
+def golden_sample_file(index: int) -> str:
+    """A golden sample's path relative to the golden directory (what golden.json records)."""
+    return f"{GOLDEN_SAMPLES_DIR}/{index:06d}.npz"
+
+
+def write_golden_sample(path: str | os.PathLike, inputs: Mapping[str, np.ndarray],
+                        expected: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """``input/<name>`` for each input, ``<reference>/<output>`` for what each reference produced."""
+    arrays = with_prefix(INPUT, inputs)
+    for reference, outputs in expected.items():
+        arrays |= with_prefix(reference, outputs)
+    np.savez(path, **arrays)
+
+
+# --------------------------------------------------------------------------------------------------
 # Manifests
 
 
@@ -100,7 +128,7 @@ def write_manifest(path: str | os.PathLike, manifest: dict) -> None:
 
 
 def read_manifest(path: str | os.PathLike, kind: str) -> dict:
-    """Read a bndeploy manifest of the given kind (EXPORT_KIND or ARTIFACT_KIND), refusing foreign or newer ones."""
+    """Read a bndeploy manifest of the given kind (EXPORT_KIND, ARTIFACT_KIND or GOLDEN_KIND), refusing foreign or newer ones."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: manifest not found")
@@ -125,3 +153,7 @@ def read_artifact_manifest(directory: str | os.PathLike) -> dict:
 
 def read_export_manifest(directory: str | os.PathLike) -> dict:
     return read_manifest(Path(directory) / EXPORT_MANIFEST, EXPORT_KIND)
+
+
+def read_golden_manifest(directory: str | os.PathLike) -> dict:
+    return read_manifest(Path(directory) / GOLDEN_MANIFEST, GOLDEN_KIND)

@@ -52,16 +52,31 @@ def reference_session(model: str | Path | bytes):
 
 def run_onnxruntime(model: str | Path | bytes, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every output of ``model`` by name, computed by ORT on ``inputs`` (floats cast to the model's types)."""
-    where = "the exported model" if isinstance(model, bytes) else str(model)
+    where = describe_model(model)
     try:
         session = reference_session(model)
+    except BndeployError:
+        raise
+    except Exception as e:  # ORT raises its own exception types (Fail, InvalidArgument, ...)
+        raise BndeployError(f"onnxruntime could not run {where}: {e}") from None
+    return run_session(session, inputs, where)
+
+
+def run_session(session, inputs: Mapping[str, np.ndarray], where: str,
+                names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """``names`` (default: every graph output) computed by a reference session, by name."""
+    try:
         feed = _cast_to_model_types(session, inputs)
-        names = [o.name for o in session.get_outputs()]
+        names = names or [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, feed)))
     except BndeployError:
         raise
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidArgument, ...)
         raise BndeployError(f"onnxruntime could not run {where}: {e}") from None
+
+
+def describe_model(model: str | Path | bytes) -> str:
+    return "the exported model" if isinstance(model, bytes) else str(model)
 
 
 def _import_onnxruntime():

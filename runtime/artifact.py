@@ -20,14 +20,17 @@ from bndeploy.errors import ArtifactError, BndeployError
 from bndeploy.files import sha256_of
 from bndeploy.layout import ARTIFACT_MANIFEST, read_artifact_manifest
 from bndeploy.runtime.inputs import validate_inputs
+from bndeploy.runtime.runners import Runner
 from bndeploy.runtime.specs import TensorSpec, specs_from_manifest
 
 # platform.machine() spellings -> the architecture field of an LLVM target triple.
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
 
 
-class Artifact:
-    """A loaded artifact. ``run`` takes and returns arrays keyed by ONNX tensor names."""
+class Artifact(Runner):
+    """A loaded artifact. ``run`` takes and returns arrays keyed by ONNX tensor names (a ``Runner``)."""
+
+    name = "artifact"
 
     def __init__(self, directory: Path, manifest: dict, device: str, vm, module=None) -> None:
         self.directory = directory
@@ -59,6 +62,10 @@ class Artifact:
             return self._module.get_function(symbol, query_imports=True)
         except (AttributeError, RuntimeError):
             return None
+
+    def provenance(self) -> dict[str, str]:
+        tvm = (self.manifest.get("versions") or {}).get("tvm") or "unknown"
+        return {"version": f"tvm {tvm}", "how": f"compiled for {self.target_name}, run on {self.device}"}
 
     @property
     def mode(self) -> str:

@@ -11,9 +11,10 @@ import numpy as np
 
 from bndeploy.compare import CHECK_STATS, DEFAULT_ERROR_QUANTILE, Gate
 from bndeploy.errors import BndeployError
-from bndeploy.runtime.check import REFERENCES, check, choose_inputs
+from bndeploy.runtime.check import REFERENCES, GoldenOutput, check, choose_inputs
 from bndeploy.runtime.device_cli import add_rpc_arguments, endpoint_from_args
 from bndeploy.runtime.remote import open_artifact
+from bndeploy.runtime.samples import DataLoader, InputsDir
 from bndeploy.tolerance import Tolerance, Tolerances, default_tolerance, parse_tolerance_option
 
 
@@ -26,7 +27,8 @@ def register(sub) -> None:
 
     chk = sub.add_parser("check", help="compare an artifact's outputs with the torch/onnxruntime references")
     _add_common(chk)
-    chk.add_argument("--against", default=",".join(REFERENCES), help="comma-separated references (default: %(default)s)")
+    chk.add_argument("--against", default=",".join(REFERENCES),
+                     help="comma-separated references: torch, onnxruntime, golden:DIR (default: %(default)s)")
     chk.add_argument("--atol", type=float, help="absolute tolerance for every output (default: per dtype and mode)")
     chk.add_argument("--rtol", type=float, help="relative tolerance for every output (default: per dtype and mode)")
     chk.add_argument("--tol", action="append", default=[], metavar="NAME=ATOL,RTOL", help="tolerance for one output (repeatable)")
@@ -41,7 +43,25 @@ def register(sub) -> None:
     chk.add_argument("-q", "--quiet", action="store_true", help="print only the result line")
     chk.add_argument("-v", "--verbose", action="store_true",
                      help="list every comparison and failure (default: the summary, then what failed or came closest)")
+    _add_samples_arguments(chk)
     chk.set_defaults(func=check_command)
+
+
+def _add_samples_arguments(chk: argparse.ArgumentParser) -> None:
+    """Many samples, task-level gates and goldens (runtime/samples.py, topk.py, golden.py)."""
+    chk.add_argument("--inputs-dir", type=Path, metavar="DIR",
+                     help="check every sample in DIR: one .npz/.npy per sample, or images (with --preprocess)")
+    chk.add_argument("--preprocess", metavar="SPEC",
+                     help="how images become inputs: imagenet, or resize=N|HxW,crop=N|HxW,mean=A/B/C,std=A/B/C,"
+                          "scale=F,layout=nchw|nhwc (needs Pillow: bndeploy[images])")
+    chk.add_argument("--data-loader", metavar="FILE.py:FUNCTION",
+                     help="check every feed dict the function (no arguments) yields")
+    chk.add_argument("--top-k-agreement", type=float, metavar="FRACTION",
+                     help="also gate classifier outputs (2-D logits) on top-1 and top-5 agreement over all samples")
+    chk.add_argument("--save-golden", type=Path, metavar="DIR",
+                     help="when the check passes, write its inputs and reference outputs with their provenance to DIR "
+                          "(check later with --against golden:DIR, no torch or onnx needed)")
+    chk.add_argument("--force", action="store_true", help="replace an existing --save-golden directory")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -67,17 +87,33 @@ def check_command(args) -> int:
         args.artifact,
         against=args.against,
         tolerances=_tolerances_from_args(args),
-        inputs=args.inputs,
+        inputs=_inputs_from_args(args),
         seed=args.seed,
         device=args.device,
         remote=endpoint_from_args(args),
         gate=Gate(args.check_stat, args.error_quantile),
+        top_k_agreement=args.top_k_agreement,
+        save_golden=GoldenOutput(args.save_golden, args.force) if args.save_golden else None,
     )
     print(report.summary().splitlines()[-1] if args.quiet else report.summary(verbose=args.verbose))
     for path, write in ((args.json, report.write_json), (args.junit, report.write_junit), (args.html, report.write_html)):
         if path is not None:
             write(path)
     return report.exit_code
+
+
+def _inputs_from_args(args):
+    given = [flag for flag, value in (("--inputs", args.inputs), ("--inputs-dir", args.inputs_dir),
+                                      ("--data-loader", args.data_loader)) if value is not None]
+    if len(given) > 1:
+        raise BndeployError(f"give one of {', '.join(given)}")
+    if args.preprocess is not None and args.inputs_dir is None:
+        raise BndeployError("--preprocess describes the images of an --inputs-dir; give that directory too")
+    if args.inputs_dir is not None:
+        return InputsDir(args.inputs_dir, args.preprocess)
+    if args.data_loader is not None:
+        return DataLoader(args.data_loader)
+    return args.inputs
 
 
 def _tolerances_from_args(args) -> Tolerances | None:

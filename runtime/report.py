@@ -17,9 +17,14 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from bndeploy.compare import Comparison, Gate, json_float
-from bndeploy.errors import EXIT_MISMATCH, EXIT_OK
+from bndeploy.errors import EXIT_ERROR, EXIT_MISMATCH, EXIT_OK
 from bndeploy.runtime.specs import TensorSpec
+
+if TYPE_CHECKING:
+    from bndeploy.runtime.topk import TopKAgreement
 
 # A passing comparison whose margin is at least this (its error is half of what is allowed, or more) is
 # "near": the terminal lists it and the HTML report expands it, as it does failures.
@@ -80,10 +85,16 @@ class Report:
     gate: Gate = field(default_factory=Gate)
     # per BatchNorm: torch's unbiased running_var against the ONNX spec's (train mode; one note sums them up)
     running_var_gaps: list[dict] = field(default_factory=list)
+    # Many samples (--inputs-dir, --data-loader, a golden): how many were compared, the ones that could not
+    # be used ("NAME: why"), per output and reference the worst sample, and top-k agreement gates.
+    samples: int = 1
+    sample_errors: list[str] = field(default_factory=list)
+    sample_results: list[dict] = field(default_factory=list)
+    top_k: list["TopKAgreement"] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.comparisons)
+        return all(c.passed for c in self.comparisons) and not self.sample_errors and all(t.passed for t in self.top_k)
 
     @property
     def failures(self) -> list[Comparison]:
@@ -91,6 +102,8 @@ class Report:
 
     @property
     def exit_code(self) -> int:
+        if self.sample_errors:
+            return EXIT_ERROR
         return EXIT_OK if self.passed else EXIT_MISMATCH
 
     def places(self) -> dict[str, Place]:
@@ -118,6 +131,7 @@ class Report:
             lines += ["", self.shown_title(shown, verbose), *format_table([table_row(c) for c in shown], COLUMNS)]
             lines += ["", "error statistics (over finite elements):",
                       *format_table([statistics_row(c) for c in shown], statistics_columns(self.gate))]
+        lines += samples_lines(self)
         explained = self.failures if verbose else self.by_margin()[: min(EXPLAINED_FAILURES, len(self.failures))]
         for failure in explained:
             lines += ["", f"FAIL {failure.title}:", *("  " + line for line in failure.details().splitlines())]
@@ -193,9 +207,13 @@ class Report:
                 f"of error/allowed, <= 1 passes; --verbose for all):")
 
     def verdict(self) -> str:
+        if self.sample_errors:
+            return f"ERROR ({len(self.sample_errors)} sample(s) could not be used; {self.samples} compared)"
         if self.passed:
             return f"PASS ({len(self.comparisons)} of {len(self.comparisons)} comparisons)"
-        return f"FAIL ({len(self.failures)} of {len(self.comparisons)} comparisons)"
+        failed_gates = sum(not t.passed for t in self.top_k)
+        gates = f", {failed_gates} of {len(self.top_k)} top-k gates" if self.top_k else ""
+        return f"FAIL ({len(self.failures)} of {len(self.comparisons)} comparisons{gates})"
 
     def references_line(self) -> str:
         described = "; ".join(f"{name} {entry['version']} ({entry['how']})" for name, entry in self.references.items())
@@ -221,6 +239,10 @@ class Report:
             "comparisons": [c.to_dict() for c in self.comparisons],
             "running_var_gaps": self.running_var_gaps,
             "notes": self.notes,
+            "samples": self.samples,
+            "sample_results": self.sample_results,
+            "sample_errors": self.sample_errors,
+            "top_k": [t.to_dict() for t in self.top_k],
         }
 
     def write_json(self, path: str | Path) -> None:
@@ -253,6 +275,7 @@ class Report:
                 failure = ET.SubElement(case, "failure", message=comparison.details().splitlines()[0])
                 failure.text = comparison.details()
             ET.SubElement(case, "system-out").text = case_figures(comparison)
+        _junit_samples(self, suite)
         suite_out = self.notes + [f"running_var gap {g['output']}: max {g['max_gap']!r} (n={g['batch_count']})"
                                   for g in self.running_var_gaps]
         if suite_out:
@@ -263,6 +286,34 @@ class Report:
         from bndeploy.runtime.html import render_html
 
         Path(path).write_text(render_html(self))
+
+
+def samples_lines(report: Report) -> list[str]:
+    """Several samples: the worst one per output and reference, top-k agreement, the samples refused."""
+    lines = []
+    if report.sample_results or report.sample_errors:
+        lines += ["", f"samples: {report.samples} compared (the table shows each output's worst sample)"]
+    for r in report.sample_results:
+        lines.append(f"  {r['output']} vs {r['reference']}: {r['failing']} of {r['samples']} samples fail; "
+                     f"worst {r['worst_sample']} (max abs {r['worst_max_abs_error']:.2e})")
+    if report.top_k:
+        lines += [""] + [t.line() for t in report.top_k]
+    lines += [f"ERROR sample {error}" for error in report.sample_errors]
+    return lines
+
+
+def _junit_samples(report: Report, suite: ET.Element) -> None:
+    """A testcase per top-k gate, and an errored testcase per sample that could not be used."""
+    for t in report.top_k:
+        case = ET.SubElement(suite, "testcase", classname=f"bndeploy.check.{t.reference}", name=f"top-k {t.output}")
+        if not t.passed:
+            ET.SubElement(case, "failure", message=t.line())
+    for error in report.sample_errors:
+        case = ET.SubElement(suite, "testcase", classname="bndeploy.check.samples", name=error.split(":")[0])
+        ET.SubElement(case, "error", message=error)
+    suite.set("tests", str(len(report.comparisons) + len(report.top_k) + len(report.sample_errors)))
+    suite.set("failures", str(len(report.failures) + sum(not t.passed for t in report.top_k)))
+    suite.set("errors", str(len(report.sample_errors)))
 
 
 COLUMNS = ("output", "vs", "margin", "max abs", "max rel", "outside tol", "atol/rtol", "result")

@@ -128,6 +128,19 @@ def test_board_runs_and_checks_against_the_recorded_torch_references(board, cpu_
 
 
 @pytest.mark.slow
+def test_board_checks_against_a_golden_saved_on_the_workstation(board, cpu_artifact, tmp_path):
+    from bndeploy.runtime import check
+
+    golden = tmp_path / "golden"
+    assert check(cpu_artifact, save_golden=golden).passed  # here: the torch and onnxruntime references
+    done = board_cli(board, "check", str(cpu_artifact), "--against", f"golden:{golden}", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "result: PASS" in done.stdout
+    for reference in ("golden/torch", "golden/onnxruntime"):
+        assert re.search(rf"^bn\.running_var_updated\s+{reference}\s.*PASS$", done.stdout, re.M), done.stdout
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("args, extra", [
     (["export", "conv-bn", "--out", "exp"], "export"),
     (["compile", "model.onnx", "--target", "cpu", "--out", "art"], "compile"),

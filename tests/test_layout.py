@@ -13,7 +13,7 @@ from bndeploy.errors import ArtifactError
 
 REPO = Path(__file__).resolve().parents[1]
 FILE_NAMES = {layout.ONNX_FILE, layout.EXPORT_MANIFEST, layout.REFERENCE_FILE, layout.LIBRARY_FILE,
-              layout.ARTIFACT_MANIFEST}
+              layout.ARTIFACT_MANIFEST, layout.GOLDEN_MANIFEST}
 
 
 def package_sources() -> list[Path]:
