@@ -70,6 +70,6 @@ def with_outputs_exposed(model, tensors: list[str]):
             continue
         value = exposed.graph.output.add()
         value.name = tensor
-        value.type.tensor_type.elem_type = types[tensor].tensor_type.elem_type
+        value.type.CopyFrom(types[tensor])
         present.add(tensor)
     return exposed, untyped

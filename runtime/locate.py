@@ -331,17 +331,18 @@ class _WindowedReference:
     def _fetch_window_from(self, start: int) -> None:
         window, held = [], 0
         for tensor in self.order[start:]:
-            if window and held + self.sizes.get(tensor, 0) > self.window_bytes:
+            size = self.sizes.get(tensor, self.window_bytes)  # a tensor of unknown size gets a window of its own
+            if window and held + size > self.window_bytes:
                 break
             window.append(tensor)
-            held += self.sizes.get(tensor, 0)
+            held += size
         self.cache = {}  # drop what the kernels did not ask for before this window is fetched
         self.cache = dict(zip(window, self.session.run(window, self.feed)))
         self.runs += 1
 
 
 def _tensor_bytes(model, tensors: list[str]) -> dict[str, int]:
-    """Static sizes from the inferred shapes (0 where unknown: the window then counts only what it knows)."""
+    """Static sizes from the inferred shapes (absent where unknown)."""
     import onnx
 
     types = {v.name: v.type.tensor_type for v in list(model.graph.value_info) + list(model.graph.output)}
