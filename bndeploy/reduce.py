@@ -31,6 +31,7 @@ MODEL_PLACEHOLDER, INPUTS_PLACEHOLDER = "{model}", "{inputs}"
 CANDIDATE_MODEL, CANDIDATE_INPUTS = "candidate.onnx", "candidate_inputs.npz"
 REDUCED_MODEL, REDUCED_INPUTS = "reduced.onnx", "reduced_inputs.npz"
 STATE_FILE = "reduce-state.json"
+OUTPUT_LINES_SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class ReduceResult:
     original_nodes: int
     checks_run: int
     checks_reused: int
+    last_failure_output: str = ""  # the end of what the check printed when the reduced model failed it
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -71,6 +73,9 @@ class ReduceResult:
                  f"  inputs {', '.join(self.inputs)}; outputs {', '.join(self.outputs)}",
                  f"  wrote {self.model} and {self.inputs_file}",
                  f"  {self.checks_run} check run(s), {self.checks_reused} verdict(s) reused from {STATE_FILE}"]
+        if self.last_failure_output:
+            lines += ["  the check on it ended with (make sure this is the failure you are after):",
+                      *(f"    {line}" for line in self.last_failure_output.splitlines())]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
@@ -254,33 +259,41 @@ class _Checker:
     def __init__(self, graph: _Graph, values, settings: ReduceSettings, out_dir: Path, state: _State, say) -> None:
         self.graph, self.values, self.settings, self.out_dir, self.state, self.say = graph, values, settings, out_dir, state, say
         self.runs = self.reused = 0
+        self.failure_outputs: dict[str, str] = {}  # candidate -> the end of what the check printed when it failed
+
+    @staticmethod
+    def _key(indices: list[int], outputs: list[str]) -> str:
+        return hashlib.sha256(json.dumps([indices, outputs]).encode()).hexdigest()[:32]
 
     def fails(self, indices: list[int], outputs: list[str]) -> bool:
-        key = hashlib.sha256(json.dumps([indices, outputs]).encode()).hexdigest()[:32]
+        key = self._key(indices, outputs)
         if key in self.state.verdicts:
             self.reused += 1
             return self.state.verdicts[key]
         model, inputs = self.graph.subgraph(indices, outputs, self.values)
         self._write(model, {t: self.values[t] for t in inputs}, self.out_dir / CANDIDATE_MODEL,
                     self.out_dir / CANDIDATE_INPUTS)
-        failed = self._run_check()
+        failed, output = self._run_check()
         self.runs += 1
+        if failed:
+            self.failure_outputs[key] = "\n".join(output.strip().splitlines()[-OUTPUT_LINES_SHOWN:])
         self.state.verdicts[key] = failed
         self.state.save()
         self.say(f"  {len(indices)} node(s) ending at {self.graph.nodes[indices[-1]].name!r}: "
                  f"{'fails' if failed else 'passes'}")
         return failed
 
-    def _run_check(self) -> bool:
+    def _run_check(self) -> tuple[bool, str]:
         command = self.settings.check.replace(MODEL_PLACEHOLDER, str(self.out_dir / CANDIDATE_MODEL)).replace(
             INPUTS_PLACEHOLDER, str(self.out_dir / CANDIDATE_INPUTS))
         try:
             done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=self.settings.timeout_s)
         except subprocess.TimeoutExpired:
             raise BndeployError(f"the check command ran past {self.settings.timeout_s} s: {command}") from None
+        output = done.stdout + done.stderr
         if self.settings.fail_regex is None:
-            return done.returncode != 0
-        return re.search(self.settings.fail_regex, done.stdout + done.stderr) is not None
+            return done.returncode != 0, output
+        return re.search(self.settings.fail_regex, output) is not None, output
 
     def smallest_failing_end(self) -> int:
         """The earliest node k such that the graph ending at k (its ancestors) still fails."""
@@ -322,9 +335,13 @@ class _Checker:
             (self.out_dir / leftover).unlink(missing_ok=True)
         nodes = [self.graph.nodes[i] for i in indices]
         result = ReduceResult([n.name for n in nodes], [n.op_type for n in nodes], inputs, outputs, model_path,
-                              inputs_path, len(self.graph.nodes), self.runs, self.reused)
+                              inputs_path, len(self.graph.nodes), self.runs, self.reused, self._final_output(indices, outputs))
         self.state.save({"nodes": result.nodes, "inputs": inputs, "outputs": outputs})
         return result
+
+    def _final_output(self, indices: list[int], outputs: list[str]) -> str:
+        """What the check printed on the reduced model (unknown when its verdict came from the state file)."""
+        return self.failure_outputs.get(self._key(indices, outputs), "")
 
     @staticmethod
     def _write(model, arrays: dict[str, np.ndarray], model_path: Path, inputs_path: Path) -> None:
