@@ -55,7 +55,7 @@ def run_onnxruntime(model: str | Path | bytes, inputs: Mapping[str, np.ndarray])
     where = "the exported model" if isinstance(model, bytes) else str(model)
     try:
         session = reference_session(model)
-        feed = _cast_to_model_types(session, inputs)
+        feed = cast_to_model_types(session, inputs)
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, feed)))
     except BndeployError:
@@ -74,7 +74,7 @@ def _import_onnxruntime():
     return onnxruntime
 
 
-def _cast_to_model_types(session, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def cast_to_model_types(session, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     feed = {}
     for model_input in session.get_inputs():
         array = inputs[model_input.name]

@@ -281,7 +281,8 @@ def layout_axes(onnx_shape: list[int] | None, shape: list[int] | None) -> tuple[
             if len(shape) == len(onnx_shape) and [onnx_shape[a] for a in axes] == shape]
     distinct = {tuple(a for a in axes if onnx_shape[a] != 1) for axes in fits}
     if not fits:
-        return None, f"the kernel writes shape {shape}, the ONNX tensor has {onnx_shape} (no known layout maps one to the other)"
+        return None, (f"the kernel writes shape {shape}, the ONNX tensor has {onnx_shape} "
+                      "(no known layout maps one to the other)")
     if len(distinct) > 1:
         return None, f"shape {shape} reads as both NCHW and NHWC (equal channel and spatial sizes)"
     return fits[0], None

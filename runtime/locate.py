@@ -177,6 +177,8 @@ def locate(artifact_dir, inputs=None, seed: int | None = None, device: str | Non
     tolerance = settings.tolerance or default_tolerance(artifact.dtype, artifact.mode)
     plan = _Plan(kernel_map, model, nodes, folded_into(artifact.manifest))
     reference = _WindowedReference(model, plan.fetch_order(), feed, settings.window_bytes)
+    for tensor in reference.untyped:
+        plan.problems[tensor] = "ONNX shape inference gives it no type, so ONNX Runtime cannot expose it"
     capture = _Capture(plan, reference, tolerance)
     artifact_feed = cast_floats_to(feed, artifact.inputs) if inputs_source == RECORDED_INPUTS else feed
     with artifact.instrumented(capture.after_each_kernel):
@@ -303,7 +305,7 @@ class _WindowedReference:
 
     def __init__(self, model, order: list[str], feed: dict, window_bytes: int) -> None:
         from bndeploy.onnx_nodes import with_outputs_exposed
-        from bndeploy.onnxruntime_reference import reference_session
+        from bndeploy.onnxruntime_reference import cast_to_model_types, reference_session
 
         exposed, untyped = with_outputs_exposed(model, order)
         self.untyped = set(untyped)
@@ -315,9 +317,7 @@ class _WindowedReference:
             self.session = reference_session(exposed.SerializeToString())
         except Exception as e:  # ORT raises its own exception types
             raise BndeployError(f"onnxruntime could not load the source model with its intermediates exposed: {e}") from None
-        from bndeploy.onnxruntime_reference import _cast_to_model_types
-
-        self.feed = _cast_to_model_types(self.session, feed)
+        self.feed = cast_to_model_types(self.session, feed)
         self.cache: dict[str, np.ndarray] = {}
         self.runs = 0
 
@@ -337,7 +337,10 @@ class _WindowedReference:
             window.append(tensor)
             held += size
         self.cache = {}  # drop what the kernels did not ask for before this window is fetched
-        self.cache = dict(zip(window, self.session.run(window, self.feed)))
+        try:
+            self.cache = dict(zip(window, self.session.run(window, self.feed)))
+        except Exception as e:  # ORT raises its own exception types
+            raise BndeployError(f"onnxruntime could not compute {window[0]} (and the tensors after it): {e}") from None
         self.runs += 1
 
 
