@@ -1,7 +1,7 @@
 """The kernel map: which ONNX tensor each compiled kernel writes, recorded at compile time for `check --locate`.
 
 Kernel names alone are ambiguous (one fused kernel per group of ops, names shared between layers), so the
-map is built from the Relax module itself, in three steps:
+map is built from the Relax module itself, in these steps:
 
 1. at import, every ONNX node's output is bound to a Relax variable named ``onnx:<tensor name>``
    (``onnx_names_on_vars``; the BatchNorm passes keep the name on the value that replaces a BN output);
@@ -9,7 +9,8 @@ map is built from the Relax module itself, in three steps:
 3. after FuseOps every fused function's bindings are matched to the graph kept in step 2 by structure
    (same kernel, same arguments), so a fused kernel's outputs are the ONNX tensors its group ends with,
    and the named tensors inside it are recorded as having no boundary of their own; after FuseTIR the
-   final kernel names are attached in the order the VM calls them.
+   final kernel names are attached, and after VM lowering only the calls still made are kept (a kernel that
+   only reshapes becomes a view), in the order the VM makes them (`check --locate` verifies that order).
 
 A folded Conv+BatchNorm kernel therefore writes the BatchNorm's output, a fused epilogue its last op's.
 Each output also records how its layout relates to the ONNX tensor (``axes``: kernel output =
@@ -115,7 +116,7 @@ def returned_tensors(mod: tvm.IRModule, graph_outputs: list[str]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# Steps 2 and 3: the recorder (three module passes that change nothing)
+# Steps 2 and 3: the recorder (module passes that change nothing)
 
 
 @dataclass
