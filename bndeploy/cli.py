@@ -30,9 +30,11 @@ SUBCOMMANDS = {
     "device": "bndeploy.runtime.device_cli",
     "pipeline": "bndeploy.pipeline",
     "bench": "bndeploy.bench",
+    "debug": "bndeploy.reduce",
 }
 # The pip extra each subcommand needs beyond the runtime (bndeploy.extras); run, check, device need none.
-COMMAND_EXTRAS = {"export": "export", "compile": "compile", "tune": "tune", "pipeline": "full", "bench": "full"}
+COMMAND_EXTRAS = {"export": "export", "compile": "compile", "tune": "tune", "pipeline": "full", "bench": "full",
+                  "debug": "compile"}
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:

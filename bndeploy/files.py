@@ -80,3 +80,18 @@ def _replace_directory(new: Path, out: Path, force: bool) -> None:
         except OSError:
             # Another writer renamed its directory into place between our check and rename.
             raise BndeployError(f"{out} was created by another process while this one worked; nothing written") from None
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; on success it replaces ``path`` in one rename, so a
+    reader (or a run resumed after an interruption) never sees a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent.absolute())
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

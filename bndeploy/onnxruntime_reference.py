@@ -66,7 +66,7 @@ def run_session(session, inputs: Mapping[str, np.ndarray], where: str,
                 names: list[str] | None = None) -> dict[str, np.ndarray]:
     """``names`` (default: every graph output) computed by a reference session, by name."""
     try:
-        feed = _cast_to_model_types(session, inputs)
+        feed = cast_to_model_types(session, inputs)
         names = names or [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, feed)))
     except BndeployError:
@@ -89,7 +89,7 @@ def _import_onnxruntime():
     return onnxruntime
 
 
-def _cast_to_model_types(session, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def cast_to_model_types(session, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     feed = {}
     for model_input in session.get_inputs():
         array = inputs[model_input.name]

@@ -17,6 +17,7 @@ from bndeploy.layout import (ARTIFACT_KIND, ARTIFACT_MANIFEST, ASSEMBLY_DUMP, DU
                              LIBRARY_FILE, manifest_header, read_manifest, write_manifest)
 
 from . import passes
+from .kernel_map import KernelMapRecorder, onnx_shapes
 from .opset_conversion import ai_onnx_opset, convert_old_opset, refuse_unsupported_opset
 from .targets import TargetSpec, library_compiler, resolve_target, verify_library_machine
 
@@ -80,13 +81,14 @@ def compile_model(onnx_path, targets: list[str], out, settings: CompileSettings 
         check_output_dir(out_dir, settings.force)
     source = load_source(onnx_path)
     say(f"importing {source.path.name} ({source.mode} mode) into TVM Relax")
+    kernel_map = KernelMapRecorder()
     with _IN_PROCESS_TVM:
-        mod, fusion, dumps = lower_to_relax(source, settings)
+        mod, fusion, dumps = lower_to_relax(source, settings, kernel_map)
     written = []
     for index, (spec, out_dir) in enumerate(zip(specs, out_dirs), start=1):
         say(f"[{index}/{len(specs)}] building for target {spec.name} -> {out_dir}")
         with atomic_directory(out_dir, settings.force) as tmp:
-            built = _build(mod, spec, tmp, settings)
+            built = _build(mod, spec, tmp, settings, kernel_map)
             if settings.dump:
                 _write_dumps(tmp / DUMP_DIR, dumps)
             write_manifest(tmp / ARTIFACT_MANIFEST, _manifest(source, spec, settings, fusion, built, tmp))
@@ -240,8 +242,9 @@ def _interface_from_graph(model: onnx.ModelProto) -> tuple[list[dict], list[dict
 # Relax
 
 
-def lower_to_relax(source: SourceModel, settings: CompileSettings):
-    """Import, report and rewrite every BN; returns (module, fusion report, IR dumps by file name)."""
+def lower_to_relax(source: SourceModel, settings: CompileSettings, kernel_map: KernelMapRecorder | None = None):
+    """Import, report and rewrite every BN; returns (module, fusion report, IR dumps by file name).
+    ``kernel_map`` learns each ONNX tensor's shape before any layout pass."""
     from tvm import relax
 
     from .onnx_import import import_onnx
@@ -250,6 +253,9 @@ def lower_to_relax(source: SourceModel, settings: CompileSettings):
         mod = import_onnx(source.model)
     except Exception as e:  # the importer raises assorted TVM and Python errors
         raise UnsupportedModelError(f"{source.path}: TVM's ONNX importer failed: {_first_line(e)}") from None
+    if kernel_map is not None:
+        kernel_map.graph_outputs = [o.name for o in source.model.graph.output]
+        kernel_map.onnx_shapes = onnx_shapes(mod, kernel_map.graph_outputs)
     bn_names = [_node_name(n) for n in _batchnorm_nodes(source.model)]
     fusion = passes.fusion_report(mod, bn_names, _linear_op_names(source.model))
     dumps = {"relax_imported.py": mod.script()}
@@ -304,9 +310,11 @@ class BuildResult:
     fma_peak: dict | None = None  # the FMA-peak kernel the library carries for `bndeploy profile`
     tuned_kernels: list[str] = field(default_factory=list)  # kernels scheduled from the tuning database
     statistics_fused: list[int] = field(default_factory=list)  # ordinals of the Convs that sum BN statistics
+    kernel_map: list[dict] | None = None  # which ONNX tensor each kernel call writes (kernel_map.py; CPU only)
 
 
-def _build(mod, spec: TargetSpec, out_dir: Path, settings: CompileSettings) -> BuildResult:
+def _build(mod, spec: TargetSpec, out_dir: Path, settings: CompileSettings,
+           kernel_map: KernelMapRecorder | None = None) -> BuildResult:
     """Build and export the library into ``out_dir``."""
     if spec.device == "cuda":
         if settings.tuned is not None:
@@ -314,10 +322,11 @@ def _build(mod, spec: TargetSpec, out_dir: Path, settings: CompileSettings) -> B
         kernels, archs = _build_cuda(mod, spec, out_dir, settings.dump)  # a worker process: no lock needed
         return BuildResult(kernels, archs, {})
     with _IN_PROCESS_TVM:
-        return _build_llvm(mod, spec, out_dir, settings.tuned, settings.dump)
+        return _build_llvm(mod, spec, out_dir, settings.tuned, settings.dump, kernel_map)
 
 
-def _build_llvm(mod, spec: TargetSpec, out_dir: Path, tuned: Path | None, dump: bool = False) -> BuildResult:
+def _build_llvm(mod, spec: TargetSpec, out_dir: Path, tuned: Path | None, dump: bool = False,
+                kernel_map: KernelMapRecorder | None = None) -> BuildResult:
     from .cpu import build_lowered, lower_cpu
     from .kernel_costs import kernel_costs
     from .schedules import TUNED_ATTR, isa_for_target
@@ -328,7 +337,7 @@ def _build_llvm(mod, spec: TargetSpec, out_dir: Path, tuned: Path | None, dump: 
     fcompile = library_compiler(spec)  # fails before the build when a cross toolchain is missing
     target = spec.tvm_target()
     database = load_database(tuned) if tuned is not None else None
-    lowered = lower_cpu(mod, target, database)
+    lowered = lower_cpu(mod, target, database, kernel_map)
     tuned_kernels = [gv.name_hint for gv, f in lowered.functions.items()
                      if f.attrs is not None and TUNED_ATTR in f.attrs]
     costs = kernel_costs(lowered)
@@ -349,7 +358,8 @@ def _build_llvm(mod, spec: TargetSpec, out_dir: Path, tuned: Path | None, dump: 
     kernels = kernel_names(executable)
     fused = [int(k) for k in (lowered.attrs or {}).get(STATISTICS_FUSED_ATTR, [])]
     return BuildResult(kernels, [], {name: costs[name] for name in kernels if name in costs}, fma_peak,
-                       [name for name in kernels if name in tuned_kernels], fused)
+                       [name for name in kernels if name in tuned_kernels], fused,
+                       kernel_map.entries if kernel_map is not None else None)
 
 
 def _link_error(error: Exception) -> str:
@@ -408,6 +418,7 @@ def _manifest(source: SourceModel, spec: TargetSpec, settings, fusion, built: Bu
         "fusion": passes.place_statistics(fusion, _conv_names(source.model, built.statistics_fused), spec.device),
         "kernels": built.kernels,
         "kernel_costs": built.costs,
+        **({"kernel_map": built.kernel_map} if built.kernel_map is not None else {}),
         "fma_peak": built.fma_peak,
         "tuning": ({"folder": str(Path(settings.tuned).absolute()), "kernels": built.tuned_kernels}
                    if settings.tuned is not None else None),

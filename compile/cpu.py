@@ -13,33 +13,38 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
+from bndeploy.compile.kernel_map import KernelMapRecorder
 from bndeploy.compile.nan_semantics import legalize_ops
 from bndeploy.compile.schedules import convert_to_channels_last, rewrite_to_kernels, schedule_cpu_kernels
 
 
-def fusion_passes(target: tvm.target.Target) -> list:
-    """Relax module -> fused, unscheduled TIR kernels: channels-last, kernels routed, legalised, fused."""
+def fusion_passes(target: tvm.target.Target, kernel_map: KernelMapRecorder | None = None) -> list:
+    """Relax module -> fused, unscheduled TIR kernels: channels-last, kernels routed, legalised, fused.
+    ``kernel_map``: records which ONNX tensor each kernel writes (kernel_map.py), changing nothing."""
+    fuse = [relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    if kernel_map is not None:
+        fuse = [kernel_map.before_fusion(), fuse[0], kernel_map.after_fusion(), fuse[1], kernel_map.after_fuse_tir()]
     return (
         [convert_to_channels_last, rewrite_to_kernels]
         + cpu_generic.library_dispatch_passes(target)
-        + [legalize_ops(cpu=True), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-           relax.transform.FuseOps(), relax.transform.FuseTIR()]
+        + [legalize_ops(cpu=True), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), *fuse]
     )
 
 
-def scheduling_passes(target: tvm.target.Target, database=None) -> list:
+def scheduling_passes(target: tvm.target.Target, database=None, kernel_map: KernelMapRecorder | None = None) -> list:
     """Relax module -> scheduled TIR kernels (`database`: a `bndeploy tune` folder's database, or None)."""
-    return fusion_passes(target) + [schedule_cpu_kernels(database)]
+    return fusion_passes(target, kernel_map) + [schedule_cpu_kernels(database)]
 
 
-def cpu_pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
+def cpu_pipeline(target: tvm.target.Target, database=None, kernel_map: KernelMapRecorder | None = None) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="bndeploy.CPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                scheduling_passes(target, database)
+                scheduling_passes(target, database, kernel_map)
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
+                + ([kernel_map.after_lowering()] if kernel_map is not None else [])
             )
             return seq(mod)
 
@@ -52,9 +57,10 @@ def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database=None)
         return tvm.transform.Sequential(scheduling_passes(target, database))(mod)
 
 
-def lower_cpu(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> tvm.IRModule:
+def lower_cpu(mod: tvm.IRModule, target: tvm.target.Target, database=None,
+              kernel_map: KernelMapRecorder | None = None) -> tvm.IRModule:
     """Relax module -> VM-ready module with scheduled kernels (the input of `build_lowered`)."""
-    return cpu_pipeline(target, database)(mod)
+    return cpu_pipeline(target, database, kernel_map)(mod)
 
 
 def build_lowered(lowered: tvm.IRModule, target: tvm.target.Target) -> relax.Executable:

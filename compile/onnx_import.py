@@ -180,6 +180,9 @@ def _bndeploy_converters():
 
 
 def import_onnx(model: onnx.ModelProto) -> tvm.IRModule:
-    """TVM's ONNX importer with bndeploy's converters; initializers become constants."""
-    with _PATCH_LOCK, _bndeploy_converters():
+    """TVM's ONNX importer with bndeploy's converters; initializers become constants. Each node's output is
+    bound to a variable named ``onnx:<tensor>`` (kernel_map.py: what `check --locate` compares)."""
+    from .kernel_map import onnx_names_on_vars
+
+    with _PATCH_LOCK, _bndeploy_converters(), onnx_names_on_vars():
         return from_onnx(model, keep_params_in_input=False)

@@ -383,9 +383,10 @@ def _back_to(bb, expr, like):
 class _BatchNormRewriter(relax.PyExprMutator):
     """Replace the batch_norm bindings listed in ``rewriters`` (var -> (rewriter, site))."""
 
-    def __init__(self, mod, rewriters):
+    def __init__(self, mod, rewriters, item_names):
         super().__init__(mod)
         self.rewriters = rewriters
+        self.item_names = item_names  # BN var -> {output index: name of the variable that takes that output}
         self.error: Exception | None = None  # errors raised in here reach Python as FFI RuntimeErrors
 
     def visit_var_binding_(self, binding):
@@ -398,7 +399,30 @@ class _BatchNormRewriter(relax.PyExprMutator):
         except UnsupportedModelError as e:
             self.error = e
             raise
+        replacement = self._named_outputs(replacement, self.item_names.get(binding.var, {}))
         self.set_var_remap(binding.var, self.builder_.emit(replacement, name_hint=binding.var.name))
+
+    def _named_outputs(self, replacement, names: dict[int, str]):
+        """Bind each output the rewrite computed under the name of the variable that took that BN output (the
+        ONNX tensor's, kernel_map.py), so `check --locate` still finds a BatchNorm's output after the rewrite;
+        the unnamed binding it replaces is left unused and removed."""
+        if not isinstance(replacement, relax.Tuple) or not names:
+            return replacement
+        fields = []
+        for index, item in enumerate(replacement.fields):
+            value = self.builder_.lookup_binding(item) if isinstance(item, relax.Var) and index in names else None
+            fields.append(item if value is None else self.builder_.emit(value, name_hint=names[index]))
+        return relax.Tuple(fields)
+
+
+def _tuple_item_names(func: relax.Function) -> dict:
+    """var -> {index: name} for every ``name = var[index]`` binding."""
+    names: dict = {}
+    for binding in _bindings(func):
+        value = binding.value
+        if isinstance(value, relax.TupleGetItem) and isinstance(value.tuple_value, relax.Var):
+            names.setdefault(value.tuple_value, {})[int(value.index)] = binding.var.name
+    return names
 
 
 def _rewrite(mod: tvm.IRModule, action: str, rewriter) -> tvm.IRModule:
@@ -409,7 +433,7 @@ def _rewrite(mod: tvm.IRModule, action: str, rewriter) -> tvm.IRModule:
         todo = {s.var: (rewriter, s) for s in analyze_batchnorms(func) if s.action == action}
         if not todo:
             continue
-        mutator = _BatchNormRewriter(new_mod, todo)
+        mutator = _BatchNormRewriter(new_mod, todo, _tuple_item_names(func))
         try:
             new_func = mutator.visit_expr(func)
         except Exception:

@@ -44,6 +44,8 @@ def register(sub) -> None:
     chk.add_argument("-v", "--verbose", action="store_true",
                      help="list every comparison and failure (default: the summary, then what failed or came closest)")
     _add_samples_arguments(chk)
+    chk.add_argument("--locate", action="store_true", help="also find the first ONNX node whose output leaves "
+                     "tolerance: each kernel's output compared with onnxruntime's as the artifact runs (runtime/locate.py)")
     chk.set_defaults(func=check_command)
 
 
@@ -83,6 +85,8 @@ def run_command(args) -> int:
 
 
 def check_command(args) -> int:
+    if args.locate:
+        refuse_remote_locate(args)
     report = check(
         args.artifact,
         against=args.against,
@@ -99,6 +103,13 @@ def check_command(args) -> int:
     for path, write in ((args.json, report.write_json), (args.junit, report.write_junit), (args.html, report.write_html)):
         if path is not None:
             write(path)
+    if args.locate:
+        from bndeploy.runtime.locate import LocateSettings, locate
+
+        tolerance = _tolerances_from_args(args)
+        print()
+        print(locate(args.artifact, inputs=args.inputs, seed=args.seed, device=args.device,
+                     settings=LocateSettings(tolerance=tolerance.default if tolerance else None)).summary())
     return report.exit_code
 
 
@@ -114,6 +125,17 @@ def _inputs_from_args(args):
     if args.data_loader is not None:
         return DataLoader(args.data_loader)
     return args.inputs
+
+
+def refuse_remote_locate(args) -> None:
+    """--locate reads every kernel's output inside the VM, through a callback TVM's RPC cannot carry."""
+    if endpoint_from_args(args) is not None:
+        raise BndeployError(
+            "--locate cannot run over RPC: it reads each kernel's output inside the VM through TVM's instrument "
+            "callback, which must run in the device's own process and which TVM RPC cannot carry; run "
+            "`bndeploy check ART --locate` on the device itself (it needs onnx and onnxruntime there), or compile "
+            "the same model for this machine and locate there"
+        )
 
 
 def _tolerances_from_args(args) -> Tolerances | None:
