@@ -149,6 +149,21 @@ def device_policy(session) -> dict | None:
     return json.loads(tvm_step("asking the device for its upload limit", ask))
 
 
+def device_policy_of(endpoint: RpcEndpoint) -> dict | None:
+    """``device_policy`` of the device behind ``endpoint``, in a session of its own."""
+    load_tvm_client()
+
+    def ask(deadline: float):
+        session = open_session(endpoint, deadline)
+        try:
+            return device_policy(session)
+        finally:
+            session = None
+            end_sessions()
+
+    return call_with_deadline(ask, endpoint.timeout, f"asking the device ({endpoint.describe()}) what it loads")
+
+
 def check_upload_limit(session, library: Path) -> None:
     """Refuse here, before sending a byte, a library larger than the device accepts."""
     policy = device_policy(session)
