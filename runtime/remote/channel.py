@@ -30,6 +30,7 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds a connecting peer has for TLS and the token
 AUTH_MAGIC = b"BNDPTOK1"
 NONCE_BYTES = 32
 ACCEPTED, REFUSED = b"\x01", b"\x00"
+TVM_RPC_MAGIC, TVM_TRACKER_MAGIC = 0xFF271, 0x2F271  # tvm.rpc.base's, so that no TVM import is needed here
 CHUNK = 1 << 16
 
 
@@ -197,6 +198,8 @@ def secure_server(conn: socket.socket, channel: Channel, context: ssl.SSLContext
     conn.settimeout(HANDSHAKE_TIMEOUT)
     try:
         if context is not None:
+            if conn.recv(4, socket.MSG_PEEK) in {struct.pack("<i", m) for m in (tvm_magic, TVM_RPC_MAGIC, TVM_TRACKER_MAGIC)}:
+                raise ConnectionRefused("a client without TLS (started without --tls-cert, or a stock TVM client)")
             conn = context.wrap_socket(conn, server_side=True)
         if channel.token:
             check_token(conn, channel.token, tvm_magic)

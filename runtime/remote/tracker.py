@@ -40,7 +40,8 @@ def tracker_exchange(endpoint: RpcEndpoint, deadline: float, message: list, drop
     try:
         sock = tracker_socket(endpoint, deadline)
     except OSError as e:
-        raise BndeployError(f"cannot reach the tracker {endpoint.host}:{endpoint.port}: {socket_problem(e, TRACKER_HINT)}") from None
+        raise BndeployError(f"cannot reach the tracker {endpoint.host}:{endpoint.port}: {socket_problem(e, TRACKER_HINT)}"
+                            f"{plain_hint(endpoint, e)}") from None
     try:
         base.sendjson(sock, message)
         answer = base.recvjson(sock)
@@ -49,12 +50,19 @@ def tracker_exchange(endpoint: RpcEndpoint, deadline: float, message: list, drop
             raise BndeployError(f"{dropped}: {socket_problem(e, TRACKER_HINT)}") from None
         raise BndeployError(timed_out()) from None
     except OSError as e:
-        raise BndeployError(f"{dropped}: {socket_problem(e, TRACKER_HINT)}") from None
+        raise BndeployError(f"{dropped}: {socket_problem(e, TRACKER_HINT)}{plain_hint(endpoint, e)}") from None
     finally:
         sock.close()
     if not isinstance(answer, list) or answer[0] != base.TrackerCode.SUCCESS:
         raise BndeployError(f"{refused}: {answer!r}")
     return answer[1]
+
+
+def plain_hint(endpoint: RpcEndpoint, error: OSError) -> str:
+    """A tracker that drops a client at once may want the token or TLS this client did not bring."""
+    if endpoint.channel.plain and isinstance(error, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+        return " (a tracker started with --token-file or --tls-cert drops clients without them)"
+    return ""
 
 
 def tracker_socket(endpoint: RpcEndpoint, deadline: float) -> socket.socket:
