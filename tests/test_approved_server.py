@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import time
@@ -30,7 +29,6 @@ from test_edge_rpc import (
     free_port,
     references,
     running,
-    wait_registered,
 )
 
 from bndeploy.cli import main as cli
