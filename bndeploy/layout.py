@@ -157,3 +157,12 @@ def read_export_manifest(directory: str | os.PathLike) -> dict:
 
 def read_golden_manifest(directory: str | os.PathLike) -> dict:
     return read_manifest(Path(directory) / GOLDEN_MANIFEST, GOLDEN_KIND)
+
+
+def recorded_library_sha256(directory: str | os.PathLike) -> str:
+    """The library sha256 an artifact's artifact.json records (what a device's allowlist approves)."""
+    path = Path(directory) / ARTIFACT_MANIFEST
+    digest = str((read_artifact_manifest(directory).get("library") or {}).get("sha256", ""))
+    if len(digest) != 64:
+        raise ArtifactError(f"{path}: no library sha256 recorded")
+    return digest.lower()

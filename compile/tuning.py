@@ -212,9 +212,31 @@ def _runner(settings: TuneSettings):
     host, _, port = settings.rpc.rpartition(":")
     if not host or not port.isdigit():
         raise BndeployError(f"--rpc must be HOST:PORT of a TVM RPC tracker, got {settings.rpc!r}")
+    check_board_runs_candidates(settings)
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=settings.key,
                                  session_timeout_sec=int(settings.timeout_s))
     return ms.runner.RPCRunner(rpc_config=config, f_alloc_argument=alloc_board_arguments)
+
+
+BOARD_FOR_TUNING = ("tuning uploads a new library for every candidate through MetaSchedule's runner, which speaks "
+                    "plain TVM RPC: serve the board with `bndeploy device serve --allow-any-library` (no --allow, "
+                    "no --token, no TLS), register it with a tracker without --token or TLS, on a network you trust, "
+                    "for the time of the tuning")
+
+
+def check_board_runs_candidates(settings: TuneSettings) -> None:
+    """Fail now, in words, where every candidate would fail later: a board that loads approved libraries
+    only, or a tracker or board MetaSchedule's plain client cannot talk to (token, TLS)."""
+    from bndeploy.runtime.remote import RpcEndpoint
+    from bndeploy.runtime.remote.client import device_policy_of
+
+    board = f"the board with key {settings.key!r} at tracker {settings.rpc}"
+    try:
+        policy = device_policy_of(RpcEndpoint.tracker(settings.rpc, settings.key, timeout=settings.timeout_s))
+    except BndeployError as e:
+        raise BndeployError(f"cannot reach {board} with plain TVM RPC ({e}); {BOARD_FOR_TUNING}") from None
+    if policy is not None and policy["libraries"] == "approved":
+        raise BndeployError(f"{board} loads approved libraries only; {BOARD_FOR_TUNING}")
 
 
 def alloc_board_arguments(session, device, args_info, alloc_repeat):

@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_edge_rpc import LOOPBACK, running, server_command, start_tracker, wait_registered
+from test_edge_rpc import LOOPBACK, bndeploy_device, free_port, running, server_command, start_tracker, wait_registered
 
 from bndeploy.compile import CompileSettings, compile_model
 from bndeploy.compile import tuning
@@ -69,6 +69,25 @@ def test_tune_on_a_board_then_compile_with_the_kept_schedules(tmp_path, monkeypa
     x = np.random.default_rng(1).standard_normal((1, 16, 14, 14)).astype(np.float32)
     want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(load_artifact(artifact).run({"x": x})["y"], want, atol=1e-5, rtol=1e-4)
+
+
+def test_tuning_on_an_approved_only_board_is_refused_in_words(tmp_path):
+    """MetaSchedule uploads a new library per candidate: an approved-only board would refuse every one."""
+    model = conv_relu_model(tmp_path / "m.onnx")
+    allow = tmp_path / "approved.sha256"
+    allow.write_text("0" * 64 + "\n")
+    tracker, address = start_tracker()
+    try:
+        command = bndeploy_device("serve", "--host", LOOPBACK, "--port", str(free_port()), "--tracker", address,
+                                  "--key", "approved-board", "--allow", str(allow))
+        with running(command, "approved-only board"):
+            wait_registered(address, "approved-board")
+            with pytest.raises(BndeployError, match="loads approved libraries only; tuning uploads .*--allow-any-library"):
+                tune_model(model, "cpu", tmp_path / "t", TuneSettings(trials=TRIALS, rpc=address, key="approved-board",
+                                                                      timeout_s=30))
+    finally:
+        tracker.stop()
+    assert not (tmp_path / "t").exists()
 
 
 def test_compile_refuses_a_folder_that_is_not_a_tuning(tmp_path):

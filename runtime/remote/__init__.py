@@ -17,6 +17,9 @@ One concern per file:
 - client.py: verify, upload, run and fetch the outputs (``run_remote``, ``RemoteArtifact``);
 - tracker.py: the tracker protocol (request a device, the summary of registered ones);
 - server.py: the device side (the RPC server and the tracker in this process);
+- guarded.py, guard.py, allowlist.py: the approved-only server (its accept loop and sessions; what a
+  session process refuses; the approved sha256s), and the token/TLS tracker;
+- channel.py, tunnel.py: the token handshake, TLS and relays; the client's token/TLS end (a process);
 - deadline.py: the deadline every wait obeys, and network failures in words.
 """
 

@@ -3,6 +3,7 @@ VM and pull the outputs back by ONNX output name, all within the endpoint's time
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Callable, Mapping
@@ -17,7 +18,9 @@ from bndeploy.runtime.specs import TensorSpec
 
 from .deadline import call_with_deadline, connection_problem, first_line
 from .endpoint import RpcEndpoint
+from .guard import POLICY_FUNCTION, REFUSED_MARK
 from .tracker import request_device
+from .tunnel import open_tunnel
 
 REMOTE_DEVICES = ("cpu", "cuda")
 
@@ -42,12 +45,17 @@ class RemoteArtifact(Artifact):
 
     def _exchange(self, arrays: dict[str, np.ndarray], deadline: float) -> dict[str, np.ndarray]:
         session = open_session(self.endpoint, deadline)
+        failure = None
         try:
             module = upload_library(session, self.library, self.manifest)
             values = run_on_device(session, module, self.kind, [arrays[s.name] for s in self.inputs], self.directory)
+        except BndeployError as e:
+            failure = e.with_traceback(None)  # its frames hold the session: the device would stay busy
         finally:
             module = session = None
             end_sessions()
+        if failure is not None:
+            raise failure
         return outputs_by_name(values, self.outputs, self.directory)
 
 
@@ -98,7 +106,10 @@ def remote_device_kind(manifest: dict, directory: Path) -> str:
 
 
 def open_session(endpoint: RpcEndpoint, deadline: float):
-    """An RPC session with the device; the server ends it by itself after the endpoint's timeout."""
+    """An RPC session with the device; the server ends it by itself after the endpoint's timeout.
+
+    With a token or TLS, TVM's client talks to the loopback port of a tunnel process that carries its
+    bytes over a connection that passed both (tunnel.py)."""
     from tvm import rpc
 
     if endpoint.via_tracker:
@@ -107,8 +118,9 @@ def open_session(endpoint: RpcEndpoint, deadline: float):
     else:
         host, port, key = endpoint.host, endpoint.port, endpoint.key
         where = endpoint.describe()
+    via = (host, port) if endpoint.channel.plain else ("127.0.0.1", open_tunnel(host, port, endpoint.channel, where, deadline))
     try:
-        return rpc.connect(host, port, key, session_timeout=math.ceil(endpoint.timeout))
+        return rpc.connect(*via, key, session_timeout=math.ceil(endpoint.timeout))
     except Exception as e:  # TVM raises InternalError/RPCError with C++ text
         message = f"cannot open an RPC session with {where}: {connection_problem(host, port, e, deadline)}"
     raise BndeployError(message)
@@ -116,14 +128,49 @@ def open_session(endpoint: RpcEndpoint, deadline: float):
 
 def upload_library(session, library: Path, manifest: dict):
     """Upload the library under a name unique to its content and load it on the device."""
+    check_upload_limit(session, library)
     remote_name = f"bndeploy-{manifest['library']['sha256'][:16]}.so"
-    tvm_step(f"uploading {library} to the device", session.upload, str(library), remote_name)
+    refused = f"the device refused {library}"
+    tvm_step(f"uploading {library} to the device", session.upload, str(library), remote_name, refused=refused)
     target = manifest.get("target") or {}
     return tvm_step(
         f"the device could not load {library} (compiled for target {target.get('name', '?')}, "
         f"{target.get('triple') or 'this machine'}; compile for the device's CPU, e.g. --target cortex-a72 "
         "for a Raspberry Pi 4, cortex-a78ae for a Jetson Orin)",
-        session.load_module, remote_name)
+        session.load_module, remote_name, refused=refused)
+
+
+def device_policy(session) -> dict | None:
+    """{"libraries": "approved"|"any", "max_upload": bytes} from an approved-only server; None from TVM's."""
+    try:
+        ask = session.get_function(POLICY_FUNCTION)
+    except Exception:  # TVM's own server has no such function
+        return None
+    return json.loads(tvm_step("asking the device for its upload limit", ask))
+
+
+def device_policy_of(endpoint: RpcEndpoint) -> dict | None:
+    """``device_policy`` of the device behind ``endpoint``, in a session of its own."""
+    load_tvm_client()
+
+    def ask(deadline: float):
+        session = open_session(endpoint, deadline)
+        try:
+            return device_policy(session)
+        finally:
+            session = None
+            end_sessions()
+
+    return call_with_deadline(ask, endpoint.timeout, f"asking the device ({endpoint.describe()}) what it loads")
+
+
+def check_upload_limit(session, library: Path) -> None:
+    """Refuse here, before sending a byte, a library larger than the device accepts."""
+    policy = device_policy(session)
+    size = library.stat().st_size
+    if policy is not None and size > int(policy["max_upload"]):
+        raise BndeployError(f"{library} is {size} bytes, more than the device accepts ({policy['max_upload']} bytes: "
+                            "its --max-upload)")
 
 
 def run_on_device(session, module, kind: str, arrays: list[np.ndarray], directory: Path) -> list[np.ndarray]:
@@ -143,14 +190,24 @@ def _run_vm(session, module, kind: str, arrays: list[np.ndarray]) -> list[np.nda
     return [value.numpy() for value in flatten(vm.get_outputs("main"))]
 
 
-def tvm_step(what: str, function, *args):
+def tvm_step(what: str, function, *args, refused: str = "the device refused"):
     """Call TVM; turn its error into a BndeployError that keeps no traceback (a traceback's frames
-    would keep the remote session open)."""
+    would keep the remote session open). An approved-only server's refusal becomes ``refused: reason``."""
     try:
         return function(*args)
     except Exception as e:  # TVM raises InternalError/RPCError/TVMError carrying C++ text
-        message = f"{what}: {first_line(e)}"
+        reason = refusal_reason(e)
+        message = f"{what}: {first_line(e)}" if reason is None else f"{refused}: {reason}"
     raise BndeployError(message)
+
+
+def refusal_reason(error: BaseException) -> str | None:
+    """The one-line reason in an approved-only server's refusal (guard.Refused), if it is one."""
+    text = str(error)
+    start = text.find(REFUSED_MARK)
+    if start < 0:
+        return None
+    return text[start + len(REFUSED_MARK):].splitlines()[0].strip()
 
 
 def end_sessions() -> None:

@@ -56,7 +56,7 @@ def connection_problem(host: str, port: int, error: Exception, deadline: float) 
             pass
     except OSError as e:
         return socket_problem(e)
-    return f"{first_line(error)} (the port accepts connections: is it a TVM RPC server, and is the key right?)"
+    return f"{first_line(error)} (the port accepts connections: is it a TVM RPC server, is the key right, does it require a token (--token-file) or TLS (--tls-cert)?)"
 
 
 SERVER_HINT = "is `bndeploy device serve` running there?"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bndeploy.errors import BndeployError
+
+from .channel import Channel
 
 DEFAULT_TIMEOUT = 120.0  # seconds for a whole remote run: connect, upload, load, run, download
 DEFAULT_SERVER_PORT = 9090
@@ -17,6 +19,8 @@ class RpcEndpoint:
     """A device reached through a tracker (``key`` names the device kind there) or a server directly.
 
     ``timeout`` bounds a whole remote run in seconds; the server is also told to end the session then.
+    ``channel``: the token and the trusted TLS certificate, for the tracker and the device alike (none:
+    plain TVM RPC, as TVM's stock tracker and server speak it).
     """
 
     host: str
@@ -24,20 +28,21 @@ class RpcEndpoint:
     key: str = ""
     via_tracker: bool = False
     timeout: float = DEFAULT_TIMEOUT
+    channel: Channel = field(default_factory=Channel)
 
     @classmethod
-    def tracker(cls, address: str, key: str, timeout: float = DEFAULT_TIMEOUT) -> "RpcEndpoint":
+    def tracker(cls, address: str, key: str, timeout: float = DEFAULT_TIMEOUT, channel: Channel | None = None) -> "RpcEndpoint":
         """``address`` is the tracker's HOST:PORT; ``key`` the one the device's server registered with."""
         if not key:
             raise BndeployError("a tracker needs the device key (--key) the device's server registered with")
         host, port = parse_address(address, "tracker")
-        return cls(host, port, key, True, _positive_timeout(timeout))
+        return cls(host, port, key, True, _positive_timeout(timeout), channel or Channel())
 
     @classmethod
-    def server(cls, address: str, key: str = "", timeout: float = DEFAULT_TIMEOUT) -> "RpcEndpoint":
+    def server(cls, address: str, key: str = "", timeout: float = DEFAULT_TIMEOUT, channel: Channel | None = None) -> "RpcEndpoint":
         """``address`` is the RPC server's HOST:PORT (a server started without --tracker)."""
         host, port = parse_address(address, "RPC server")
-        return cls(host, port, key, False, _positive_timeout(timeout))
+        return cls(host, port, key, False, _positive_timeout(timeout), channel or Channel())
 
     def describe(self) -> str:
         if self.via_tracker:

@@ -1,15 +1,21 @@
-"""The device side: TVM's RPC server and tracker started in this process (``bndeploy device serve`` /
+"""The device side: the RPC server and tracker started in this process (``bndeploy device serve`` /
 ``bndeploy device tracker``). It also works under qemu-user, where TVM's stock ``rpc_server`` (it
-re-executes the interpreter) fails."""
+re-executes the interpreter) fails.
+
+Without a guard (no allowlist, token or TLS) these are TVM's own server and tracker, which any TVM client
+(MetaSchedule's tuner included) can use; with one, guarded.py's approved-only server and token/TLS tracker."""
 
 from __future__ import annotations
 
 import socket
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 from bndeploy.errors import BndeployError
 
+from .channel import Channel
+from .guarded import ServeGuard, start_guarded_server, start_guarded_tracker
 from .tracker import tracker_summary
 
 
@@ -22,6 +28,8 @@ class RunningService:
     port: int
     thread: threading.Thread
     sock: socket.socket | None
+    reload: Callable[[], None] | None = None  # re-read the allowlist (SIGHUP)
+    guard: str = ""  # what it enforces, in words ("" for TVM's own server and tracker)
 
     def alive(self) -> bool:
         return self.thread.is_alive()
@@ -33,12 +41,16 @@ class RunningService:
 
 
 def start_server(host: str, port: int, tracker: tuple[str, int] | None = None, key: str = "",
-                 custom_addr: str | None = None, quiet: bool = False, port_end: int | None = None) -> RunningService:
-    """TVM's RPC server, in this process: every session runs in a forked child (no fresh interpreter)."""
+                 custom_addr: str | None = None, quiet: bool = False, port_end: int | None = None,
+                 guard: ServeGuard | None = None) -> RunningService:
+    """The RPC server, in this process: every session runs in a forked child (no fresh interpreter).
+    With ``guard``, the approved-only server; without, TVM's (it loads any library a client uploads)."""
     from tvm.rpc.server import PopenRPCServerState
 
     if tracker is not None:
-        check_tracker_reachable(*tracker)
+        check_tracker_reachable(*tracker, channel=guard.channel if guard else None)
+    if guard is not None:
+        return start_guarded_server(host, port, guard, tracker, key, custom_addr)
     try:
         state = PopenRPCServerState(host, port, port_end or port + 1, is_proxy=False, tracker_addr=tracker,
                                     key=key, custom_addr=custom_addr, silent=quiet)
@@ -48,7 +60,11 @@ def start_server(host: str, port: int, tracker: tuple[str, int] | None = None, k
     return RunningService("RPC server", host, state.port, state.thread, state.sock)
 
 
-def start_tracker(host: str, port: int, quiet: bool = False, port_end: int | None = None) -> RunningService:
+def start_tracker(host: str, port: int, quiet: bool = False, port_end: int | None = None,
+                  channel: Channel | None = None) -> RunningService:
+    """TVM's tracker; with a token or TLS in ``channel``, behind guarded.py's front."""
+    if channel is not None and not channel.plain:
+        return start_guarded_tracker(host, port, channel, quiet)
     try:
         from tvm.rpc.tracker import PopenTrackerServerState
     except ImportError as e:  # the tracker needs tornado; servers and clients do not
@@ -60,6 +76,6 @@ def start_tracker(host: str, port: int, quiet: bool = False, port_end: int | Non
     return RunningService("RPC tracker", host, state.port, state.thread, None)
 
 
-def check_tracker_reachable(host: str, port: int, timeout: float = 10.0) -> None:
+def check_tracker_reachable(host: str, port: int, timeout: float = 10.0, channel: Channel | None = None) -> None:
     """TVM's server retries an unreachable tracker in a background thread; fail up front instead."""
-    tracker_summary(host, port, timeout)
+    tracker_summary(host, port, timeout, channel)

@@ -9,6 +9,7 @@ from typing import Callable
 
 from bndeploy.errors import BndeployError
 
+from .channel import Channel, secure_client
 from .deadline import INNER_DEADLINE_SHARE, TRACKER_HINT, remaining, socket_problem
 from .endpoint import RpcEndpoint
 
@@ -39,7 +40,8 @@ def tracker_exchange(endpoint: RpcEndpoint, deadline: float, message: list, drop
     try:
         sock = tracker_socket(endpoint, deadline)
     except OSError as e:
-        raise BndeployError(f"cannot reach the tracker {endpoint.host}:{endpoint.port}: {socket_problem(e, TRACKER_HINT)}") from None
+        raise BndeployError(f"cannot reach the tracker {endpoint.host}:{endpoint.port}: {socket_problem(e, TRACKER_HINT)}"
+                            f"{plain_hint(endpoint, e)}") from None
     try:
         base.sendjson(sock, message)
         answer = base.recvjson(sock)
@@ -48,12 +50,19 @@ def tracker_exchange(endpoint: RpcEndpoint, deadline: float, message: list, drop
             raise BndeployError(f"{dropped}: {socket_problem(e, TRACKER_HINT)}") from None
         raise BndeployError(timed_out()) from None
     except OSError as e:
-        raise BndeployError(f"{dropped}: {socket_problem(e, TRACKER_HINT)}") from None
+        raise BndeployError(f"{dropped}: {socket_problem(e, TRACKER_HINT)}{plain_hint(endpoint, e)}") from None
     finally:
         sock.close()
     if not isinstance(answer, list) or answer[0] != base.TrackerCode.SUCCESS:
         raise BndeployError(f"{refused}: {answer!r}")
     return answer[1]
+
+
+def plain_hint(endpoint: RpcEndpoint, error: OSError) -> str:
+    """A tracker that drops a client at once may want the token or TLS this client did not bring."""
+    if endpoint.channel.plain and isinstance(error, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+        return " (a tracker started with --token-file or --tls-cert drops clients without them)"
+    return ""
 
 
 def tracker_socket(endpoint: RpcEndpoint, deadline: float) -> socket.socket:
@@ -64,6 +73,7 @@ def tracker_socket(endpoint: RpcEndpoint, deadline: float) -> socket.socket:
 
     sock = socket.create_connection((endpoint.host, endpoint.port), timeout=remaining(deadline))
     try:
+        sock = secure_client(sock, endpoint.channel, f"the tracker {endpoint.host}:{endpoint.port}")
         sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
         magic = struct.unpack("<i", base.recvall(sock, 4))[0]
     except BaseException:
@@ -76,11 +86,11 @@ def tracker_socket(endpoint: RpcEndpoint, deadline: float) -> socket.socket:
     return sock
 
 
-def tracker_summary(host: str, port: int, timeout: float = 10.0) -> dict:
+def tracker_summary(host: str, port: int, timeout: float = 10.0, channel: Channel | None = None) -> dict:
     """The tracker's {"queue_info": {key: {"free", "pending"}}, "server_info": [...]}."""
     from tvm.rpc import base
 
-    endpoint = RpcEndpoint(host, port, via_tracker=True, timeout=timeout)
+    endpoint = RpcEndpoint(host, port, via_tracker=True, timeout=timeout, channel=channel or Channel())
     return tracker_exchange(endpoint, time.monotonic() + timeout, [base.TrackerCode.SUMMARY],
                             dropped=f"the tracker {host}:{port} did not answer a summary",
                             refused=f"the tracker {host}:{port} refused a summary")
@@ -99,7 +109,7 @@ def tracker_keys_hint(endpoint: RpcEndpoint) -> str:
     try:
         # Within the share of the timeout the watchdog leaves after the inner deadline.
         summary_timeout = max(0.2, endpoint.timeout * (1 - INNER_DEADLINE_SHARE) / 2)
-        keys = registered_keys(tracker_summary(endpoint.host, endpoint.port, timeout=summary_timeout))
+        keys = registered_keys(tracker_summary(endpoint.host, endpoint.port, summary_timeout, endpoint.channel))
     except BndeployError:
         return "the tracker did not answer a summary either"
     if endpoint.key in keys:
