@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,8 @@ def test_without_the_option_pytest_runs_as_before(pytester, artifacts):
 
 def test_entry_point_imports_nothing_heavy():
     """pytest loads the entry point in every run of an environment with bndeploy: no numpy, TVM or ORT."""
+    registered = {ep.name: ep.value for ep in entry_points(group="pytest11")}
+    assert registered.get("bndeploy") == "bndeploy.pytest_plugin", "re-install bndeploy (pip install -e .) to register it"
     code = ("import sys, bndeploy.pytest_plugin; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in {'numpy', 'tvm', 'onnxruntime', 'torch'} "
             "or m.startswith('bndeploy.')))")
