@@ -265,6 +265,13 @@ def parse_against(against: Sequence[str] | str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(against))
 
 
+def reference_names(against: Sequence[str] | str) -> list[str]:
+    """The names the references asked for will have in the report (a golden: one per reference it recorded)."""
+    return [name for choice in parse_against(against)
+            for name in ([r.name for r in Golden(choice[len(GOLDEN_PREFIX):]).runners()]
+                         if choice.startswith(GOLDEN_PREFIX) else [choice])]
+
+
 def open_golden(choices: Sequence[str]) -> Golden | None:
     for choice in choices:
         if choice.startswith(GOLDEN_PREFIX):

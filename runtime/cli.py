@@ -139,21 +139,24 @@ def refuse_remote_locate(args) -> None:
 
 
 def _tolerances_from_args(args) -> Tolerances | None:
-    per_output = dict(parse_tolerance_option(text) for text in args.tol)
-    if args.atol is None and args.rtol is None:
-        return Tolerances(default=_artifact_default(args), per_output=per_output) if per_output else None
-    base = _artifact_default(args)
-    default = Tolerance(
-        atol=base.atol if args.atol is None else args.atol,
-        rtol=base.rtol if args.rtol is None else args.rtol,
-    )
+    return tolerances_from_options(args.artifact, args.atol, args.rtol, args.tol)
+
+
+def tolerances_from_options(artifact: str | Path, atol: float | None, rtol: float | None,
+                            per_output_texts: list[str]) -> Tolerances | None:
+    """check's --atol/--rtol/--tol (and the pytest plugin's) for one artifact: None keeps the defaults."""
+    per_output = dict(parse_tolerance_option(text) for text in per_output_texts)
+    if atol is None and rtol is None:
+        return Tolerances(default=_artifact_default(artifact), per_output=per_output) if per_output else None
+    base = _artifact_default(artifact)
+    default = Tolerance(atol=base.atol if atol is None else atol, rtol=base.rtol if rtol is None else rtol)
     return Tolerances(default=default, per_output=per_output)
 
 
-def _artifact_default(args) -> Tolerance:
+def _artifact_default(artifact: str | Path) -> Tolerance:
     from bndeploy.layout import read_artifact_manifest
 
-    manifest = read_artifact_manifest(args.artifact)
+    manifest = read_artifact_manifest(artifact)
     return default_tolerance(manifest.get("dtype", "float32"), manifest.get("mode", "inference"))
 
 

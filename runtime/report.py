@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import xml.etree.ElementTree as ET
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +106,18 @@ class Report:
         if self.sample_errors:
             return EXIT_ERROR
         return EXIT_OK if self.passed else EXIT_MISMATCH
+
+    def for_reference(self, reference: str) -> "Report":
+        """This report narrowed to one reference's comparisons (the pytest plugin's item per reference);
+        notes, running_var gaps and samples that could not be used stay, as they concern every reference."""
+        return dataclasses.replace(
+            self,
+            against=(reference,),
+            comparisons=[c for c in self.comparisons if c.reference == reference],
+            references={k: v for k, v in self.references.items() if k == reference},
+            sample_results=[r for r in self.sample_results if r["reference"] == reference],
+            top_k=[t for t in self.top_k if t.reference == reference],
+        )
 
     def places(self) -> dict[str, Place]:
         return places_of(self.outputs, [c.output for c in self.comparisons])

@@ -1,8 +1,9 @@
 """`bndeploy check --locate`: the kernel map recorded at compile time, and the first diverging ONNX node.
 
-Faults are injected into one compiled kernel the honest way: one BatchNorm's bias is changed in a copy of
-the ONNX model, that copy is compiled, and the artifact is pointed back at the original model; every
-other kernel is the same, so exactly one kernel's output is wrong and --locate must name its node.
+Faults are injected into one compiled kernel the honest way (tests/locate_faults.py): one BatchNorm's bias
+is changed in a copy of the ONNX model, that copy is compiled, and the artifact is pointed back at the
+original model; every other kernel is the same, so exactly one kernel's output is wrong and --locate must
+name its node.
 """
 
 from __future__ import annotations
@@ -14,39 +15,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from bndeploy.cli import main
-from bndeploy.compile import CompileSettings, compile_model
 from bndeploy.errors import EXIT_ERROR, BndeployError
-from bndeploy.files import sha256_of
 from bndeploy.onnx_nodes import graph_nodes
 from bndeploy.runtime.locate import COMPARED, INSIDE, LocateSettings, locate
-
-SHORTCUT_BN = "stages.1.shortcut.bn"  # tiny-resnet: its conv+BN kernel has no epilogue, so its output is a boundary
-BODY_BN = "stages.1.body.0.bn"  # tiny-resnet: fused with its ReLU, so it has no boundary of its own
-
-
-def _compile(onnx_path: Path, out: Path) -> Path:
-    return compile_model(onnx_path, ["cpu"], out, CompileSettings(force=True))[0]
-
-
-def _with_faulty_batchnorm(export_dir: Path, batchnorm: str, out: Path) -> Path:
-    """An artifact whose kernel for ``batchnorm`` adds 0.5 to channel 0, checked against the original model."""
-    model = onnx.load(export_dir / "model.onnx")
-    node = next(n for n in model.graph.node if n.name == batchnorm)
-    bias = next(i for i in model.graph.initializer if i.name == node.input[2])
-    values = numpy_helper.to_array(bias).copy()
-    values[0] += 0.5
-    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
-    (out / "faulty").mkdir(parents=True)
-    onnx.save(model, out / "faulty" / "model.onnx")
-    artifact = _compile(out / "faulty" / "model.onnx", out / "artifact")
-    manifest = json.loads((artifact / "artifact.json").read_text())
-    manifest["source"].update(onnx=str(export_dir / "model.onnx"), onnx_sha256=sha256_of(export_dir / "model.onnx"),
-                              export_manifest=str(export_dir / "export.json"))
-    (artifact / "artifact.json").write_text(json.dumps(manifest))
-    return artifact
+from locate_faults import BODY_BN, SHORTCUT_BN, compile_cpu, with_faulty_batchnorm
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +30,7 @@ def tiny(exported, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clean_artifact(tiny, tmp_path_factory) -> Path:
-    return _compile(tiny["inference"] / "model.onnx", tmp_path_factory.mktemp("locate") / "clean")
+    return compile_cpu(tiny["inference"] / "model.onnx", tmp_path_factory.mktemp("locate") / "clean")
 
 
 def test_kernel_map_records_where_each_kernel_ends(clean_artifact):
@@ -85,7 +59,7 @@ def test_clean_artifact_has_no_divergence(clean_artifact):
 
 
 def test_fault_in_one_kernel_is_located_at_its_node(tiny, tmp_path):
-    artifact = _with_faulty_batchnorm(tiny["inference"], SHORTCUT_BN, tmp_path)
+    artifact = with_faulty_batchnorm(tiny["inference"], SHORTCUT_BN, tmp_path)
     location = locate(artifact)
     failure = location.first_failure
     assert failure is not None and failure.name == SHORTCUT_BN and failure.status == COMPARED
@@ -100,7 +74,7 @@ def test_fault_in_one_kernel_is_located_at_its_node(tiny, tmp_path):
 
 
 def test_fault_inside_a_fused_kernel_is_not_guessed(tiny, tmp_path):
-    artifact = _with_faulty_batchnorm(tiny["inference"], BODY_BN, tmp_path)
+    artifact = with_faulty_batchnorm(tiny["inference"], BODY_BN, tmp_path)
     location = locate(artifact)
     failure = location.first_failure
     assert failure.op == "Relu"
@@ -110,7 +84,7 @@ def test_fault_inside_a_fused_kernel_is_not_guessed(tiny, tmp_path):
 
 
 def test_train_mode_locates_with_batch_statistics(tiny, tmp_path):
-    location = locate(_with_faulty_batchnorm(tiny["train"], SHORTCUT_BN, tmp_path))
+    location = locate(with_faulty_batchnorm(tiny["train"], SHORTCUT_BN, tmp_path))
     assert location.mode == "train"
     # Train mode keeps conv outputs as boundaries (the batch statistics read them), and they all agree with ORT's
     # train-mode graph up to the faulty BatchNorm, which is normalised by batch statistics in both.
@@ -148,7 +122,7 @@ def test_unnamed_nodes_are_named_deterministically(exported, tmp_path):
     onnx.save(model, tmp_path / "model.onnx")
     names = graph_nodes(model.graph).names
     assert names == [f"{n.op_type}_{i}" for i, n in enumerate(model.graph.node)]
-    location = locate(_compile(tmp_path / "model.onnx", tmp_path / "artifact"), seed=0)
+    location = locate(compile_cpu(tmp_path / "model.onnx", tmp_path / "artifact"), seed=0)
     assert [n.name for n in location.nodes] == names
     assert any("have no name" in note for note in location.notes)
     assert np.isfinite([c.max_abs_error for n in location.nodes for c in n.comparisons]).all()
