@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bndeploy.files import sha256_of, write_json
 from bndeploy.layout import manifest_header
@@ -221,3 +222,24 @@ def copy_case(built: Case, to: Path) -> Case:
         source={"onnx": str(copied.export_dir / "model.onnx"), "export_manifest": str(copied.export_dir / "export.json")},
     )
     return copied
+
+
+# Module-scoped artifacts of the cases above, shared by the check and runner tests (import them by name).
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.getbasetemp()
+
+
+@pytest.fixture(scope="module")
+def inference(root):
+    return case(root, "inference")
+
+
+@pytest.fixture(scope="module")
+def train(root):
+    return case(root, "train")
+
+
+@pytest.fixture(scope="module")
+def bad_channel(root):
+    return case(root, "bad_channel")

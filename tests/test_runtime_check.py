@@ -6,31 +6,13 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-from runtime_fixtures import BAD_CHANNEL, RECORDED_TORCH_VERSION, RUNNING_VAR, SHAPE, case, copy_case, edit_manifest
+from runtime_fixtures import (  # noqa: F401 (fixtures)
+    bad_channel, inference, root, train, BAD_CHANNEL, RECORDED_TORCH_VERSION, RUNNING_VAR, SHAPE, case, copy_case, edit_manifest)
 
 from bndeploy.cli import main
 from bndeploy.errors import ArtifactError, BndeployError
 from bndeploy.runtime import FP32_TRAIN, Tolerance, assert_artifact_matches, check
 
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.getbasetemp()
-
-
-@pytest.fixture(scope="module")
-def inference(root):
-    return case(root, "inference")
-
-
-@pytest.fixture(scope="module")
-def train(root):
-    return case(root, "train")
-
-
-@pytest.fixture(scope="module")
-def bad_channel(root):
-    return case(root, "bad_channel")
 
 
 def test_inference_artifact_passes_against_both_references(inference):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from runtime_fixtures import BAD_CHANNEL, RUNNING_VAR, SHAPE, case, edit_manifest
+from runtime_fixtures import (  # noqa: F401 (fixtures)
+    bad_channel, inference, root, train, BAD_CHANNEL, RUNNING_VAR, SHAPE, case, edit_manifest)
 
 import bndeploy.onnxruntime_reference as ort_reference
 from bndeploy.cli import main
@@ -35,25 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSIFIER_SHAPE = (2, 3, 32, 32)  # conv-classes: every conv class -> BN -> ReLU, then a Linear head (10 classes)
 FAULTY_CLASS = 3
 
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.getbasetemp()
-
-
-@pytest.fixture(scope="module")
-def inference(root):
-    return case(root, "inference")
-
-
-@pytest.fixture(scope="module")
-def train(root):
-    return case(root, "train")
-
-
-@pytest.fixture(scope="module")
-def bad_channel(root):
-    return case(root, "bad_channel")
 
 
 @pytest.fixture(scope="module")

@@ -151,6 +151,11 @@ def register_tile(sch: s_tir.Schedule, conv, writer, outer, reduction, pixels, c
 def _unroll_tile(sch: s_tir.Schedule, pixels, channels, tiling: Tiling) -> None:
     """Pixels unrolled; channels as register-wide vectors, the vectors of a block unrolled."""
     sch.unroll(pixels)
+    vectorize_channel_block(sch, channels, tiling)
+
+
+def vectorize_channel_block(sch: s_tir.Schedule, channels, tiling: Tiling) -> None:
+    """A loop over a block's channels as register-wide vectors (one vector per `vector_lanes`), unrolled."""
     if tiling.channel_block > tiling.vector_lanes:
         vectors, lanes = sch.split(channels, [None, tiling.vector_lanes])
         sch.unroll(vectors)

@@ -19,7 +19,7 @@ from tvm import s_tir, te, tirx
 
 from .bn_stats import _clamp_negative, _shifted_sums
 from .conv2d import ConvSpec, Tiling, _ceil_to, _i64, direct_accumulation, direct_conv
-from .conv_schedule import conv_block, register_tile, schedule_pad_copy, split_direct_tiles
+from .conv_schedule import conv_block, register_tile, schedule_pad_copy, split_direct_tiles, vectorize_channel_block
 from .generic import mark_scheduled
 
 PARALLEL_TASKS = 16  # (image, channel block, pixel chunk) tasks wanted: enough to balance 2-16 threads
@@ -123,27 +123,17 @@ def _accumulate_in_tile(sch: s_tir.Schedule, stats, tile, tiling: Tiling) -> Non
         channels, pixels = inside
         sch.reorder(pixels, channels)
         sch.unroll(pixels)
-    _vectorize_channels(sch, inside[0], tiling)
+    vectorize_channel_block(sch, inside[0], tiling)
     init = sch.decompose_reduction(stats, tile)
-    _vectorize_channels(sch, sch.get_loops(init)[-1], tiling)
+    vectorize_channel_block(sch, sch.get_loops(init)[-1], tiling)
     for write_back in write_backs:
-        _vectorize_channels(sch, sch.get_loops(write_back)[-1], tiling)
+        vectorize_channel_block(sch, sch.get_loops(write_back)[-1], tiling)
 
 
 def _loops_below(sch: s_tir.Schedule, block, loop) -> list:
     loops = sch.get_loops(block)
     position = [sch.get(candidate).same_as(sch.get(loop)) for candidate in loops].index(True)
     return loops[position + 1:]
-
-
-def _vectorize_channels(sch: s_tir.Schedule, loop, tiling: Tiling) -> None:
-    """float64 sums: half as many lanes per register as float32; LLVM splits the vector as needed."""
-    if tiling.channel_block > tiling.vector_lanes:
-        vectors, lanes = sch.split(loop, [None, tiling.vector_lanes])
-        sch.unroll(vectors)
-        sch.vectorize(lanes)
-    else:
-        sch.vectorize(loop)
 
 
 def build_conv2d_stats_primfunc(spec: ConvSpec, tiling: Tiling, chunks: int) -> tirx.PrimFunc:
