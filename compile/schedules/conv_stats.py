@@ -97,15 +97,24 @@ def _block_or_none(sch: s_tir.Schedule, name: str):
     return blocks[0] if blocks else None
 
 
+SHIFT_CHAINS = 8  # channel vectors the shift accumulates at once: independent FMA chains hide FMA latency
+
+
 def _schedule_shift(sch: s_tir.Schedule, shift, tiling: Tiling) -> None:
-    """One output pixel for every channel: channel vectors innermost, accumulated in registers."""
+    """One output pixel for every channel: the reduction outside, up to SHIFT_CHAINS channel vectors inside
+    it (each its own accumulator chain, in registers), so the FMAs overlap instead of waiting on each other."""
     channel, *reduction = sch.get_loops(shift)
-    blocks, lanes = sch.split(channel, [None, tiling.vector_lanes])
-    sch.reorder(blocks, *reduction, lanes)
+    extent = int(sch.get(channel).extent)
+    lanes = tiling.vector_lanes
+    vectors_in_all = extent // lanes
+    chains = max(c for c in range(1, SHIFT_CHAINS + 1) if vectors_in_all % c == 0)
+    groups, vectors, lane = sch.split(channel, [None, chains, lanes])
+    sch.reorder(groups, *reduction, vectors, lane)
     write_back = sch.cache_write(shift, 0, "local")
-    sch.reverse_compute_at(write_back, blocks)
+    sch.reverse_compute_at(write_back, groups)
     sch.vectorize(sch.get_loops(write_back)[-1])
-    sch.vectorize(lanes)
+    sch.unroll(vectors)
+    sch.vectorize(lane)
     init = sch.decompose_reduction(shift, reduction[0])
     sch.vectorize(sch.get_loops(init)[-1])
 

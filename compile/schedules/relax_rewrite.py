@@ -117,9 +117,9 @@ class _KernelRewriter(PyExprMutator):
         chunks = pixel_chunks(spec, tiling)
         gv = self._kernel(("conv2d_stats", spec, tiling), lambda: build_conv2d_stats_primfunc(spec, tiling, chunks),
                           "bndeploy_conv2d_direct_stats")
-        shift_gv = self._kernel(("conv2d_shift", spec, tiling), lambda: shift_primfunc(spec, tiling), "bndeploy_conv2d_shift")
+        shift_gv = self._kernel(("conv2d_shift", spec, tiling), lambda: shift_primfunc(spec, tiling), "bndeploy_batch_stats_shift")
         combine_gv = self._kernel(("stats_combine", spec, tiling, chunks),
-                                  lambda: stats_combine_primfunc(spec, tiling, chunks), "bndeploy_conv_stats_combine")
+                                  lambda: stats_combine_primfunc(spec, tiling, chunks), "bndeploy_batch_stats_combine")
         padded = -(-spec.out_channels // tiling.channel_block) * tiling.channel_block
         shift = self.builder_.emit(relax.call_tir(shift_gv, [data, weight], relax.TensorType((padded,), "float32")))
         sums = relax.TensorType((spec.batch, chunks, padded), "float64")
