@@ -227,16 +227,53 @@ BOARD_FOR_TUNING = ("tuning uploads a new library for every candidate through Me
 def check_board_runs_candidates(settings: TuneSettings) -> None:
     """Fail now, in words, where every candidate would fail later: a board that loads approved libraries
     only, or a tracker or board MetaSchedule's plain client cannot talk to (token, TLS)."""
-    from bndeploy.runtime.remote import RpcEndpoint
-    from bndeploy.runtime.remote.client import device_policy_of
+    from bndeploy.device_protocol import loads_approved_only
 
     board = f"the board with key {settings.key!r} at tracker {settings.rpc}"
     try:
-        policy = device_policy_of(RpcEndpoint.tracker(settings.rpc, settings.key, timeout=settings.timeout_s))
+        policy = board_policy(settings.rpc, settings.key, settings.timeout_s)
     except BndeployError as e:
         raise BndeployError(f"cannot reach {board} with plain TVM RPC ({e}); {BOARD_FOR_TUNING}") from None
-    if policy is not None and policy["libraries"] == "approved":
+    if loads_approved_only(policy):
         raise BndeployError(f"{board} loads approved libraries only; {BOARD_FOR_TUNING}")
+
+
+def board_policy(tracker: str, key: str, timeout_s: float) -> dict | None:
+    """What a board registered at ``tracker`` loads, asked over plain TVM RPC as MetaSchedule's runner will
+    talk to it: an approved-only bndeploy server's policy, or None (TVM's own server). Gives up after
+    ``timeout_s``."""
+    import gc
+    import threading
+
+    from tvm import rpc
+
+    from bndeploy.device_protocol import POLICY_FUNCTION, read_policy
+
+    host, _, port = tracker.rpartition(":")
+    outcome: dict = {}
+
+    def ask() -> None:
+        try:
+            session = rpc.connect_tracker(host, int(port)).request(key, session_timeout=int(timeout_s))
+            try:
+                answer = session.get_function(POLICY_FUNCTION)
+            except Exception:  # TVM's own server has no such function
+                outcome["policy"] = None
+            else:
+                outcome["policy"] = read_policy(answer())
+            answer = session = None
+            gc.collect()  # the session ends when its last remote object is freed: free the board for the runner
+        except Exception as e:  # TVM raises RPCError/TVMError/OSError with C++ text
+            outcome["error"] = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+
+    asking = threading.Thread(target=ask, name="bndeploy-board-policy", daemon=True)
+    asking.start()
+    asking.join(timeout_s)
+    if asking.is_alive():
+        raise BndeployError(f"no free board answered within {timeout_s:g} s")
+    if "error" in outcome:
+        raise BndeployError(outcome["error"])
+    return outcome["policy"]
 
 
 def alloc_board_arguments(session, device, args_info, alloc_repeat):

@@ -3,7 +3,6 @@ VM and pull the outputs back by ONNX output name, all within the endpoint's time
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable, Mapping
@@ -18,7 +17,9 @@ from bndeploy.runtime.specs import TensorSpec
 
 from .deadline import call_with_deadline, connection_problem, first_line
 from .endpoint import RpcEndpoint
-from .guard import POLICY_FUNCTION, REFUSED_MARK
+from bndeploy.device_protocol import POLICY_FUNCTION, read_policy
+
+from .guard import REFUSED_MARK
 from .tracker import request_device
 from .tunnel import open_tunnel
 
@@ -146,7 +147,7 @@ def device_policy(session) -> dict | None:
         ask = session.get_function(POLICY_FUNCTION)
     except Exception:  # TVM's own server has no such function
         return None
-    return json.loads(tvm_step("asking the device for its upload limit", ask))
+    return read_policy(tvm_step("asking the device for its upload limit", ask))
 
 
 def device_policy_of(endpoint: RpcEndpoint) -> dict | None:

@@ -28,8 +28,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bndeploy.device_protocol import POLICY_FUNCTION
+
 REFUSED_MARK = "bndeploy device refused: "
-POLICY_FUNCTION = "bndeploy.server.policy"  # the client asks it for the limits before uploading
 
 UPLOAD, DOWNLOAD, REMOVE, WORKPATH = (f"tvm.rpc.server.{n}" for n in ("upload", "download", "remove", "workpath"))
 RPC_LOAD_MODULE = "tvm.rpc.server.load_module"
