@@ -157,6 +157,19 @@ def session_for(endpoint: RpcEndpoint):
     return open_session(endpoint, time.monotonic() + endpoint.timeout)
 
 
+def upload_and_load(endpoint, library) -> None:
+    """Upload ``library`` as constructor.so and load it, in a session of its own that ends here."""
+    session = session_for(endpoint)
+    try:
+        session.upload(str(library), "constructor.so")
+        session.load_module("constructor.so")
+    finally:
+        session = None
+        import gc
+
+        gc.collect()
+
+
 def refusal_of(function, *args) -> str:
     with pytest.raises(BndeployError) as refused:
         tvm_step("calling the device", function, *args)
@@ -290,15 +303,7 @@ def test_allowlist_is_reread_when_it_changes(guarded_server, secrets, allow_file
     server.proc.send_signal(signal.SIGHUP)
     with open(allow_file, "a") as f:
         f.write(f"{sha256_of(library)}  constructor.so\n")
-    session = session_for(direct(guarded_server, secrets))
-    try:
-        session.upload(str(library), "constructor.so")
-        session.load_module("constructor.so")
-    finally:
-        session = None
-        import gc
-
-        gc.collect()
+    upload_and_load(direct(guarded_server, secrets), library)
     assert marker.exists(), "once approved, the library loads (and its constructor runs)"
     assert any("allowlist reloaded: 2 approved libraries" in line for line in server.lines), server.log()
 
@@ -399,13 +404,5 @@ def test_approved_only_serving_on_the_emulated_aarch64_device(exported, guarded_
         assert not marker.exists(), "the unapproved aarch64 library's constructor ran"
         with open(allow, "a") as f:  # positive control: approved, it loads and the marker appears
             f.write(f"{sha256_of(library)}  constructor.so\n")
-        session = session_for(endpoint)
-        try:
-            session.upload(str(library), "constructor.so")
-            session.load_module("constructor.so")
-        finally:
-            session = None
-            import gc
-
-            gc.collect()
+        upload_and_load(endpoint, library)
         assert marker.exists(), server.log()
