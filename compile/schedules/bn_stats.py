@@ -44,7 +44,8 @@ class BatchStatsSpec:
         return next(v for v in (64, 32, 16, 8, 4, 2, 1) if self.plane % v == 0)
 
 
-def _shifted_sums():
+def shifted_sums():
+    """The reducer of (sum of d, sum of d^2) pairs, shared with the conv epilogue's statistics (conv_stats.py)."""
     return te.comm_reducer(
         lambda a, b: (a[0] + b[0], a[1] + b[1]),
         lambda t0, t1: (tirx.const(0.0, t0), tirx.const(0.0, t1)),
@@ -54,7 +55,7 @@ def _shifted_sums():
 
 def _mean_and_variance(shift, s1, s2, count: float, channels: int):
     mean = te.compute((channels,), lambda ch: (shift[ch] + s1[ch] / count).astype("float32"), name="mean")
-    var = te.compute((channels,), lambda ch: _clamp_negative((s2[ch] - s1[ch] * s1[ch] / count) / count).astype("float32"),
+    var = te.compute((channels,), lambda ch: clamp_negative((s2[ch] - s1[ch] * s1[ch] / count) / count).astype("float32"),
                      name="var")
     return mean, var
 
@@ -66,22 +67,22 @@ def batch_stats_compute(spec: BatchStatsSpec) -> tirx.PrimFunc:
     shift = te.compute((c,), lambda ch: x[0, ch, 0].astype("float64"), name="shift")
     rn = te.reduce_axis((0, n), name="rn")
     rj = te.reduce_axis((0, plane // lanes), name="rj")
-    shifted_sums = _shifted_sums()
+    sums = shifted_sums()
 
     def partial(ch, lane):
         d = x[rn, ch, rj * lanes + lane].astype("float64") - shift[ch]
-        return shifted_sums((d, d * d), axis=[rn, rj])
+        return sums((d, d * d), axis=[rn, rj])
 
     s1_lanes, s2_lanes = te.compute((c, lanes), partial, name="partial")
     rl = te.reduce_axis((0, lanes), name="rl")
     s1, s2 = te.compute(
-        (c,), lambda ch: shifted_sums((s1_lanes[ch, rl], s2_lanes[ch, rl]), axis=[rl]), name="total"
+        (c,), lambda ch: sums((s1_lanes[ch, rl], s2_lanes[ch, rl]), axis=[rl]), name="total"
     )
     mean, var = _mean_and_variance(shift, s1, s2, count, c)
     return te.create_prim_func([x, mean, var])
 
 
-def _clamp_negative(value):
+def clamp_negative(value):
     """max(value, 0) for a float64 value that keeps NaN (tir's max(NaN, 0) is 0, which would hide a NaN input's channel)."""
     zero = tirx.const(0.0, "float64")
     return tirx.Select(value < zero, zero, value)
@@ -123,16 +124,16 @@ def channels_last_stats_compute(spec: BatchStatsSpec) -> tirx.PrimFunc:
     per_chunk = rows // chunks
     x = te.placeholder((rows, c), "float32", name="x")
     shift = te.compute((c,), lambda ch: x[0, ch].astype("float64"), name="shift")
-    shifted_sums = _shifted_sums()
+    sums = shifted_sums()
     rr = te.reduce_axis((0, per_chunk), name="rr")
 
     def partial(t, ch):
         d = x[t * per_chunk + rr, ch].astype("float64") - shift[ch]
-        return shifted_sums((d, d * d), axis=[rr])
+        return sums((d, d * d), axis=[rr])
 
     s1_chunks, s2_chunks = te.compute((chunks, c), partial, name="partial")
     rt = te.reduce_axis((0, chunks), name="rt")
-    s1, s2 = te.compute((c,), lambda ch: shifted_sums((s1_chunks[rt, ch], s2_chunks[rt, ch]), axis=[rt]), name="total")
+    s1, s2 = te.compute((c,), lambda ch: sums((s1_chunks[rt, ch], s2_chunks[rt, ch]), axis=[rt]), name="total")
     mean, var = _mean_and_variance(shift, s1, s2, float(rows), c)
     return te.create_prim_func([x, mean, var])
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from tvm import s_tir, te, tirx
 
-from .bn_stats import _clamp_negative, _shifted_sums
+from .bn_stats import clamp_negative, shifted_sums
 from .conv2d import ConvSpec, Tiling, _ceil_to, _i64, direct_accumulation, direct_conv
 from .conv_schedule import conv_block, register_tile, schedule_pad_copy, split_direct_tiles, vectorize_channel_block
 from .generic import mark_scheduled
@@ -52,7 +52,7 @@ def conv2d_stats_compute(spec: ConvSpec, tiling: Tiling, chunks: int) -> tirx.Pr
         p = k * per_chunk + r
         d = conv.accumulators[n, p, o].astype("float64") - shift[o].astype("float64")
         d = tirx.Select(p < pixels, d, tirx.const(0.0, "float64"))  # the padded tail of the last tile
-        return _shifted_sums()((d, d * d), axis=[r])
+        return shifted_sums()((d, d * d), axis=[r])
 
     s1, s2 = te.compute(_i64(spec.batch, chunks, channels), chunk_sums, name="stats")
     return te.create_prim_func([conv.data, conv.weight, shift, conv.out, s1, s2])
@@ -161,12 +161,12 @@ def stats_combine_primfunc(spec: ConvSpec, tiling: Tiling, chunks: int) -> tirx.
     rn = te.reduce_axis(_i64(0, spec.batch), name="rn")
     rk = te.reduce_axis(_i64(0, chunks), name="rk")
     total1, total2 = te.compute(
-        _i64(spec.out_channels), lambda o: _shifted_sums()((s1[rn, rk, o], s2[rn, rk, o]), axis=[rn, rk]), name="total")
+        _i64(spec.out_channels), lambda o: shifted_sums()((s1[rn, rk, o], s2[rn, rk, o]), axis=[rn, rk]), name="total")
     count = float(spec.batch * spec.pixels)
     mean = te.compute(_i64(spec.out_channels), lambda o: (
         shift[o].astype("float64") + total1[o] / count + bias[o].astype("float64")).astype("float32"), name="mean")
     var = te.compute(_i64(spec.out_channels),
-                     lambda o: _clamp_negative((total2[o] - total1[o] * total1[o] / count) / count).astype("float32"),
+                     lambda o: clamp_negative((total2[o] - total1[o] * total1[o] / count) / count).astype("float32"),
                      name="var")
     sch = s_tir.Schedule(te.create_prim_func([shift, s1, s2, bias, mean, var]))
     channel = sch.get_loops(sch.get_sblock("total"))[0]
