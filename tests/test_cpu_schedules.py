@@ -192,6 +192,17 @@ def test_conv_class_runs_bndeploy_kernel_and_matches_onnxruntime(case, target):
     np.testing.assert_allclose(got, onnxruntime_run(model, x), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("x_shape, out_channels", [((1, 1, 1, 1), 1), ((2, 3, 1, 1), 1), ((1, 1, 1, 2), 2)])
+def test_a_degenerate_tile_still_compiles_and_matches(x_shape, out_channels):
+    """One pixel and one real channel: the writer's loops of extent 1 are not generated (found by the long
+    property profile: the schedule unpacked two loops and failed to compile)."""
+    rng = np.random.default_rng(0)
+    model = conv_onnx(x_shape, [(out_channels, 1, 1, 0, 1, True)], rng)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    got = run_vm(build_cpu(import_onnx(model), HOST), x)[0]
+    np.testing.assert_allclose(got, onnxruntime_run(model, x), atol=ATOL, rtol=RTOL)
+
+
 # Transposed convs (GAN generators, segmentation decoders, U-Net up-sampling): the dense kernel and a col2im
 # gather, bias and activation fused into the gather. name: (input NCHW, out channels, kernel, stride, pads
 # (top, left, bottom, right), output_padding, dilation, groups)

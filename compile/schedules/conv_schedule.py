@@ -136,16 +136,31 @@ def register_tile(sch: s_tir.Schedule, conv, writer, outer, reduction, pixels, c
     sch.reverse_compute_at(writer, outer[-1])
     sch.set_scope(conv, 0, "local")
     count = parallel_loops or len(outer)
-    sch.parallel(sch.fuse(*outer[:count]) if count > 1 else outer[0])
+    task = sch.fuse(*outer[:count]) if count > 1 else outer[0]
+    sch.parallel(task)
+    tile = task if count == len(outer) else outer[-1]  # the loop over tiles the writer sits in
     _unroll_tile(sch, pixels, channels, tiling)
-    writer_pixels, writer_channels = sch.get_loops(writer)[-2:]
-    extent = sch.get(writer_channels).extent
-    if isinstance(extent, tirx.IntImm) and int(extent) == tiling.channel_block:  # not a padded channel block
-        _unroll_tile(sch, writer_pixels, writer_channels, tiling)
-    else:
-        sch.unroll(writer_pixels)
+    # The writer's and the initialisation's (pixel, channel) loops; a loop of extent 1 is not generated
+    # (a one-pixel tile, one real channel), and such a degenerate tile is left as it is.
+    written = loops_below(sch, writer, tile)
+    if len(written) >= 2:
+        writer_pixels, writer_channels = written[-2:]
+        extent = sch.get(writer_channels).extent
+        if isinstance(extent, tirx.IntImm) and int(extent) == tiling.channel_block:  # not a padded channel block
+            _unroll_tile(sch, writer_pixels, writer_channels, tiling)
+        else:
+            sch.unroll(writer_pixels)
     init = sch.decompose_reduction(conv, reduction[0])
-    _unroll_tile(sch, *sch.get_loops(init)[-2:], tiling)
+    initialised = loops_below(sch, init, tile)
+    if len(initialised) >= 2:
+        _unroll_tile(sch, *initialised[-2:], tiling)
+
+
+def loops_below(sch: s_tir.Schedule, block, loop) -> list:
+    """The loops of `block` nested inside `loop`, outermost first."""
+    loops = sch.get_loops(block)
+    position = [sch.get(candidate).same_as(sch.get(loop)) for candidate in loops].index(True)
+    return loops[position + 1:]
 
 
 def _unroll_tile(sch: s_tir.Schedule, pixels, channels, tiling: Tiling) -> None:

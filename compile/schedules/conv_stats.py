@@ -19,7 +19,8 @@ from tvm import s_tir, te, tirx
 
 from .bn_stats import clamp_negative, shifted_sums
 from .conv2d import ConvSpec, Tiling, _ceil_to, _i64, direct_accumulation, direct_conv
-from .conv_schedule import conv_block, register_tile, schedule_pad_copy, split_direct_tiles, vectorize_channel_block
+from .conv_schedule import (conv_block, loops_below, register_tile, schedule_pad_copy, split_direct_tiles,
+                            vectorize_channel_block)
 from .generic import mark_scheduled
 
 PARALLEL_TASKS = 16  # (image, channel block, pixel chunk) tasks wanted: enough to balance 2-16 threads
@@ -127,7 +128,7 @@ def _accumulate_in_tile(sch: s_tir.Schedule, stats, tile, tiling: Tiling) -> Non
     write_backs = [sch.cache_write(stats, output, "local") for output in (0, 1)]
     for write_back in write_backs:
         sch.reverse_compute_at(write_back, task)
-    inside = _loops_below(sch, stats, tile)  # (channels, pixels), or (channels,) for a one-pixel tile
+    inside = loops_below(sch, stats, tile)  # (channels, pixels), or (channels,) for a one-pixel tile
     if len(inside) == 2:
         channels, pixels = inside
         sch.reorder(pixels, channels)
@@ -137,12 +138,6 @@ def _accumulate_in_tile(sch: s_tir.Schedule, stats, tile, tiling: Tiling) -> Non
     vectorize_channel_block(sch, sch.get_loops(init)[-1], tiling)
     for write_back in write_backs:
         vectorize_channel_block(sch, sch.get_loops(write_back)[-1], tiling)
-
-
-def _loops_below(sch: s_tir.Schedule, block, loop) -> list:
-    loops = sch.get_loops(block)
-    position = [sch.get(candidate).same_as(sch.get(loop)) for candidate in loops].index(True)
-    return loops[position + 1:]
 
 
 def build_conv2d_stats_primfunc(spec: ConvSpec, tiling: Tiling, chunks: int) -> tirx.PrimFunc:
