@@ -27,6 +27,8 @@ import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
 
+from .passes import bindings
+
 ONNX_NAME_PREFIX = "onnx:"
 # The layouts bndeploy's CPU pipeline gives a tensor: as in ONNX, or channels-last (ConvertLayout's NHWC).
 CHANNELS_LAST = {4: (0, 2, 3, 1)}
@@ -165,9 +167,7 @@ class KernelMapRecorder:
 
 
 def _main_bindings(mod: tvm.IRModule):
-    main = mod["main"]
-    for block in main.body.blocks:
-        yield from block.bindings
+    return bindings(mod["main"])
 
 
 def _static_shape(expr) -> list[int] | None:
@@ -249,12 +249,11 @@ def _match_fused(func: relax.Function, args: list, index: dict) -> tuple[list, l
     to_pre = dict(zip(func.params, args))
     translate = lambda expr: to_pre.get(expr, expr)  # noqa: E731
     inside = []
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            pre = index.get(_key(binding.value, translate))
-            if pre is not None:
-                to_pre[binding.var] = pre
-                inside.append(pre)
+    for binding in bindings(func):
+        pre = index.get(_key(binding.value, translate))
+        if pre is not None:
+            to_pre[binding.var] = pre
+            inside.append(pre)
     body = func.body.body
     returned = list(body.fields) if isinstance(body, relax.Tuple) else [body]
     outputs = [to_pre.get(r) for r in returned]

@@ -72,14 +72,14 @@ def _use_counts(func: relax.Function) -> dict[relax.Var, int]:
         for var in relax.analysis.used_vars(expr):
             counts[var] = counts.get(var, 0) + 1
 
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            count(binding.value)
+    for binding in bindings(func):
+        count(binding.value)
     count(func.body.body)
     return counts
 
 
-def _bindings(func: relax.Function):
+def bindings(func: relax.Function):
+    """Every binding of ``func``'s body, block by block, in order."""
     for block in func.body.blocks:
         yield from block.bindings
 
@@ -197,7 +197,7 @@ def analyze_batchnorms(func: relax.Function) -> list[BatchNormSite]:
     var2val = relax.analysis.get_var2val(func)
     uses = _use_counts(func)
     sites = []
-    for binding in _bindings(func):
+    for binding in bindings(func):
         call = binding.value
         if not batchnorm_pattern().match(call):
             continue
@@ -418,7 +418,7 @@ class _BatchNormRewriter(relax.PyExprMutator):
 def _tuple_item_names(func: relax.Function) -> dict:
     """var -> {index: name} for every ``name = var[index]`` binding."""
     names: dict = {}
-    for binding in _bindings(func):
+    for binding in bindings(func):
         value = binding.value
         if isinstance(value, relax.TupleGetItem) and isinstance(value.tuple_value, relax.Var):
             names.setdefault(value.tuple_value, {})[int(value.index)] = binding.var.name
@@ -511,7 +511,7 @@ def fusion_report(mod: tvm.IRModule, batchnorm_names: list[str] | None = None,
         sites = analyze_batchnorms(func)
         bn_names = _names_or_default(batchnorm_names, len(sites), "batch_norm")
         ops_by_kind: dict[str, list[relax.Call]] = {}
-        for binding in _bindings(func):
+        for binding in bindings(func):
             kind = linear_kind(binding.value)
             if kind is not None:
                 ops_by_kind.setdefault(kind, []).append(binding.value)

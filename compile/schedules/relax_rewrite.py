@@ -10,6 +10,7 @@ from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ..passes import bindings
 from .bn_stats import BatchStatsSpec, build_batch_stats_primfunc
 from .conv2d import DEPTHWISE, DIRECT, ConvSpec, Tiling, choose_tiling, conv2d_compute, pack_weight
 from .conv_stats import build_conv2d_stats_primfunc, pixel_chunks, shift_primfunc, stats_combine_primfunc
@@ -55,9 +56,9 @@ class _KernelRewriter(PyExprMutator):
     def rewrite(self, func: relax.Function) -> relax.Function:
         # Patterns are matched on the original bindings: rewritten ones are no longer in the builder.
         self._var2val = relax.analysis.get_var2val(func)
-        self._stats_wanted = [source for binding in _bindings(func)
+        self._stats_wanted = [source for binding in bindings(func)
                               if (source := _conv_stats_source(binding.value, self._value_of)) is not None]
-        self._convs = [b.value for b in _bindings(func) if _op_name(b.value) == "relax.nn.conv2d"]
+        self._convs = [b.value for b in bindings(func) if _op_name(b.value) == "relax.nn.conv2d"]
         return self.visit_expr(func)
 
     def _value_of(self, expr):
@@ -272,11 +273,6 @@ def _channel_vector(expr, channels: int) -> np.ndarray | None:
     if value.dtype != np.float32 or value.size not in (1, channels) or any(d != 1 for d in value.shape[:-1]):
         return None
     return np.broadcast_to(value.reshape(-1), (channels,)).astype(np.float32)
-
-
-def _bindings(func: relax.Function):
-    for block in func.body.blocks:
-        yield from block.bindings
 
 
 def _centered_square_source(expr, value_of):
