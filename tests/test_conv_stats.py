@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import tvm
 
-from bndeploy.compile.schedules.conv2d import DIRECT, ConvSpec, Tiling, choose_tiling, pack_weight
+from bndeploy.compile.schedules.conv2d import DIRECT, ConvSpec, Tiling, choose_tiling, pack_weight, padded_channels
 from bndeploy.compile.schedules.conv_stats import (build_conv2d_stats_primfunc, pixel_chunks, shift_primfunc,
                                                    stats_combine_primfunc)
 from bndeploy.compile.schedules.isa import AVX2, AVX512, isa_for_target
@@ -57,7 +57,7 @@ def run_fused_statistics(spec: ConvSpec, tiling: Tiling, target_name: str, x: np
                stats_combine_primfunc(spec, tiling, chunks)]
     shift_lib, conv_lib, combine_lib = (tvm.compile(tvm.IRModule({"main": k.with_attr("global_symbol", "main")}), target=target)
                                         for k in kernels)
-    padded = -(-spec.out_channels // tiling.channel_block) * tiling.channel_block
+    padded = padded_channels(spec, tiling)
     t = tvm.runtime.tensor
     data, packed = t(x), t(pack_weight(weight, spec, tiling))
     shift = t(np.zeros(padded, np.float32))

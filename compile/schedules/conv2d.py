@@ -137,6 +137,16 @@ def _ceil_to(value: int, block: int) -> int:
     return -(-value // block) * block
 
 
+def channel_blocks(spec: ConvSpec, tiling: Tiling) -> int:
+    """Channel blocks of a direct conv's output (the last one padded with zero-weight channels)."""
+    return -(-spec.out_channels // tiling.channel_block)
+
+
+def padded_channels(spec: ConvSpec, tiling: Tiling) -> int:
+    """Output channels of the accumulators and the packed weight: whole channel blocks."""
+    return channel_blocks(spec, tiling) * tiling.channel_block
+
+
 # --------------------------------------------------------------------------------------------------
 # Register tile model
 
@@ -369,14 +379,14 @@ def direct_conv(spec: ConvSpec, tiling: Tiling, pixel_tiles: int = 0) -> DirectC
     pixel, never written out)."""
     data = te.placeholder(_i64(*spec.input_shape), "float32", name="data")
     source = _padded_input(data, spec) if spec.input_layout != "NC" else _as_image(data)
-    blocks = -(-spec.out_channels // tiling.channel_block)
+    blocks = channel_blocks(spec, tiling)
     kh, kw = spec.kernel
     weight = te.placeholder(_i64(blocks, kh, kw, spec.in_per_group, tiling.channel_block), "float32",
                             name="weight_packed")
     accumulate = direct_accumulation(spec, tiling, source, weight)
     attrs = {CONV_BLOCK_ATTR: tiling.annotation(), CONV_FLOPS_ATTR: spec.flops}
     pixels = max(pixel_tiles * tiling.pixel_block, _ceil_to(spec.pixels, tiling.pixel_block))
-    conv = te.compute(_i64(spec.batch, pixels, blocks * tiling.channel_block), accumulate, name="conv", attrs=attrs)
+    conv = te.compute(_i64(spec.batch, pixels, padded_channels(spec, tiling)), accumulate, name="conv", attrs=attrs)
     if spec.input_layout == "NC":
         out = te.compute(_i64(*spec.output_shape), lambda x, o: conv[0, x, o], name="conv_out")
     else:

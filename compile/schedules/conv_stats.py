@@ -18,7 +18,7 @@ from __future__ import annotations
 from tvm import s_tir, te, tirx
 
 from .bn_stats import clamp_negative, shifted_sums
-from .conv2d import ConvSpec, Tiling, _ceil_to, _i64, direct_accumulation, direct_conv
+from .conv2d import ConvSpec, Tiling, _i64, channel_blocks, direct_accumulation, direct_conv, padded_channels
 from .conv_schedule import (conv_block, loops_below, register_tile, schedule_pad_copy, split_direct_tiles,
                             vectorize_channel_block)
 from .generic import mark_scheduled
@@ -31,8 +31,7 @@ def pixel_chunks(spec: ConvSpec, tiling: Tiling) -> int:
     many as give PARALLEL_TASKS tasks with the images and channel blocks. The last chunk may end in a few
     tiles past the image (clamped copies of its last pixel, left out of the sums)."""
     tiles = -(-spec.pixels // tiling.pixel_block)
-    blocks = -(-spec.out_channels // tiling.channel_block)
-    return max(1, min(tiles, -(-PARALLEL_TASKS // (spec.batch * blocks))))
+    return max(1, min(tiles, -(-PARALLEL_TASKS // (spec.batch * channel_blocks(spec, tiling)))))
 
 
 def tiles_per_chunk(spec: ConvSpec, tiling: Tiling, chunks: int) -> int:
@@ -148,7 +147,7 @@ def build_conv2d_stats_primfunc(spec: ConvSpec, tiling: Tiling, chunks: int) -> 
 def stats_combine_primfunc(spec: ConvSpec, tiling: Tiling, chunks: int) -> tirx.PrimFunc:
     """PrimFunc(shift, s1, s2, bias) -> (mean (C,) f32, population variance (C,) f32): the chunks' sums added
     up; `bias` (C,) is added to the mean (the statistics of conv + bias)."""
-    channels = _ceil_to(spec.out_channels, tiling.channel_block)
+    channels = padded_channels(spec, tiling)
     shift = te.placeholder(_i64(channels), "float32", name="shift")
     s1 = te.placeholder(_i64(spec.batch, chunks, channels), "float64", name="s1")
     s2 = te.placeholder(_i64(spec.batch, chunks, channels), "float64", name="s2")

@@ -12,7 +12,8 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..passes import bindings
 from .bn_stats import BatchStatsSpec, build_batch_stats_primfunc
-from .conv2d import DEPTHWISE, DIRECT, ConvSpec, Tiling, choose_tiling, conv2d_compute, pack_weight
+from .conv2d import (DEPTHWISE, DIRECT, ConvSpec, Tiling, choose_tiling, conv2d_compute, pack_weight,
+                     padded_channels)
 from .conv_stats import build_conv2d_stats_primfunc, pixel_chunks, shift_primfunc, stats_combine_primfunc
 from .conv_transpose import ConvTransposeSpec, col2im_primfunc, gemm_weight
 from .isa import isa_for_target
@@ -121,7 +122,7 @@ class _KernelRewriter(PyExprMutator):
         shift_gv = self._kernel(("conv2d_shift", spec, tiling), lambda: shift_primfunc(spec, tiling), "bndeploy_batch_stats_shift")
         combine_gv = self._kernel(("stats_combine", spec, tiling, chunks),
                                   lambda: stats_combine_primfunc(spec, tiling, chunks), "bndeploy_batch_stats_combine")
-        padded = -(-spec.out_channels // tiling.channel_block) * tiling.channel_block
+        padded = padded_channels(spec, tiling)
         shift = self.builder_.emit(relax.call_tir(shift_gv, [data, weight], relax.TensorType((padded,), "float32")))
         sums = relax.TensorType((spec.batch, chunks, padded), "float64")
         conv = self.builder_.emit(relax.call_tir(
