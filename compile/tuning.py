@@ -243,37 +243,29 @@ def board_policy(tracker: str, key: str, timeout_s: float) -> dict | None:
     talk to it: an approved-only bndeploy server's policy, or None (TVM's own server). Gives up after
     ``timeout_s``."""
     import gc
-    import threading
 
     from tvm import rpc
 
+    from bndeploy.deadline import call_with_deadline
     from bndeploy.device_protocol import POLICY_FUNCTION, read_policy
 
     host, _, port = tracker.rpartition(":")
-    outcome: dict = {}
 
-    def ask() -> None:
+    def ask(_deadline: float) -> dict | None:
         try:
             session = rpc.connect_tracker(host, int(port)).request(key, session_timeout=int(timeout_s))
             try:
                 answer = session.get_function(POLICY_FUNCTION)
             except Exception:  # TVM's own server has no such function
-                outcome["policy"] = None
-            else:
-                outcome["policy"] = read_policy(answer())
+                return None
+            policy = read_policy(answer())
             answer = session = None
             gc.collect()  # the session ends when its last remote object is freed: free the board for the runner
+            return policy
         except Exception as e:  # TVM raises RPCError/TVMError/OSError with C++ text
-            outcome["error"] = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise BndeployError(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__) from None
 
-    asking = threading.Thread(target=ask, name="bndeploy-board-policy", daemon=True)
-    asking.start()
-    asking.join(timeout_s)
-    if asking.is_alive():
-        raise BndeployError(f"no free board answered within {timeout_s:g} s")
-    if "error" in outcome:
-        raise BndeployError(outcome["error"])
-    return outcome["policy"]
+    return call_with_deadline(ask, timeout_s, "asking the board what it loads", longer="--timeout")
 
 
 def alloc_board_arguments(session, device, args_info, alloc_repeat):

@@ -20,11 +20,13 @@ One concern per file:
 - guarded.py, guard.py, allowlist.py: the approved-only server (its accept loop and sessions; what a
   session process refuses; the approved sha256s), and the token/TLS tracker;
 - channel.py, tunnel.py: the token handshake, TLS and relays; the client's token/TLS end (a process);
-- deadline.py: the deadline every wait obeys, and network failures in words.
+- deadline.py: the deadline every wait obeys (its watchdog, bndeploy/deadline.py, is shared with tuning),
+  and network failures in words.
 """
 
+from bndeploy.deadline import call_with_deadline
+
 from .client import RemoteArtifact, Runner, open_artifact, open_remote_artifact, remote_runner, run_remote
-from .deadline import call_with_deadline
 from .endpoint import DEFAULT_SERVER_PORT, DEFAULT_TIMEOUT, DEFAULT_TRACKER_PORT, RpcEndpoint, parse_address
 from .server import RunningService, check_tracker_reachable, start_server, start_tracker
 from .tracker import registered_keys, request_device, tracker_summary

@@ -9,15 +9,16 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from bndeploy.deadline import call_with_deadline
+from bndeploy.device_protocol import POLICY_FUNCTION, read_policy
 from bndeploy.errors import ArtifactError, BndeployError
 from bndeploy.layout import ARTIFACT_MANIFEST, read_artifact_manifest
 from bndeploy.runtime.artifact import Artifact, verified_library
 from bndeploy.runtime.inputs import validate_inputs
 from bndeploy.runtime.specs import TensorSpec
 
-from .deadline import call_with_deadline, connection_problem, first_line
+from .deadline import connection_problem, first_line
 from .endpoint import RpcEndpoint
-from bndeploy.device_protocol import POLICY_FUNCTION, read_policy
 
 from .guard import REFUSED_MARK
 from .tracker import request_device

@@ -1,45 +1,11 @@
-"""Every remote wait is bounded: one deadline per run, and network failures put in words a user can act on."""
+"""Every remote wait is bounded (the watchdog: bndeploy/deadline.py), and network failures put in words a user can act on."""
 
 from __future__ import annotations
 
 import socket
-import threading
 import time
-from typing import Callable
 
 from bndeploy.errors import BndeployError
-
-INNER_DEADLINE_SHARE = 0.9  # of the timeout, for the socket waits inside a run (the watchdog takes all)
-
-
-def call_with_deadline(work: Callable[[float], object], timeout: float, what: str):
-    """Run ``work(deadline)`` in a worker thread; give up after ``timeout`` seconds.
-
-    TVM's RPC client waits on its sockets without a timeout (a device that vanishes from the network
-    never answers); TVM's FFI releases the GIL, so the caller gets its error on time and the stuck
-    daemon thread is abandoned.
-    """
-    # The steps inside stop a little earlier, so their own, more specific timeout errors win.
-    deadline = time.monotonic() + timeout * INNER_DEADLINE_SHARE
-    outcome: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = work(deadline)
-        except BaseException as e:  # handed to the caller's thread
-            outcome["error"] = e
-
-    worker = threading.Thread(target=target, name="bndeploy-rpc", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
-        raise BndeployError(
-            f"{what}: no answer within {timeout:g} s (the device stopped answering, the network is down, "
-            "or the run needs longer: raise --rpc-timeout)"
-        )
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["value"]
 
 
 def remaining(deadline: float) -> float:

@@ -10,7 +10,9 @@ from typing import Callable
 from bndeploy.errors import BndeployError
 
 from .channel import Channel, secure_client
-from .deadline import INNER_DEADLINE_SHARE, TRACKER_HINT, remaining, socket_problem
+from bndeploy.deadline import INNER_DEADLINE_SHARE
+
+from .deadline import TRACKER_HINT, remaining, socket_problem
 from .endpoint import RpcEndpoint
 
 
