@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     parser.add_argument("--running-var", choices=("onnx", "torch"), default="onnx",
                         help="training-mode running-variance update: onnx (population variance, the ONNX "
                         "spec) or torch (unbiased, as PyTorch)")
+    parser.add_argument("--conv-algorithm", choices=("auto", "direct"), default="auto",
+                        help="CPU targets: auto (3x3 stride-1 convs with 32+ channels by Winograd F(2x2, 3x3), "
+                        "the rest by direct register-tiled kernels) or direct (every conv by the direct kernels)")
     parser.add_argument("--dump", action="store_true", help="write Relax IR, and the CPU library's assembly or the CUDA source, under dump/")
     parser.add_argument("--force", action="store_true", help="replace existing artifact directories")
     parser.add_argument("--tuned", metavar="DIR", help="a `bndeploy tune` folder: use the schedules it measured faster")
@@ -34,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from bndeploy.compile import CompileSettings, compile_model
 
     settings = CompileSettings(dtype=args.dtype, running_var=args.running_var, dump=args.dump, force=args.force,
-                               tuned=args.tuned)
+                               tuned=args.tuned, conv_algorithm=args.conv_algorithm)
     written = compile_model(args.onnx, args.targets, args.out, settings, progress=_progress)
     for path in written:
         print(path)

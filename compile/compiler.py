@@ -33,6 +33,9 @@ class CompileSettings:
     dump: bool = False  # write Relax IR before/after the passes (and CUDA source) under dump/
     force: bool = False  # replace existing artifact directories
     tuned: Path | None = None  # a `bndeploy tune` folder: its measured-faster schedules replace the defaults
+    # "auto": 3x3 stride-1 convs wide enough for it by Winograd F(2x2, 3x3) (schedules/winograd.py), the rest
+    # by the direct kernel; "direct": every conv by the direct kernel (CPU targets)
+    conv_algorithm: str = "auto"
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -41,6 +44,10 @@ class CompileSettings:
             raise BndeployError(
                 f"running_var must be one of {', '.join(passes.RUNNING_VAR_MODES)}, got {self.running_var!r}"
             )
+        from .schedules.relax_rewrite import CONV_ALGORITHMS
+
+        if self.conv_algorithm not in CONV_ALGORITHMS:
+            raise BndeployError(f"conv_algorithm must be one of {', '.join(CONV_ALGORITHMS)}, got {self.conv_algorithm!r}")
 
 
 @dataclass
@@ -322,22 +329,23 @@ def _build(mod, spec: TargetSpec, out_dir: Path, settings: CompileSettings,
         kernels, archs = _build_cuda(mod, spec, out_dir, settings.dump)  # a worker process: no lock needed
         return BuildResult(kernels, archs, {})
     with _IN_PROCESS_TVM:
-        return _build_llvm(mod, spec, out_dir, settings.tuned, settings.dump, kernel_map)
+        return _build_llvm(mod, spec, out_dir, settings, kernel_map)
 
 
-def _build_llvm(mod, spec: TargetSpec, out_dir: Path, tuned: Path | None, dump: bool = False,
+def _build_llvm(mod, spec: TargetSpec, out_dir: Path, settings: CompileSettings,
                 kernel_map: KernelMapRecorder | None = None) -> BuildResult:
     from .cpu import build_lowered, lower_cpu
     from .kernel_costs import kernel_costs
     from .schedules import TUNED_ATTR, isa_for_target
-    from .schedules.relax_rewrite import STATISTICS_FUSED_ATTR
+    from .schedules.relax_rewrite import CONV_ALGORITHM_ATTR, STATISTICS_FUSED_ATTR
     from .schedules.fma_peak import add_fma_peak
     from .tuning import load_database
 
     fcompile = library_compiler(spec)  # fails before the build when a cross toolchain is missing
     target = spec.tvm_target()
+    tuned, dump = settings.tuned, settings.dump
     database = load_database(tuned) if tuned is not None else None
-    lowered = lower_cpu(mod, target, database, kernel_map)
+    lowered = lower_cpu(mod.with_attr(CONV_ALGORITHM_ATTR, settings.conv_algorithm), target, database, kernel_map)
     tuned_kernels = [gv.name_hint for gv, f in lowered.functions.items()
                      if f.attrs is not None and TUNED_ATTR in f.attrs]
     costs = kernel_costs(lowered)
@@ -407,6 +415,7 @@ def _manifest(source: SourceModel, spec: TargetSpec, settings, fusion, built: Bu
         "mode": source.mode,
         "dtype": settings.dtype,
         "running_var": settings.running_var,
+        "conv_algorithm": settings.conv_algorithm,
         "library": {"file": LIBRARY_FILE, "sha256": sha256_of(out_dir / LIBRARY_FILE)},
         "source": {"onnx": str(source.path), "onnx_sha256": source.sha256,
                    "export_manifest": str(source.export_manifest) if source.export_manifest else None,

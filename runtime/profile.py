@@ -122,6 +122,8 @@ def kernel_class(name: str) -> str:
         return "conv depthwise"
     if "bndeploy_conv2d_direct" in name:
         return "conv"
+    if "bndeploy_conv2d_winograd" in name:
+        return "conv winograd"  # its FLOPs are the direct conv's: its rate may pass the FMA peak
     if "conv" in name:
         return "conv (generic TVM)"
     if "batch_stats" in name:

@@ -161,6 +161,8 @@ def test_depthwise_gets_its_own_kernel():
 
 CONV_CLASSES = {
     "3x3 s1": ((1, 32, 14, 14), [(32, 3, 1, 1, 1, True)]),
+    "3x3 s1 wide": ((1, 64, 14, 14), [(64, 3, 1, 1, 1, True)]),
+    "3x3 s1 wide odd size": ((2, 64, 15, 15), [(128, 3, 1, 1, 1, True)]),
     "3x3 s2 odd width": ((2, 16, 13, 13), [(32, 3, 2, 1, 1, True)]),
     "1x1 pointwise": ((1, 40, 14, 14), [(24, 1, 1, 0, 1, False)]),
     "7x7 s2 stem": ((1, 3, 33, 33), [(32, 7, 2, 3, 1, True)]),
@@ -183,7 +185,8 @@ def test_conv_class_runs_bndeploy_kernel_and_matches_onnxruntime(case, target):
     kernels = kernel_names(schedule_module(import_onnx(model), tvm_target))
     convs = [k for k in kernels if "conv2d" in k]
     assert convs and all(k.startswith("fused_bndeploy_conv2d") for k in convs), kernels
-    expected_kind = "depthwise" if case.startswith("depthwise") else "direct"
+    expected_kind = ("depthwise" if case.startswith("depthwise")
+                     else "winograd" if case.startswith("3x3 s1 wide") else "direct")
     assert all(expected_kind in k for k in convs), kernels
     if layers[-1][-1]:
         assert all("add" in k and "relu" in k for k in convs), f"bias and ReLU not fused: {kernels}"

@@ -106,7 +106,7 @@ def test_bench_predict_gives_llvm_mcas_figures_for_an_edge_cpu(tmp_path):
     assert "PREDICTED by llvm-mca" in result.stdout
     assert list(work.glob("*/artifact/dump/library.s")), "the prediction did not read compile_model's assembly"
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]
-    conv = [row for row in rows if "conv2d_direct" in row["kernel"]]
+    conv = [row for row in rows if "bndeploy_conv2d" in row["kernel"]]
     assert conv and all(row["model_cpu"] == "cortex-a76" for row in conv)
     assert conv[0]["fmas"] >= 4 and 0 < conv[0]["percent_of_peak"] <= 100
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 from .conv2d import CONV_BLOCK_ATTR, DEPTHWISE, Tiling
+from .winograd import WINOGRAD, schedule_winograd
 
 
 class NotAConvKernel(Exception):
@@ -41,6 +42,10 @@ def schedule_conv(func: tirx.PrimFunc) -> tirx.PrimFunc:
     if found is None:
         raise NotAConvKernel("no annotated conv block")
     conv, tiling = found
+    if tiling.kind == WINOGRAD:
+        writer, pad, tail = _inline_around(sch, conv, kernel_prefix="winograd_")
+        _schedule_tail(sch, tail)
+        return schedule_winograd(sch, conv, tiling, writer, pad)
     writer, pad, tail = _inline_around(sch, conv)
     if tiling.kind == DEPTHWISE:
         if pad is not None:
@@ -51,6 +56,10 @@ def schedule_conv(func: tirx.PrimFunc) -> tirx.PrimFunc:
         _tile_direct(sch, conv, writer, tiling)
     if pad is not None:
         schedule_pad_copy(sch, pad)
+    return _schedule_tail(sch, tail)
+
+
+def _schedule_tail(sch: s_tir.Schedule, tail) -> tirx.PrimFunc:
     if tail is not None:
         from .generic import vectorize_and_parallelize
 
@@ -58,17 +67,18 @@ def schedule_conv(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
-def _inline_around(sch: s_tir.Schedule, conv):
-    """Inline producers into the padding copy, the epilogue into the writer of the conv-shaped result and
-    a broadcast tail into its last block; returns (writer, pad, tail's last block)."""
+def _inline_around(sch: s_tir.Schedule, conv, kernel_prefix: str | None = None):
+    """Inline producers into the padding copy, the epilogue into the writer of the conv-shaped result (the
+    blocks from `conv_out` on) and a broadcast tail into its last block; returns (writer, pad, tail's last
+    block). Blocks before the conv named with `kernel_prefix` are the kernel's own, not producers."""
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     names = [sch.get(b).name_hint for b in blocks]
     index = [sch.get(b).same_as(sch.get(conv)) for b in blocks].index(True)
     pad = blocks[names.index("pad")] if "pad" in names[:index] else None
-    for block in blocks[:index]:
-        if pad is None or not sch.get(block).same_as(sch.get(pad)):
+    for block, name in zip(blocks[:index], names):
+        if name != "pad" and not (kernel_prefix and name.startswith(kernel_prefix)):
             sch.compute_inline(block)
-    epilogue = blocks[index + 1:]
+    epilogue = blocks[names.index("conv_out"):]
     conv_shape = _output_shape(sch, epilogue[0])
     same_shape = [b for b in epilogue if _output_shape(sch, b) == conv_shape]
     if same_shape != epilogue[:len(same_shape)]:

@@ -86,7 +86,7 @@ def schedule_conv_stats(func: tirx.PrimFunc, chunks: int) -> tirx.PrimFunc:
     outer = [n, o_outer, chunk, tile]
     sch.reorder(*outer, *reduction, p_inner, o_inner)
     register_tile(sch, conv, writer, outer, reduction, p_inner, o_inner, tiling, parallel_loops=3)
-    _accumulate_in_tile(sch, stats, tile, tiling)
+    accumulate_in_tile(sch, stats, tile, tiling)
     if pad is not None:
         schedule_pad_copy(sch, pad)
     return mark_scheduled(sch.mod["main"])
@@ -119,7 +119,7 @@ def _schedule_shift(sch: s_tir.Schedule, shift, tiling: Tiling) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def _accumulate_in_tile(sch: s_tir.Schedule, stats, tile, tiling: Tiling) -> None:
+def accumulate_in_tile(sch: s_tir.Schedule, stats, tile, tiling: Tiling) -> None:
     """The statistics block under the tile loop (it reads the tile's accumulators), its two sums in
     registers over the chunk's tiles and written once per chunk (the parallel task loop, outside `tile`)."""
     sch.reverse_compute_at(stats, tile)
@@ -127,12 +127,14 @@ def _accumulate_in_tile(sch: s_tir.Schedule, stats, tile, tiling: Tiling) -> Non
     write_backs = [sch.cache_write(stats, output, "local") for output in (0, 1)]
     for write_back in write_backs:
         sch.reverse_compute_at(write_back, task)
-    inside = loops_below(sch, stats, tile)  # (channels, pixels), or (channels,) for a one-pixel tile
-    if len(inside) == 2:
-        channels, pixels = inside
-        sch.reorder(pixels, channels)
-        sch.unroll(pixels)
-    vectorize_channel_block(sch, inside[0], tiling)
+    # (channels, pixels...): one pixel loop (a direct conv's tile; none for a one-pixel tile) or two (a
+    # Winograd tile's rows and columns)
+    channels, *pixels = loops_below(sch, stats, tile)
+    if pixels:
+        sch.reorder(*pixels, channels)
+        for loop in pixels:
+            sch.unroll(loop)
+    vectorize_channel_block(sch, channels, tiling)
     init = sch.decompose_reduction(stats, tile)
     vectorize_channel_block(sch, sch.get_loops(init)[-1], tiling)
     for write_back in write_backs:

@@ -17,6 +17,8 @@ from .conv2d import (DEPTHWISE, DIRECT, ConvSpec, Tiling, choose_tiling, conv2d_
 from .conv_stats import build_conv2d_stats_primfunc, pixel_chunks, shift_primfunc, stats_combine_primfunc
 from .conv_transpose import ConvTransposeSpec, col2im_primfunc, gemm_weight
 from .isa import isa_for_target
+from .winograd import (build_winograd_stats_primfunc, fallback_tiling, pack_winograd_weight, statistics_chunks,
+                       weights_allow_winograd, winograd_compute, winograd_tiling)
 
 
 def _op_name(expr) -> str | None:
@@ -46,9 +48,10 @@ class _KernelRewriter(PyExprMutator):
     `variance(x)` / `mean(square(x - mean(x)))` over (N, H, W) by the one-pass statistics kernel, or, when
     x is a direct conv's output (plus a per-channel constant), by statistics summed in that conv's epilogue."""
 
-    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target, winograd: bool = True):
         super().__init__(mod)
         self._isa = isa_for_target(target)
+        self._winograd = winograd
         self._kernels: dict[tuple, tvm.ir.GlobalVar] = {}
         self._stats_calls: list[tuple[relax.Expr, relax.Var]] = []
         self._epilogue_stats: list[tuple[relax.Expr, relax.Expr]] = []  # (x, (mean, variance) from its conv)
@@ -92,7 +95,14 @@ class _KernelRewriter(PyExprMutator):
     def _rewrite_conv(self, call: relax.Call):
         """An NHWC conv2d with constant OIHW weights -> bndeploy's kernel for its class, weights packed."""
         spec = _conv_spec(call)
-        tiling = choose_tiling(spec, self._isa) if spec is not None else None
+        if spec is None:
+            return None
+        weights = call.args[1].value.numpy()
+        wanted = next((s for s in self._stats_wanted if s.conv.same_as(call)), None)
+        winograd = winograd_tiling(spec, self._isa) if self._winograd else None
+        if winograd is not None and weights_allow_winograd(weights):
+            return self._winograd_conv(call, spec, winograd, weights, wanted)
+        tiling = choose_tiling(spec, self._isa)
         if tiling is None:
             return None
         data = call.args[0]
@@ -103,30 +113,47 @@ class _KernelRewriter(PyExprMutator):
         transposed = _op_name(source) == "relax.permute_dims" and _is_nchw_to_nhwc(source)
         if spec.padded and transposed and tiling.kind != DEPTHWISE:
             data, spec = source.args[0], replace(spec, input_layout="NCHW")
-        weight = relax.const(pack_weight(call.args[1].value.numpy(), spec, tiling))
-        wanted = next((s for s in self._stats_wanted if s.conv.same_as(call)), None)
+        weight = relax.const(pack_weight(weights, spec, tiling))
         if wanted is not None and tiling.kind == DIRECT:
-            self.statistics_fused.append(next(k for k, conv in enumerate(self._convs) if conv.same_as(call)))
-            return self._conv_with_stats(self.visit_expr(data), weight, spec, tiling, wanted)
+            chunks = pixel_chunks(spec, tiling)
+            conv_gv = self._kernel(("conv2d_stats", spec, tiling), lambda: build_conv2d_stats_primfunc(spec, tiling, chunks),
+                                   "bndeploy_conv2d_direct_stats")
+            return self._conv_with_stats(call, self.visit_expr(data), [weight], weight, spec, tiling, conv_gv, chunks, wanted)
         gv = self._kernel(("conv2d", spec, tiling), lambda: conv2d_compute(spec, tiling),
                           f"bndeploy_conv2d_{'depthwise' if tiling.kind == DEPTHWISE else 'direct'}")
         return relax.call_tir(gv, [self.visit_expr(data), weight], relax.TensorType(spec.output_shape, "float32"))
 
-    def _conv_with_stats(self, data: relax.Expr, weight: relax.Expr, spec: ConvSpec, tiling: Tiling,
+    def _winograd_conv(self, call: relax.Call, spec: ConvSpec, tiling: Tiling, weights: np.ndarray,
+                       wanted: "_StatsSource | None") -> relax.Expr:
+        transformed, direct = (relax.const(w) for w in pack_winograd_weight(weights, spec, tiling))
+        data = self.visit_expr(call.args[0])
+        if wanted is not None:
+            chunks = statistics_chunks(spec)
+            conv_gv = self._kernel(("winograd_stats", spec, tiling, chunks),
+                                   lambda: build_winograd_stats_primfunc(spec, tiling, chunks),
+                                   "bndeploy_conv2d_winograd_stats")
+            # the fallback's weights are the direct layout the shift kernel reads
+            return self._conv_with_stats(call, data, [transformed, direct], direct, spec,
+                                         fallback_tiling(spec, tiling), conv_gv, chunks, wanted)
+        gv = self._kernel(("conv2d", spec, tiling), lambda: winograd_compute(spec, tiling), "bndeploy_conv2d_winograd")
+        return relax.call_tir(gv, [data, transformed, direct], relax.TensorType(spec.output_shape, "float32"))
+
+    def _conv_with_stats(self, call: relax.Call, data: relax.Expr, weights: list[relax.Expr], shift_weight: relax.Expr,
+                         spec: ConvSpec, tiling: Tiling, conv_gv: tvm.ir.GlobalVar, chunks: int,
                          wanted: "_StatsSource") -> relax.Expr:
-        """The conv kernel that also sums its output's batch statistics (conv_stats.py), and the small
-        kernels around it: the shift before, the mean and variance after. Returns the conv's output."""
-        chunks = pixel_chunks(spec, tiling)
-        gv = self._kernel(("conv2d_stats", spec, tiling), lambda: build_conv2d_stats_primfunc(spec, tiling, chunks),
-                          "bndeploy_conv2d_direct_stats")
+        """`conv_gv`, a conv kernel that also sums its output's batch statistics in `chunks` chunks per image
+        (conv_stats.py, winograd.py), and the small kernels around it: the shift before (a direct conv of the
+        first pixel, with `shift_weight` packed for `tiling`), the mean and variance after. Returns the conv's
+        output."""
+        self.statistics_fused.append(next(k for k, conv in enumerate(self._convs) if conv.same_as(call)))
         shift_gv = self._kernel(("conv2d_shift", spec, tiling), lambda: shift_primfunc(spec, tiling), "bndeploy_batch_stats_shift")
         combine_gv = self._kernel(("stats_combine", spec, tiling, chunks),
                                   lambda: stats_combine_primfunc(spec, tiling, chunks), "bndeploy_batch_stats_combine")
         padded = padded_channels(spec, tiling)
-        shift = self.builder_.emit(relax.call_tir(shift_gv, [data, weight], relax.TensorType((padded,), "float32")))
+        shift = self.builder_.emit(relax.call_tir(shift_gv, [data, shift_weight], relax.TensorType((padded,), "float32")))
         sums = relax.TensorType((spec.batch, chunks, padded), "float64")
         conv = self.builder_.emit(relax.call_tir(
-            gv, [data, weight, shift], [relax.TensorType(spec.output_shape, "float32"), sums, sums]))
+            conv_gv, [data, *weights, shift], [relax.TensorType(spec.output_shape, "float32"), sums, sums]))
         channel = relax.TensorType((spec.out_channels,), "float32")
         # statistics of conv + b: the mean moves by b, the variance does not
         bias = relax.const(wanted.bias if wanted.bias is not None else np.zeros(spec.out_channels, "float32"))
@@ -350,6 +377,10 @@ def _conv_transpose_spec(call: relax.Call) -> ConvTransposeSpec | None:
 # Module attribute: the ordinals (k-th conv2d binding of the function, which is the k-th ONNX Conv node) of
 # the convs whose output's batch statistics are summed in their epilogue; the fusion report reads it.
 STATISTICS_FUSED_ATTR = "bndeploy.statistics_fused_convs"
+# Module attribute read by rewrite_to_kernels: "auto" (Winograd where winograd_tiling takes a conv, else the
+# direct kernel) or "direct" (every conv by the direct or depthwise kernel: CompileSettings.conv_algorithm).
+CONV_ALGORITHM_ATTR = "bndeploy.conv_algorithm"
+CONV_ALGORITHMS = ("auto", "direct")
 
 
 # Channels-last for every conv2d and conv2d_transpose: the layout bndeploy's kernels compute in.
@@ -389,8 +420,9 @@ def clip_to_bounds(mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
 
 @tvm.transform.module_pass(opt_level=0, name="bndeploy.RewriteToKernels")
 def rewrite_to_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    algorithm = str((mod.attrs or {}).get(CONV_ALGORITHM_ATTR, "auto"))
     mod = relax.transform.FoldConstant()(mod)  # e.g. the reshape of an ONNX Conv bias
-    rewriter = _KernelRewriter(mod, tvm.target.Target.current())
+    rewriter = _KernelRewriter(mod, tvm.target.Target.current(), winograd=algorithm == "auto")
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gv, rewriter.rewrite(func))
