@@ -229,8 +229,8 @@ class BenchSettings:
     predict: bool = False  # no timing: llvm-mca's prediction of each conv kernel's register tile (any CPU target)
 
 
-def run_case(case: Case, settings: BenchSettings, work: Path, threads: int) -> tuple[Row, object]:
-    """Export, compile and time one case; returns the row and the profile of its artifact."""
+def run_case(case: Case, settings: BenchSettings, work: Path, threads: int) -> tuple[Row, object, dict]:
+    """Export, compile and time one case; returns the row, the profile of its artifact and the timed calls."""
     import torch
 
     from bndeploy.runtime import load_artifact
@@ -259,7 +259,7 @@ def run_case(case: Case, settings: BenchSettings, work: Path, threads: int) -> t
     main = MainKernel(top.name, top.kind, prof.share(top), top.ms, top.flops, top.nbytes)
     row = Row(case.name, case.shape, case.mode, ms, compile_s, sum(k.flops for k in prof.kernels),
               _min_traffic(case, feeds, got), main, float(np.nanmax(np.abs(got - want))) if got.size else 0.0)
-    return row, prof
+    return row, prof, candidates
 
 
 def export_and_compile(case: Case, module, settings: BenchSettings, work: Path, dump: bool = False):
@@ -350,7 +350,7 @@ def _percent(value: float | None) -> str:
 
 
 def summary_lines(rows: list[Row], context: dict) -> list[str]:
-    lines = train_over_inference_lines(rows)
+    lines = train_over_inference_lines(context)
     for mode_shape, group in _geomean_groups(rows).items():
         ratios = [r.ratio for r in group]
         geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
@@ -366,16 +366,28 @@ def summary_lines(rows: list[Row], context: dict) -> list[str]:
     return lines
 
 
-def train_over_inference_lines(rows: list[Row]) -> list[str]:
-    """For a case timed in both modes: the train-mode artifact's time over the inference (folded) one's."""
-    inference = {(r.case, r.shape): r for r in rows if r.mode == "inference"}
-    lines = []
-    for row in rows:
-        folded = inference.get((row.case, row.shape)) if row.mode == "train" else None
-        if folded is not None:
-            lines.append(f"{row.case} {row.shape}: train mode {row.ms['bndeploy'] / folded.ms['bndeploy']:.2f}x the "
-                         f"inference (folded) artifact's time; ONNX Runtime {row.ms['onnxruntime'] / folded.ms['onnxruntime']:.2f}x")
-    return lines
+def train_over_inference_lines(context: dict) -> list[str]:
+    """For a case timed in both modes: the train-mode artifact's time over the inference (folded) one's, from
+    rounds that interleave the two (timed in rounds of their own, a slowed vCPU would move the ratio)."""
+    return [f"{pair['case']} {pair['shape']}: train mode {pair['bndeploy']:.2f}x the inference (folded) artifact's "
+            f"time; ONNX Runtime {pair['onnxruntime']:.2f}x (the two modes interleaved)"
+            for pair in context.get("train_over_inference", [])]
+
+
+def time_train_over_inference(calls: dict, rounds: int) -> list[dict]:
+    """[{case, shape, bndeploy: train/inference, onnxruntime: train/inference}] for each case timed in both
+    modes, `calls` holding each (case, shape, mode)'s timed calls (run_case's)."""
+    ratios = []
+    for (case, shape, mode), train in calls.items():
+        folded = calls.get((case, shape, "inference")) if mode == "train" else None
+        if folded is None:
+            continue
+        candidates = {f"{runtime} {which}": timed[runtime] for which, timed in (("train", train), ("inference", folded))
+                      for runtime in ("bndeploy", "onnxruntime")}
+        ms = interleaved_medians_ms(candidates, rounds, _calls_per_sample(folded["bndeploy"]))
+        ratios.append({"case": case, "shape": shape, **{runtime: ms[f"{runtime} train"] / ms[f"{runtime} inference"]
+                                                        for runtime in ("bndeploy", "onnxruntime")}})
+    return ratios
 
 
 def _geomean_groups(rows: list[Row]) -> dict[str, list[Row]]:
@@ -400,15 +412,23 @@ def run_suite(settings: BenchSettings, say=print) -> tuple[list[Row], list[Case]
     use_all_cpus(threads)
     cases = suite_cases(settings.suite, settings.models)
     rows, context = [], {"cpu": cpu_description(), "target": spec.name, "threads": threads, "rounds": settings.rounds}
+    in_both_modes = ({(c.name, c.shape) for c in cases if c.mode == "train"}
+                     & {(c.name, c.shape) for c in cases if c.mode == "inference"})
+    calls = {}
     with _work_folder(settings.work) as work:
         for index, case in enumerate(cases, start=1):
             say(f"[{index}/{len(cases)}] {case.name} {case.shape} ({case.mode}): export, compile for {spec.name}, time")
-            row, prof = run_case(case, settings, work, threads)
+            row, prof, timed = run_case(case, settings, work, threads)
+            if (case.name, case.shape) in in_both_modes:
+                calls[(case.name, case.shape, case.mode)] = timed
             rows.append(row)
             # Bounds are maxima: the best measurement over the suite (a slowed vCPU only lowers one).
             context["fma_peak_gflops"] = max(context.get("fma_peak_gflops") or 0.0, prof.bounds.peak_gflops or 0.0) or None
             context["bandwidth_gbs"] = max(context.get("bandwidth_gbs", 0.0), prof.bounds.bandwidth_gbs)
             context.setdefault("isa", prof.bounds.peak_source.split()[0])
+        if calls:
+            say("both modes of each block, interleaved: train over inference")
+            context["train_over_inference"] = time_train_over_inference(calls, settings.rounds)
     return rows, cases, context
 
 

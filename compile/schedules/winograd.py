@@ -333,14 +333,18 @@ def _schedule_input_transform(sch: s_tir.Schedule, lanes: int) -> None:
 
 
 def _schedule_output_transform(sch: s_tir.Schedule, writer, lanes: int, chunks: int = 0):
-    """Per tile (in parallel, or in `chunks` parallel bands of tile rows per image): per vector of output
-    channels the columns pass in registers and the tile's 4 values, then the 2x2 outputs written through
-    the epilogue. Returns the loop over tiles (where the statistics kernel adds each tile to its sums)."""
+    """Per tile (in parallel, or in `chunks` parallel bands of tile rows per image, each band's channels in
+    `channel_groups` parallel groups): per vector of output channels the columns pass in registers and the
+    tile's 4 values, then the 2x2 outputs written through the epilogue. Returns the loop over tiles (where
+    the statistics kernel adds each tile to its sums)."""
     values = sch.get_sblock("winograd_values")
     i, ty, tx, pixel_y, pixel_x, channel = sch.get_loops(values)
     if chunks:
         chunk, band_row = sch.split(ty, [chunks, None])
-        sch.parallel(sch.fuse(i, chunk))
+        extent = int(sch.get(channel).extent)
+        group, channel = sch.split(channel, [channel_groups(int(sch.get(i).extent), chunks, extent // lanes), None])
+        sch.reorder(i, chunk, group, band_row, tx, pixel_y, pixel_x, channel)
+        sch.parallel(sch.fuse(i, chunk, group))
         tile = sch.fuse(band_row, tx)
     else:
         tile = sch.fuse(i, ty, tx)
@@ -385,6 +389,16 @@ def _only_when_raised(func: tirx.PrimFunc, fallback_loops: list, flag) -> tirx.P
 # --------------------------------------------------------------------------------------------------
 # Train mode: batch statistics summed as the output transform writes each tile (as conv_stats.py does for
 # the direct kernel, with the same shift and float64 sums; its shift and combine kernels are used as they are)
+
+
+def channel_groups(batch: int, chunks: int, vectors: int) -> int:
+    """Groups of a band's output channel vectors run as parallel tasks of their own: the fewest that give
+    PARALLEL_TASKS tasks with the images and bands (7 bands of a 14x14 output alone would leave one of two
+    threads idle an eighth of the time)."""
+    from .conv_stats import PARALLEL_TASKS
+
+    divisors = [g for g in range(1, vectors + 1) if vectors % g == 0]
+    return next((g for g in divisors if batch * chunks * g >= PARALLEL_TASKS), vectors)
 
 
 def statistics_chunks(spec: ConvSpec) -> int:
