@@ -67,24 +67,29 @@ def _run(lib, spec, tiling, x, w):
     return out.numpy()
 
 
-def _reference(x: np.ndarray, w: np.ndarray, padding: int) -> np.ndarray:
-    """float64 NHWC conv through torch (CPU)."""
+def _reference(x: np.ndarray, w: np.ndarray, padding: tuple[int, int, int, int]) -> np.ndarray:
+    """float64 NHWC conv through torch (CPU); padding (top, left, bottom, right)."""
     import torch
 
-    nchw = torch.from_numpy(x.astype(np.float64).transpose(0, 3, 1, 2))
-    out = torch.nn.functional.conv2d(nchw, torch.from_numpy(w.astype(np.float64)), padding=padding)
+    top, left, bottom, right = padding
+    nchw = torch.nn.functional.pad(torch.from_numpy(x.astype(np.float64).transpose(0, 3, 1, 2)), (left, right, top, bottom))
+    out = torch.nn.functional.conv2d(nchw, torch.from_numpy(w.astype(np.float64)))
     return out.numpy().transpose(0, 2, 3, 1)
 
 
 @pytest.mark.parametrize("target", runnable_x86_targets())
-@pytest.mark.parametrize("batch, size, channels, out_channels", [(1, 16, 64, 64), (2, 9, 128, 96), (1, 8, 256, 256)])
-def test_error_uses_a_small_share_of_the_inference_tolerance(target, batch, size, channels, out_channels):
-    spec = ConvSpec(batch, size, size, channels, out_channels, (3, 3), padding=(1, 1, 1, 1))
+@pytest.mark.parametrize("batch, size, channels, out_channels, padding", [
+    (1, 16, 64, 64, (1, 1, 1, 1)), (2, 9, 128, 96, (1, 1, 1, 1)), (1, 8, 256, 256, (1, 1, 1, 1)),
+    (1, 12, 64, 64, (0, 0, 0, 0)),  # no border: a 10x10 output
+    (2, 11, 64, 64, (0, 1, 1, 0)),  # asymmetric (ONNX auto_pad SAME_LOWER/UPPER): an odd 11x11 output
+])
+def test_error_uses_a_small_share_of_the_inference_tolerance(target, batch, size, channels, out_channels, padding):
+    spec = ConvSpec(batch, size, size, channels, out_channels, (3, 3), padding=padding)
     lib, tiling = _kernel(spec, target)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((batch, size, size, channels)).astype(np.float32)
     w = (rng.standard_normal((out_channels, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32)
-    want = _reference(x, w, 1)
+    want = _reference(x, w, padding)
     margin = np.abs(_run(lib, spec, tiling, x, w) - want) / (ATOL + RTOL * np.abs(want))
     assert margin.max() <= WINOGRAD_MARGIN, f"error at {margin.max():.2f} of the tolerance"
 

@@ -8,8 +8,8 @@ The kernel has three stages in one function, each parallel and vectorised over c
 - 16 GEMMs, one per (a, b): M[a, b, tile, k] = sum_c V[a, b, tile, c] * U[a, b, c, k], on the direct
   kernel's register tiles (tiles as its pixels, output channels in vectors); U = G w G^T is packed at
   compile time;
-- output transform: y = (A^T M A) per tile, with the conv's fused epilogue (bias, ReLU, residual add...)
-  applied as it is written.
+- output transform: per tile, the 2x2 values (A^T M A) in registers, then written through the conv's fused
+  epilogue (bias, ReLU, residual add...); the train-mode variant also sums the batch statistics there.
 
 Why F(2x2) and not F(4x4): F(4x4, 3x3) does 4x fewer multiplies but its transforms (entries up to 8)
 lose digits: on 64-256 channels its error reached 1.3-2.1x the fp32 inference tolerance (atol 1e-5 + rtol
@@ -20,8 +20,8 @@ NaN and Inf go where the direct conv (and ONNX Runtime) puts them. F(2x2)'s tran
 +-1, so a NaN input reaches exactly the outputs whose 3x3 window holds it; but an Inf input would meet its
 own negation inside a transform (Inf - Inf = NaN where the direct conv gives +-Inf), and inputs near
 float32's range could overflow in a transform. So the kernel first scans its input: when any value is
-NaN, +-Inf or of magnitude above GUARD_LIMIT, the whole conv is computed by a plain direct loop nest
-instead (slow, and only ever run on such inputs). Weights are checked at compile time
+NaN, +-Inf or of magnitude above GUARD_LIMIT, the tile values are taken from a register-tiled direct
+conv instead (its loop nests run only on such inputs). Weights are checked at compile time
 (`weights_allow_winograd`): the bound makes every transformed value finite for guarded inputs.
 """
 
@@ -321,15 +321,21 @@ def _schedule_input_transform(sch: s_tir.Schedule, lanes: int) -> None:
     j_outer, j_inner = sch.split(j, [None, guard_lanes(int(sch.get(j).extent)) if lanes > 1 else 1])
     sch.reorder(t, j_outer, a, b, j_inner)
     sch.parallel(t)
-    sch.compute_at(rows_done, j_outer)
-    sch.set_scope(rows_done, 0, "local")
-    ra, rx, rj = sch.get_loops(rows_done)[-3:]
-    sch.unroll(ra)
-    sch.unroll(rx)
-    sch.vectorize(rj)
-    sch.unroll(a)
-    sch.unroll(b)
-    sch.vectorize(j_inner)
+    _first_pass_in_registers(sch, rows_done, j_outer)
+    _unroll_tile_vectorise_lanes(sch, a, b, j_inner)
+
+
+def _first_pass_in_registers(sch: s_tir.Schedule, block, loop) -> None:
+    """A transform's first pass computed under `loop` into registers: (tile row, tile column, lanes)."""
+    sch.compute_at(block, loop)
+    sch.set_scope(block, 0, "local")
+    _unroll_tile_vectorise_lanes(sch, *sch.get_loops(block)[-3:])
+
+
+def _unroll_tile_vectorise_lanes(sch: s_tir.Schedule, rows, columns, lanes) -> None:
+    sch.unroll(rows)
+    sch.unroll(columns)
+    sch.vectorize(lanes)
 
 
 def _schedule_output_transform(sch: s_tir.Schedule, writer, lanes: int, chunks: int = 0):
@@ -351,24 +357,14 @@ def _schedule_output_transform(sch: s_tir.Schedule, writer, lanes: int, chunks: 
         sch.parallel(tile)
     vector, lane = sch.split(channel, [None, lanes])
     sch.reorder(vector, pixel_y, pixel_x, lane)
-    output_cols = sch.get_sblock("winograd_output_cols")
-    sch.compute_at(output_cols, vector)
-    sch.set_scope(output_cols, 0, "local")
-    ca, cx, co = sch.get_loops(output_cols)[-3:]
-    sch.unroll(ca)
-    sch.unroll(cx)
-    sch.vectorize(co)
-    sch.unroll(pixel_y)
-    sch.unroll(pixel_x)
-    sch.vectorize(lane)
+    _first_pass_in_registers(sch, sch.get_sblock("winograd_output_cols"), vector)
+    _unroll_tile_vectorise_lanes(sch, pixel_y, pixel_x, lane)
     sch.set_scope(values, 0, "local")
     sch.reverse_compute_at(writer, tile)
     y, x, o = sch.get_loops(writer)[-3:]
     o_outer, o_inner = sch.split(o, [None, lanes])
     sch.reorder(o_outer, y, x, o_inner)
-    sch.unroll(y)
-    sch.unroll(x)
-    sch.vectorize(o_inner)
+    _unroll_tile_vectorise_lanes(sch, y, x, o_inner)
     return tile
 
 
