@@ -370,10 +370,30 @@ def conv_classes_orin(exported, tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="module")
+def winograd_orin(tmp_path_factory):
+    """A conv3x3(64 -> 64)+BN+ReLU block on 16x16 compiled for the Jetson Orin CPU in both modes: its conv is
+    the Winograd kernel (with the statistics in its output transform in train mode)."""
+    from bndeploy import bench
+
+    if not shutil.which(cross_compiler("cortex-a78ae")):
+        pytest.skip(f"{cross_compiler('cortex-a78ae')} is not installed (.ci/install-edge installs it)")
+    work, built = tmp_path_factory.mktemp("winograd-orin"), []
+    for mode, kernel in (("inference", "bndeploy_conv2d_winograd"), ("train", "bndeploy_conv2d_winograd_stats")):
+        case = bench.conv_case(1, 64, 16, mode)
+        settings = bench.BenchSettings(target="cortex-a78ae")
+        _, directory, _, _ = bench.export_and_compile(case, case.build(), settings, work)
+        kernels = json.loads((directory / "artifact.json").read_text())["kernels"]
+        assert any(kernel in k for k in kernels), kernels
+        built.append(directory)
+    return built
+
+
 @pytest.mark.slow
-def test_orin_cpu_artifacts_pass_check_on_emulated_aarch64_device(artifacts, conv_classes_orin, tracker):
+def test_orin_cpu_artifacts_pass_check_on_emulated_aarch64_device(artifacts, conv_classes_orin, winograd_orin, tracker):
     """cortex-a78ae libraries cannot load on x86 (test_foreign_library_...), so passing proves they
-    ran on the emulated aarch64 CPU: conv->BN in both modes, and every NEON conv kernel class."""
+    ran on the emulated aarch64 CPU: conv->BN in both modes, every NEON conv kernel class, and the
+    Winograd kernel in both modes."""
     missing = emulated_device_missing()
     if missing:
         pytest.skip(missing)
@@ -388,12 +408,15 @@ def test_orin_cpu_artifacts_pass_check_on_emulated_aarch64_device(artifacts, con
         ready = time.monotonic()
         check_remotely(artifact_dirs[0], endpoint)
         check_remotely(conv_classes_orin, endpoint)
+        for directory in winograd_orin:  # the Winograd kernel's NEON code, in both modes
+            check_remotely(directory, endpoint)
         # the train-mode one through the CLI, as a user's CI job would run it
         assert cli(["check", str(artifact_dirs[1]), "--rpc", tracker, "--key", "orin-emulated",
                     "--rpc-timeout", "180"]) == 0
-        assert sum("connected from" in line for line in server.lines) == len(modes) + 1, server.log()
+        checks = len(modes) + 1 + len(winograd_orin)
+        assert sum("connected from" in line for line in server.lines) == checks, server.log()
     print(f"\nemulated aarch64: server up in {ready - started:.1f} s, "
-          f"{len(modes) + 1} checks over RPC in {time.monotonic() - ready:.1f} s")
+          f"{checks} checks over RPC in {time.monotonic() - ready:.1f} s")
 
 
 def test_rpc_options_choose_the_endpoint():
