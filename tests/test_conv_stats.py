@@ -107,20 +107,23 @@ def test_statistics_in_the_conv_epilogue_match_float64_for_mean_1e4(shape, targe
     np.testing.assert_allclose(var, out.astype(np.float64).var(axis=(0, 1, 2)), rtol=1e-5, atol=1e-9)
 
 
-def test_nan_and_inf_inputs_reach_the_statistics_of_the_channels_they_touch():
+@pytest.mark.parametrize("row, col", [(4, 2), (0, 0)], ids=["inside", "at the shift pixel"])
+def test_nan_and_inf_inputs_reach_the_statistics_of_the_channels_they_touch(row, col):
     """A NaN input pixel makes every output channel it feeds NaN in the statistics (as ORT's mean over
-    a NaN); an Inf gives an Inf mean and a NaN variance (Inf - Inf), as the two-pass formula does."""
+    a NaN); an Inf gives an Inf mean and a NaN variance (Inf - Inf), as the two-pass formula does. Also
+    at the first pixel, whose output is the shift: an Inf shift is replaced by 0 (finite_shift), else the
+    mean would come out NaN."""
     spec = spec_of((1, 6, 6, 8), 16, 1, 1, 0, 1)
     tiling = choose_tiling(spec, AVX2)
     rng = np.random.default_rng(3)
     weight = np.abs(rng.standard_normal((16, 8, 1, 1))).astype(np.float32)
     for bad, expect_mean in ((np.nan, np.nan), (np.inf, np.inf)):
         x = rng.standard_normal(spec.input_shape).astype(np.float32)
-        x[0, 4, 2, 3] = bad  # not the first pixel: the shift is finite, the sums are not
+        x[0, row, col, 3] = bad
         out, mean, var = run_fused_statistics(spec, tiling, "x86-64-avx2", x, weight, np.zeros(16, np.float32))
         assert np.isnan(mean).all() if np.isnan(expect_mean) else np.isposinf(mean).all()
         assert np.isnan(var).all()
-        assert np.isfinite(np.delete(out.reshape(-1, 16), 4 * 6 + 2, axis=0)).all()
+        assert np.isfinite(np.delete(out.reshape(-1, 16), row * 6 + col, axis=0)).all()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -334,6 +334,27 @@ def test_train_statistics_are_accurate_for_mean_1e4(shape, channels_last):
     np.testing.assert_allclose(var.numpy(), x64.var(axis=axes), rtol=1e-5)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_train_statistics_of_an_inf_first_value_are_onnxruntimes(channels_last):
+    """The sums are taken around each channel's first value; an Inf there is replaced by 0 (finite_shift),
+    else the channel's mean would come out NaN where ONNX Runtime's is Inf. A NaN first value gives NaN."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
+    x[0, 1, 0, 0], x[0, 2, 0, 0] = np.inf, np.nan  # channel 1, channel 2: each its first value
+    if channels_last:
+        spec, flat = BatchStatsSpec(2, 4, 3, 3, channels_last=True), x.transpose(0, 2, 3, 1).reshape(-1, 4)
+    else:
+        spec, flat = BatchStatsSpec(2, 4, 3, 3), x.reshape(2, 4, -1)
+    lib = tvm.compile(tvm.IRModule({"main": build_batch_stats_primfunc(spec)}), target=HOST)
+    mean, var = (tvm.runtime.tensor(np.zeros(4, np.float32)) for _ in range(2))
+    lib["main"](tvm.runtime.tensor(np.ascontiguousarray(flat)), mean, var)
+    mean, var = mean.numpy(), var.numpy()
+    assert np.isposinf(mean[1]) and np.isnan(var[1])
+    assert np.isnan(mean[2]) and np.isnan(var[2])
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean[[0, 3]], x64[:, [0, 3]].mean(axis=(0, 2, 3)), rtol=1e-6)
+
+
 def test_squeeze_excitation_broadcast_stays_out_of_the_conv_tile():
     """RegNetY/MobileNetV3/EfficientNet: x * sigmoid(conv1x1(mean(x))). FuseOps appends the broadcast
     multiply (to x's full shape) to the 1x1 conv on the pooled 1x1 map; it must run as a loop nest of its

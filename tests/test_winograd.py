@@ -200,20 +200,22 @@ def test_statistics_in_the_output_transform_match_float64_for_mean_1e4(target, s
     np.testing.assert_allclose(var, own.var(axis=(0, 1, 2)), rtol=1e-5, atol=1e-9)
 
 
-def test_statistics_of_nan_and_inf_inputs_are_the_direct_convs():
+@pytest.mark.parametrize("row, col", [(4, 5), (0, 0)], ids=["inside", "at the shift pixel"])
+def test_statistics_of_nan_and_inf_inputs_are_the_direct_convs(row, col):
     """Through the guard: a NaN input gives NaN statistics; an Inf input (positive weights) an Inf mean and
-    a NaN variance, as the direct conv's outputs give (unguarded, the transform would make them all NaN)."""
+    a NaN variance, as the direct conv's outputs give (unguarded, the transform would make them all NaN);
+    also at the first pixel, whose output is the shift."""
     spec = ConvSpec(1, 8, 8, 64, 64, (3, 3), padding=(1, 1, 1, 1))
     rng = np.random.default_rng(3)
     w = np.abs(rng.standard_normal((64, 64, 3, 3))).astype(np.float32)
     for bad in (np.nan, np.inf):
         x = rng.standard_normal(spec.input_shape).astype(np.float32)
-        x[0, 4, 5, 3] = bad  # away from the first pixel: the shift is finite, the sums are not
+        x[0, row, col, 3] = bad
         out, mean, var = run_winograd_statistics(spec, "x86-64-avx2", x, w, np.zeros(64, np.float32))
         assert (np.isnan(mean).all() if np.isnan(bad) else np.isposinf(mean).all()), mean
         assert np.isnan(var).all()
         touched = np.zeros((8, 8), bool)
-        touched[3:6, 4:7] = True
+        touched[max(row - 1, 0):row + 2, max(col - 1, 0):col + 2] = True
         assert np.isfinite(out[0][~touched]).all()
         assert (np.isnan(out[0][touched]).all() if np.isnan(bad) else np.isposinf(out[0][touched]).all())
 

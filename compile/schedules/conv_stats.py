@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from tvm import s_tir, te, tirx
 
-from .bn_stats import clamp_negative, shifted_sums
+from .bn_stats import clamp_negative, finite_shift, shifted_sums
 from .conv2d import ConvSpec, Tiling, _i64, channel_blocks, direct_accumulation, direct_conv, padded_channels
 from .conv_schedule import (conv_block, loops_below, register_tile, schedule_pad_copy, split_direct_tiles,
                             vectorize_channel_block)
@@ -64,7 +64,8 @@ def shift_primfunc(spec: ConvSpec, tiling: Tiling) -> tirx.PrimFunc:
     conv = direct_conv(spec, tiling)
     at_first_pixel = direct_accumulation(spec, tiling, conv.source, conv.weight)
     zero = tirx.IntImm("int64", 0)
-    shift = te.compute(conv.accumulators.shape[2:], lambda o: at_first_pixel(zero, zero, o), name="shift")
+    raw = te.compute(conv.accumulators.shape[2:], lambda o: at_first_pixel(zero, zero, o), name="shift")
+    shift = te.compute(raw.shape, lambda o: finite_shift(raw[o].astype("float64")).astype("float32"), name="finite_shift")
     sch = s_tir.Schedule(te.create_prim_func([conv.data, conv.weight, shift]))
     pad = _block_or_none(sch, "pad")
     if pad is not None:
