@@ -25,7 +25,7 @@ def register(subparsers) -> None:
                         help="training-mode running-variance update: onnx (population variance, the ONNX "
                         "spec) or torch (unbiased, as PyTorch)")
     parser.add_argument("--conv-algorithm", choices=("auto", "direct"), default="auto",
-                        help="CPU targets: auto (3x3 stride-1 convs with 32+ channels by Winograd F(2x2, 3x3), "
+                        help="CPU targets: auto (3x3 stride-1 convs with 64+ channels by Winograd F(2x2, 3x3), "
                         "the rest by direct register-tiled kernels) or direct (every conv by the direct kernels)")
     parser.add_argument("--dump", action="store_true", help="write Relax IR, and the CPU library's assembly or the CUDA source, under dump/")
     parser.add_argument("--force", action="store_true", help="replace existing artifact directories")

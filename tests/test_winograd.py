@@ -98,13 +98,14 @@ NON_FINITE = {"nan": np.nan, "+inf": np.inf, "-inf": -np.inf, "beyond the guard"
 
 
 @pytest.mark.parametrize("target", runnable_x86_targets())
-def test_nan_and_inf_land_where_onnxruntime_puts_them(target):
+@pytest.mark.parametrize("padding", [1, 0], ids=["zero border", "no border (no padded copies)"])
+def test_nan_and_inf_land_where_onnxruntime_puts_them(target, padding):
     """Each special value at a tile corner, a tile edge and an image border, through the whole compiled
     pipeline (bias and ReLU fused), against ONNX Runtime: the same NaN and Inf positions, the same finite
     values within tolerance."""
     rng = np.random.default_rng(2)
     x_shape = (1, 64, 12, 12)
-    model = conv_onnx(x_shape, [(64, 3, 1, 1, 1, True)], rng)
+    model = conv_onnx(x_shape, [(64, 3, 1, padding, 1, True)], rng)
     tvm_target = resolve_target(target).tvm_target()
     assert any("winograd" in k for k in kernel_names(schedule_module(import_onnx(model), tvm_target)))
     executable = build_cpu(import_onnx(model), tvm_target)

@@ -316,10 +316,10 @@ def _i64(*values: int):
     return tuple(tirx.IntImm("int64", int(v)) for v in values)
 
 
-def _padded_input(data, spec: ConvSpec, extra_right: int = 0):
-    """NHWC input with its zero border (and `extra_right` more zero columns, read by the padded tail of a
-    row-tiled output), or the input itself when there is no border at all."""
-    if not spec.padded and not extra_right:
+def _padded_input(data, spec: ConvSpec, extra_right: int = 0, extra_bottom: int = 0, name: str = "pad"):
+    """NHWC input with its zero border (and `extra_right` more zero columns and `extra_bottom` more zero rows,
+    read by the padded tail of a tiled output), or the input itself when there is no border at all."""
+    if not spec.padded and not extra_right and not extra_bottom:
         assert spec.input_layout == "NHWC", "an NCHW input is transposed by the padding copy"
         return data
     n, h, w, c = spec.batch, spec.height, spec.width, spec.in_channels
@@ -327,13 +327,13 @@ def _padded_input(data, spec: ConvSpec, extra_right: int = 0):
     zero = tirx.const(0.0, "float32")
     nchw = spec.input_layout == "NCHW"
     return te.compute(
-        _i64(n, h + pt + pb, w + pl + pr + extra_right, c),
+        _i64(n, h + pt + pb + extra_bottom, w + pl + pr + extra_right, c),
         lambda i, y, x, j: tirx.if_then_else(
             # likely: lets LoopPartition split a depthwise row into border and branch-free inner tiles
             tirx.likely(tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w)),
             data[i, j, y - pt, x - pl] if nchw else data[i, y - pt, x - pl, j], zero
         ),
-        name="pad",
+        name=name,
     )
 
 

@@ -67,7 +67,7 @@ def shift_primfunc(spec: ConvSpec, tiling: Tiling) -> tirx.PrimFunc:
     raw = te.compute(conv.accumulators.shape[2:], lambda o: at_first_pixel(zero, zero, o), name="shift")
     shift = te.compute(raw.shape, lambda o: finite_shift(raw[o].astype("float64")).astype("float32"), name="finite_shift")
     sch = s_tir.Schedule(te.create_prim_func([conv.data, conv.weight, shift]))
-    pad = _block_or_none(sch, "pad")
+    pad = block_or_none(sch, "pad")
     if pad is not None:
         sch.compute_inline(pad)
     _schedule_shift(sch, sch.get_sblock("shift"), tiling)
@@ -80,7 +80,7 @@ def schedule_conv_stats(func: tirx.PrimFunc, chunks: int) -> tirx.PrimFunc:
     in registers across the chunk's tiles."""
     sch = s_tir.Schedule(func)
     conv, tiling = conv_block(sch)
-    pad = _block_or_none(sch, "pad")
+    pad = block_or_none(sch, "pad")
     writer, stats = sch.get_sblock("conv_out"), sch.get_sblock("stats")
     n, p_outer, o_outer, reduction, p_inner, o_inner = split_direct_tiles(sch, conv, writer, tiling)
     chunk, tile = sch.split(p_outer, [chunks, None])
@@ -93,7 +93,7 @@ def schedule_conv_stats(func: tirx.PrimFunc, chunks: int) -> tirx.PrimFunc:
     return mark_scheduled(sch.mod["main"])
 
 
-def _block_or_none(sch: s_tir.Schedule, name: str):
+def block_or_none(sch: s_tir.Schedule, name: str):
     blocks = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint == name]
     return blocks[0] if blocks else None
 

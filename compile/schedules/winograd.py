@@ -31,7 +31,7 @@ import numpy as np
 from tvm import s_tir, te, tirx
 
 from .conv2d import (CONV_BLOCK_ATTR, CONV_FLOPS_ATTR, DIRECT, OUT_EWISE_FUSABLE, ConvSpec, Tiling, _ceil_to, _i64,
-                     channel_blocks, direct_tiling, pack_weight, padded_channels, pixels_outer)
+                     _padded_input, channel_blocks, direct_tiling, pack_weight, padded_channels, pixels_outer)
 from .isa import VectorISA
 
 WINOGRAD = "winograd"
@@ -52,6 +52,10 @@ FINITE_BOUND = 1e37
 # channels: 1.10-1.84x / 0.83-1.14x (each GEMM's reduction is too short to amortise its register tile).
 MIN_CHANNELS = 64
 MIN_TILES = 16  # 2x2 tiles per image: below this (an output under about 8x8) the transforms' share grows
+
+
+def _int64(value: int):
+    return tirx.IntImm("int64", value)
 
 
 def winograd_applies(spec: ConvSpec, isa: VectorISA) -> bool:
@@ -160,14 +164,13 @@ def _winograd_tensors(spec: ConvSpec, tiling: Tiling):
     n, c, k = spec.batch, spec.in_channels, spec.out_channels
     rows, cols = tile_grid(spec)
     tiles = n * rows * cols
-    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
     zero = tirx.const(0.0, "float32")
     data = te.placeholder(_i64(n, spec.height, spec.width, c), "float32", name="data")
-    pad = _zero_bordered(spec, data, rows * TILE + 2, cols * TILE + 2, "pad")
+    pad = _bordered(spec, data, rows * TILE + 2, cols * TILE + 2, "pad")
 
     def tile_origin(t):
-        image, rest = t // i64(rows * cols), t % i64(rows * cols)
-        return image, rest // i64(cols) * TILE, rest % i64(cols) * TILE
+        image, rest = t // _int64(rows * cols), t % _int64(rows * cols)
+        return image, rest // _int64(cols) * TILE, rest % _int64(cols) * TILE
 
     def input_rows(t, a, x, j):
         image, y0, x0 = tile_origin(t)
@@ -182,10 +185,10 @@ def _winograd_tensors(spec: ConvSpec, tiling: Tiling):
     weight = te.placeholder(_i64(ALPHA, ALPHA, channel_blocks(spec, tiling), c, cb), "float32", name="weight_packed")
     rc = te.reduce_axis(_i64(0, c), name="rc")
     attrs = {CONV_BLOCK_ATTR: tiling.annotation(), CONV_FLOPS_ATTR: spec.flops}
-    last = i64(tiles - 1)
+    last = _int64(tiles - 1)
     products = te.compute(
         _i64(ALPHA, ALPHA, _ceil_to(tiles, tiling.pixel_block), padded_channels(spec, tiling)),
-        lambda a, b, t, o: te.sum(transformed[a, b, tirx.min(t, last), rc] * weight[a, b, o // i64(cb), rc, o % i64(cb)],
+        lambda a, b, t, o: te.sum(transformed[a, b, tirx.min(t, last), rc] * weight[a, b, o // _int64(cb), rc, o % _int64(cb)],
                                   axis=rc),
         name="conv", attrs=attrs)
     output_cols = te.compute(_i64(tiles, ALPHA, TILE, k),
@@ -195,13 +198,13 @@ def _winograd_tensors(spec: ConvSpec, tiling: Tiling):
     direct_weight = te.placeholder(_i64(1, 3, 3, c, k), "float32", name="weight_direct")
     # the fallback covers whole tiles (no reads to clamp), its rows in whole register tiles
     fallback_width = _ceil_to(cols * TILE, tiling.pixel_block)
-    fallback_pad = _zero_bordered(spec, data, rows * TILE + 2, fallback_width + 2, "winograd_fallback_pad")
+    fallback_pad = _bordered(spec, data, rows * TILE + 2, fallback_width + 2, "winograd_fallback_pad")
     fallback = _fallback(spec, tiling, fallback_pad, direct_weight)
     flag = _guard_flag(spec, data)
 
     def tile_values(i, ty, tx, py, px, o):
         """Output pixel (py, px) of tile (ty, tx), channel o."""
-        t = i * i64(rows * cols) + ty * i64(cols) + tx
+        t = i * _int64(rows * cols) + ty * _int64(cols) + tx
         winograd = _combination(A_T, py, lambda a: output_cols[t, a, px, o])
         return tirx.if_then_else(flag[0] > zero, fallback[i, ty * TILE + py, tx * TILE + px, o], winograd)
 
@@ -211,16 +214,12 @@ def _winograd_tensors(spec: ConvSpec, tiling: Tiling):
     return data, weight, direct_weight, out
 
 
-def _zero_bordered(spec: ConvSpec, data, height: int, width: int, name: str):
-    """The NHWC input with its zero border, `height` x `width` (zeros past the image's far edges too)."""
-    pt, pl = spec.padding[0], spec.padding[1]
-    zero = tirx.const(0.0, "float32")
-    return te.compute(
-        _i64(spec.batch, height, width, spec.in_channels),
-        lambda i, y, x, j: tirx.if_then_else(
-            tirx.likely(tirx.all(y >= pt, y < pt + spec.height, x >= pl, x < pl + spec.width)),
-            data[i, y - pt, x - pl, j], zero),
-        name=name)
+def _bordered(spec: ConvSpec, data, height: int, width: int, name: str):
+    """The input with its zero border grown to `height` x `width` (zeros past the image's far edges too), or
+    the input itself when it is exactly that size already."""
+    padded_height = spec.height + spec.padding[0] + spec.padding[2]
+    padded_width = spec.width + spec.padding[1] + spec.padding[3]
+    return _padded_input(data, spec, extra_right=width - padded_width, extra_bottom=height - padded_height, name=name)
 
 
 def _fallback(spec: ConvSpec, tiling: Tiling, fallback_pad, direct_weight):
@@ -265,7 +264,8 @@ def schedule_winograd(sch: s_tir.Schedule, gemm, tiling: Tiling, writer, pad, ch
     from .conv_stats import accumulate_in_tile
 
     lanes = tiling.vector_lanes
-    sch.compute_inline(pad)
+    if pad is not None:
+        sch.compute_inline(pad)
     _schedule_guard(sch)
     fallback_loops = _schedule_fallback(sch, tiling)
     _schedule_input_transform(sch, lanes)
@@ -295,9 +295,11 @@ def _schedule_guard(sch: s_tir.Schedule) -> None:
 
 def _schedule_fallback(sch: s_tir.Schedule, tiling: Tiling):
     """Register tiles as the GEMMs' (pixels along a row by channel vectors), rows in parallel, reading its
-    own zero-bordered copy of the input; returns the outermost loops of the copy and the conv. Only run on guarded inputs, but a single accumulator chain per vector would leave it
+    own zero-bordered copy of the input (when the input needs one); returns the outermost loops of the copy
+    and the conv. Only run on guarded inputs, but a single accumulator chain per vector would leave it
     latency-bound (4 cycles per FMA), and it is the kernel's largest loop."""
     from .conv_schedule import register_tile, schedule_pad_copy
+    from .conv_stats import block_or_none
 
     fallback = sch.get_sblock("winograd_fallback")
     write_back = sch.cache_write(fallback, 0, "local")
@@ -308,7 +310,9 @@ def _schedule_fallback(sch: s_tir.Schedule, tiling: Tiling):
     sch.reorder(task, x_outer, o_outer, *reduction, x_inner, o_inner)
     register_tile(sch, fallback, write_back, [task, x_outer, o_outer], reduction, x_inner, o_inner, tiling,
                   parallel_loops=1)
-    copy = sch.get_sblock("winograd_fallback_pad")
+    copy = block_or_none(sch, "winograd_fallback_pad")
+    if copy is None:
+        return [task]
     schedule_pad_copy(sch, copy)
     return [sch.get_loops(copy)[0], task]
 
@@ -411,6 +415,7 @@ def build_winograd_stats_primfunc(spec: ConvSpec, tiling: Tiling, chunks: int) -
     """PrimFunc(data, U, fallback weight, shift (O,) f32) -> (out NHWC, s1 and s2 (N, chunks, O) f64), scheduled."""
     from .bn_stats import shifted_sums
     from .conv_schedule import conv_block
+    from .conv_stats import block_or_none
     from .generic import mark_scheduled
 
     data, weight, direct_weight, out = _winograd_tensors(spec, tiling)
@@ -420,11 +425,10 @@ def build_winograd_stats_primfunc(spec: ConvSpec, tiling: Tiling, chunks: int) -
     band = rows // chunks
     rty, rtx = te.reduce_axis(_i64(0, band), name="rty"), te.reduce_axis(_i64(0, cols), name="rtx")
     rpy, rpx = te.reduce_axis(_i64(0, TILE), name="rpy"), te.reduce_axis(_i64(0, TILE), name="rpx")
-    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
 
     def chunk_sums(n, chunk, o):
-        ty = chunk * i64(band) + rty
-        inside = tirx.all(ty * TILE + rpy < i64(spec.out_height), rtx * TILE + rpx < i64(spec.out_width))
+        ty = chunk * _int64(band) + rty
+        inside = tirx.all(ty * TILE + rpy < _int64(spec.out_height), rtx * TILE + rpx < _int64(spec.out_width))
         d = values[n, ty, rtx, rpy, rpx, o].astype("float64") - shift[o].astype("float64")
         d = tirx.Select(inside, d, tirx.const(0.0, "float64"))  # a tile's pixels past an odd-sized output
         return shifted_sums()((d, d * d), axis=[rty, rtx, rpy, rpx])
@@ -432,5 +436,5 @@ def build_winograd_stats_primfunc(spec: ConvSpec, tiling: Tiling, chunks: int) -
     s1, s2 = te.compute(_i64(spec.batch, chunks, spec.out_channels), chunk_sums, name="stats")
     sch = s_tir.Schedule(te.create_prim_func([data, weight, direct_weight, shift, out, s1, s2]))
     gemm, _ = conv_block(sch)
-    pad = sch.get_sblock("pad")
+    pad = block_or_none(sch, "pad")
     return mark_scheduled(schedule_winograd(sch, gemm, tiling, sch.get_sblock("conv_out"), pad, chunks))
