@@ -3,8 +3,9 @@
 TVM's default CPU pipeline leaves every kernel serial and scalar (80-200x slower than ONNX Runtime on
 a conv). build_cpu inserts two steps into it: before legalisation, conv2d chains and BatchNorm batch
 statistics are routed to bndeploy's hand-scheduled kernels (compile/schedules/); after fusion, every
-remaining kernel gets a parallel + vectorised schedule. No tuning is needed; a `bndeploy tune` database,
-when given, supplies the schedules it measured faster.
+remaining kernel gets a parallel + vectorised schedule; tir_pipeline.py lowers the TIR (x86 register tiles
+kept on the stack). No tuning is needed; a `bndeploy tune` database, when given, supplies the schedules it
+measured faster.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from bndeploy.compile.kernel_map import KernelMapRecorder
 from bndeploy.compile.nan_semantics import legalize_ops
 from bndeploy.compile.schedules import convert_to_channels_last, rewrite_to_kernels, schedule_cpu_kernels
+from bndeploy.compile.tir_pipeline import tir_pipeline_for
 
 
 def fusion_passes(target: tvm.target.Target, kernel_map: KernelMapRecorder | None = None) -> list:
@@ -64,7 +66,7 @@ def lower_cpu(mod: tvm.IRModule, target: tvm.target.Target, database=None,
 
 
 def build_lowered(lowered: tvm.IRModule, target: tvm.target.Target) -> relax.Executable:
-    return tvm.compile(lowered, target=target, relax_pipeline=None)
+    return tvm.compile(lowered, target=target, relax_pipeline=None, tir_pipeline=tir_pipeline_for(target))
 
 
 def build_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> relax.Executable:

@@ -80,14 +80,31 @@ def _numbered(lines: list[str], start: int, stop: int):
     return [(index, lines[index]) for index in range(start, stop) if not _LABEL.match(lines[index].strip())]
 
 
-def _instructions(lines: list[str], start: int, stop: int) -> list[str]:
-    return [line for _, line in _numbered(lines, start, stop)]
+# aarch64: x29 is the frame pointer only in a function that sets it from sp; a leaf function without a
+# frame (an outlined parallel loop that calls nothing) may use it as an ordinary register.
+_FRAME_POINTER_SETUP = re.compile(r"^\s*(mov|add)\s+x29,\s*sp\b")
+
+
+def _stack_access_test(lines: list[str], arch: str, stack: re.Pattern):
+    """(line index, line) -> whether the line accesses the stack."""
+    if arch != "aarch64":
+        return lambda _index, line: bool(stack.search(line))
+    sp_only = re.compile(r"\[sp\b")
+    frame_pointer = []  # per line: does its function address its frame through x29
+    function_start, has_frame = 0, False
+    for index, line in enumerate(lines + [".type end,@function"]):
+        if _FUNCTION.match(line) or index == len(lines):
+            frame_pointer.extend([has_frame] * (index - function_start))
+            function_start, has_frame = index, False
+        has_frame = has_frame or bool(_FRAME_POINTER_SETUP.match(line))
+    return lambda index, line: bool((stack if frame_pointer[index] else sp_only).search(line))
 
 
 def fma_loops(asm: str, arch: str) -> list[LoopStats]:
     """Every loop of the assembly that issues vector FMAs, smallest first."""
     fma, stack, vector = (re.compile(p) for p in _PATTERNS[arch])
     lines = [line for line in asm.splitlines() if line.strip() and not line.lstrip().startswith(("#", "//", "@", ".cfi"))]
+    on_stack = _stack_access_test(lines, arch, stack)
     labels: dict[str, int] = {}
     spans = []  # (label, first line, back-branch line)
     for index, line in enumerate(lines):
@@ -101,15 +118,15 @@ def fma_loops(asm: str, arch: str) -> list[LoopStats]:
     loops = []
     for label, first, last in spans:
         nested = [(f, l) for _, f, l in spans if first <= f and l <= last and (f, l) != (first, last)]
-        body = _instructions(lines, first + 1, last + 1)
-        own = [line for index, line in _numbered(lines, first + 1, last + 1)
-               if not any(f <= index <= l for f, l in nested)]
-        fmas = sum(1 for l in body if fma.search(l))
+        numbered = _numbered(lines, first + 1, last + 1)
+        own = [(index, line) for index, line in numbered if not any(f <= index <= l for f, l in nested)]
+        fmas = sum(1 for _, line in numbered if fma.search(line))
         if not fmas:
             continue
-        stack_lines = [l for l in body if stack.search(l)]
-        own_vector_stack = sum(1 for l in own if stack.search(l) and vector.search(l))
-        loops.append(LoopStats(label, len(body), fmas, len(stack_lines),
-                               sum(1 for l in stack_lines if vector.search(l)), not nested,
-                               sum(1 for l in own if fma.search(l)), own_vector_stack, tuple(own)))
+        stack_lines = [line for index, line in numbered if on_stack(index, line)]
+        own_vector_stack = sum(1 for index, line in own if on_stack(index, line) and vector.search(line))
+        loops.append(LoopStats(label, len(numbered), fmas, len(stack_lines),
+                               sum(1 for line in stack_lines if vector.search(line)), not nested,
+                               sum(1 for _, line in own if fma.search(line)), own_vector_stack,
+                               tuple(line for _, line in own)))
     return sorted(loops, key=lambda loop: loop.instructions)

@@ -26,6 +26,7 @@ from bndeploy.errors import BndeployError
 from bndeploy.files import atomic_directory, check_output_dir, write_json
 
 from .targets import TargetSpec, library_compiler, resolve_target
+from .tir_pipeline import build_kernel
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +189,8 @@ def _builder(spec: TargetSpec, settings: TuneSettings):
 
     fcompile = library_compiler(spec)
     if fcompile is None:
-        return ms.builder.LocalBuilder(timeout_sec=settings.timeout_s, max_workers=1)
-    return ms.builder.LocalBuilder(timeout_sec=settings.timeout_s, max_workers=1,
+        return ms.builder.LocalBuilder(timeout_sec=settings.timeout_s, max_workers=1, f_build=build_kernel)
+    return ms.builder.LocalBuilder(timeout_sec=settings.timeout_s, max_workers=1, f_build=build_kernel,
                                    f_export=_cross_export(spec.cross.compiler))
 
 

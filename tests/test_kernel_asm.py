@@ -105,6 +105,24 @@ def test_conv_kernel_keeps_vector_registers_off_the_stack(case, target_name):
     assert not tile.own_vector_stack_accesses, f"the register tile loop spills vector registers: {tile}"
 
 
+def parallel_loop_functions(kernel: str) -> list[str]:
+    """The functions LLVM outlined from a kernel's parallel loops (one per parallel loop)."""
+    chunks = re.split(r"^(?=\s*\.type\s+\.L)", kernel, flags=re.M)
+    return [chunk for chunk in chunks[1:] if "@function" in chunk.splitlines()[0]]
+
+
+@pytest.mark.parametrize("target_name", ["x86-64-avx2", "x86-64-avx512"])
+@pytest.mark.parametrize("case", CLASSES)
+def test_no_parallel_task_allocates_a_workspace(case, target_name):
+    """x86: a register tile is a stack slot of the parallel task (tir_pipeline.py), not a workspace
+    allocated and freed around every tile; Winograd's transformed tiles, allocated once per call outside
+    the parallel loops, may be workspaces."""
+    tasks = parallel_loop_functions(conv_kernel_assembly(case, target_name))
+    assert tasks, "no parallel loop found"
+    allocating = [task.splitlines()[0].strip() for task in tasks if "TVMBackendAllocWorkspace" in task]
+    assert not allocating, f"parallel tasks that allocate a workspace: {allocating}"
+
+
 @pytest.mark.parametrize("case", CLASSES)
 def test_armv7_conv_kernels_are_neon_vectorised(case):
     """ARMv7 NEON (without VFPv4, so no fused multiply-add): the kernel multiplies and adds on q registers
@@ -138,3 +156,33 @@ def test_fma_peak_kernel_is_predicted_at_the_cores_peak(target_name):
     cpu = str(spec.tvm_target().attrs["mcpu"])
     (prediction,) = predict_kernels(assembly("1x1", target_name), spec.triple, cpu, only=FMA_PEAK_SYMBOL)
     assert prediction.percent_of_peak >= 95, f"{prediction}: {prediction.percent_of_peak:.0f}% of the model's peak"
+
+
+LEAF_USING_X29 = """\t.type\t.L__tvm_parallel_lambda,@function
+.L__tvm_parallel_lambda:
+.LBB0_1:
+\tldr\tq6, [x29, #288]
+\tfmla\tv2.4s, v6.4s, v0.4s
+\tfmla\tv3.4s, v6.4s, v1.4s
+\tcbnz\tx5, .LBB0_1
+"""
+FRAMED = """\t.type\tkernel_compute_,@function
+kernel_compute_:
+\tmov\tx29, sp
+.LBB1_1:
+\tldr\tq6, [x29, #16]
+\tfmla\tv2.4s, v6.4s, v0.4s
+\tfmla\tv3.4s, v6.4s, v1.4s
+\tcbnz\tx5, .LBB1_1
+"""
+
+
+def test_x29_is_the_stack_only_where_it_is_the_frame_pointer():
+    """aarch64: LLVM uses x29 as an ordinary register in a leaf function without a frame (a parallel loop
+    calling nothing): loads through it there are not stack reloads; in a function that sets x29 from sp
+    they are."""
+    (leaf,) = fma_loops(LEAF_USING_X29, "aarch64")
+    (framed,) = fma_loops(FRAMED, "aarch64")
+    assert leaf.vector_stack_accesses == 0 and framed.vector_stack_accesses == 1
+    (both_leaf, both_framed) = sorted(fma_loops(LEAF_USING_X29 + FRAMED, "aarch64"), key=lambda loop: loop.label)
+    assert (both_leaf.vector_stack_accesses, both_framed.vector_stack_accesses) == (0, 1)

@@ -1,0 +1,120 @@
+"""bndeploy's TIR lowering (compile/tir_pipeline.py): register tiles stay on the stack, so in registers.
+
+The upstream behaviour it works around: TVM 0.27 lowers every "local" buffer allocated inside a parallel
+loop to a TVMBackendAllocWorkspace/FreeWorkspace pair per iteration, one per register tile. The first
+test fails when TVM stops doing that (then the workaround can go); the others check the workaround.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import s_tir, tirx
+from tvm.tirx.stmt import AllocBuffer, For, SeqStmt
+
+from bndeploy.compile.schedules.conv2d import ConvSpec, choose_tiling, conv2d_compute, pack_weight
+from bndeploy.compile.schedules.conv_schedule import schedule_conv
+from bndeploy.compile.schedules.isa import isa_for_target
+from bndeploy.compile.targets import resolve_target
+from bndeploy.compile.tir_pipeline import (CPU_TIR_PIPELINE, MAX_STACK_TILE_BYTES, keep_tiles_on_stack, stack_tile_buffer,
+                                           tir_pipeline_for)
+from test_cpu_schedules import runnable_x86_targets
+
+WORKSPACE_CALL = "__TVMBackendAllocWorkspace"
+SPEC = ConvSpec(1, 12, 12, 16, 48, (1, 1))  # a 1x1 conv with a short reduction: the tile's set-up dominates
+
+
+def conv_module(target: tvm.target.Target):
+    tiling = choose_tiling(SPEC, isa_for_target(target))
+    return tvm.IRModule({"main": schedule_conv(conv2d_compute(SPEC, tiling))}), tiling
+
+
+def build(target_name: str, pipeline: str):
+    target = resolve_target(target_name).tvm_target()
+    mod, tiling = conv_module(target)
+    return tvm.compile(mod, target=target, tir_pipeline=pipeline), tiling
+
+
+def assembly(library) -> str:
+    return library.mod.inspect_source("asm") if hasattr(library, "mod") else library.inspect_source("asm")
+
+
+@pytest.mark.parametrize("target_name", ["x86-64-avx2", "x86-64-avx512", "cortex-a76"])
+def test_upstream_lowers_a_register_tile_to_a_workspace_per_tile(target_name):
+    library, _ = build(target_name, "default")
+    assert WORKSPACE_CALL in assembly(library), "TVM keeps local tiles on the stack now: tir_pipeline.py can go"
+
+
+@pytest.mark.parametrize("target_name", ["x86-64-avx2", "x86-64-avx512", "cortex-a76"])
+def test_bndeploy_pipeline_keeps_the_tile_off_the_workspace(target_name):
+    library, _ = build(target_name, CPU_TIR_PIPELINE)
+    assert WORKSPACE_CALL not in assembly(library)
+
+
+@pytest.mark.parametrize("target_name", runnable_x86_targets())
+def test_both_pipelines_compute_the_same_conv(target_name):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(SPEC.input_shape).astype(np.float32)
+    w = rng.standard_normal((SPEC.out_channels, SPEC.in_channels, 1, 1)).astype(np.float32)
+    outputs = []
+    for pipeline in ("default", CPU_TIR_PIPELINE):
+        library, tiling = build(target_name, pipeline)
+        args = [tvm.runtime.tensor(x), tvm.runtime.tensor(pack_weight(w, SPEC, tiling)),
+                tvm.runtime.tensor(np.zeros(SPEC.output_shape, np.float32))]
+        library["main"](*args)
+        outputs.append(args[2].numpy())
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    np.testing.assert_allclose(outputs[1], np.einsum("nhwc,oc->nhwo", x, w[:, :, 0, 0]), rtol=1e-5, atol=1e-5)
+
+
+def lowered_allocations(mod: tvm.IRModule) -> list[AllocBuffer]:
+    found = []
+
+    def visit(stmt):
+        if isinstance(stmt, SeqStmt):
+            for child in stmt.seq:
+                visit(child)
+        elif isinstance(stmt, For):
+            visit(stmt.body)
+        elif isinstance(stmt, AllocBuffer):
+            found.append(stmt)
+
+    visit(mod["main"].body)
+    return found
+
+
+def lower_without_builtins(mod: tvm.IRModule) -> tvm.IRModule:
+    passes = [s_tir.transform.LowerInitBlock(), s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+              s_tir.transform.ConvertBlocksToOpaque(), s_tir.transform.CompactBufferAllocation(),
+              s_tir.transform.LowerOpaqueBlock(), tirx.transform.FlattenBuffer()]
+    return tvm.transform.Sequential(passes)(mod)
+
+
+def test_only_the_register_tile_is_annotated():
+    target = resolve_target("x86-64-avx512").tvm_target()
+    mod, tiling = conv_module(target)
+    before = lowered_allocations(lower_without_builtins(mod))
+    after = lowered_allocations(keep_tiles_on_stack(lower_without_builtins(mod)))
+    (tile,) = [a for a in after if a.buffer.scope() == "local"]
+    assert tile.annotations["disable_lower_builtin"]
+    assert [int(d) for d in tile.buffer.shape] == [tiling.pixel_block * tiling.channel_block]
+    assert len(before) == len(after)
+
+
+def test_a_large_or_global_buffer_is_no_stack_tile():
+    def alloc(shape, scope):
+        buffer = tirx.decl_buffer(shape, "float32", scope=scope)
+        return AllocBuffer(buffer)
+
+    assert stack_tile_buffer(alloc((MAX_STACK_TILE_BYTES // 4,), "local"))
+    assert not stack_tile_buffer(alloc((MAX_STACK_TILE_BYTES // 4 + 1,), "local"))
+    assert not stack_tile_buffer(alloc((16,), "global"))
+
+
+def test_x86_targets_are_lowered_with_it_and_arm_ones_are_not():
+    """Only where it was timed (the module's docstring says what llvm-mca saw on ARM)."""
+    pipelines = {name: tir_pipeline_for(resolve_target(name).tvm_target())
+                 for name in ("cpu", "x86-64-avx2", "x86-64-avx512", "cortex-a76", "carmel", "armv7")}
+    assert pipelines == {"cpu": CPU_TIR_PIPELINE, "x86-64-avx2": CPU_TIR_PIPELINE, "x86-64-avx512": CPU_TIR_PIPELINE,
+                         "cortex-a76": "default", "carmel": "default", "armv7": "default"}
