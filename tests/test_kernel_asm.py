@@ -112,11 +112,11 @@ def parallel_loop_functions(kernel: str) -> list[str]:
 
 
 @pytest.mark.parametrize("target_name", ["x86-64-avx2", "x86-64-avx512"])
-@pytest.mark.parametrize("case", CLASSES)
+@pytest.mark.parametrize("case", [case for case in CLASSES if case != "3x3 s1"])
 def test_no_parallel_task_allocates_a_workspace(case, target_name):
     """x86: a register tile is a stack slot of the parallel task (tir_pipeline.py), not a workspace
-    allocated and freed around every tile; Winograd's transformed tiles, allocated once per call outside
-    the parallel loops, may be workspaces."""
+    allocated and freed around every tile. (The 3x3 s1 class is a Winograd kernel whose band tasks do
+    allocate their band's transformed tiles: test_winograd.py checks those are the only ones.)"""
     tasks = parallel_loop_functions(conv_kernel_assembly(case, target_name))
     assert tasks, "no parallel loop found"
     allocating = [task.splitlines()[0].strip() for task in tasks if "TVMBackendAllocWorkspace" in task]

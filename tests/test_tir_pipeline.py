@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tvm
 from tvm import s_tir, tirx
-from tvm.tirx.stmt import AllocBuffer, For, SeqStmt
+from tvm.tirx.stmt import AllocBuffer, AttrStmt, For, ForKind, IfThenElse, SeqStmt
 
 from bndeploy.compile.schedules.conv2d import ConvSpec, choose_tiling, conv2d_compute, pack_weight
 from bndeploy.compile.schedules.conv_schedule import schedule_conv
@@ -68,25 +68,38 @@ def test_both_pipelines_compute_the_same_conv(target_name):
     np.testing.assert_allclose(outputs[1], np.einsum("nhwc,oc->nhwo", x, w[:, :, 0, 0]), rtol=1e-5, atol=1e-5)
 
 
+def statements(stmt):
+    """Every statement nested in `stmt` (itself first), through sequences, loops, branches and attributes."""
+    yield stmt
+    if isinstance(stmt, SeqStmt):
+        children = list(stmt.seq)
+    elif isinstance(stmt, IfThenElse):
+        children = [stmt.then_case] + ([stmt.else_case] if stmt.else_case is not None else [])
+    elif isinstance(stmt, (For, AttrStmt)):
+        children = [stmt.body]
+    else:
+        children = []
+    for child in children:
+        yield from statements(child)
+
+
+def allocations(stmt) -> list[AllocBuffer]:
+    return [s for s in statements(stmt) if isinstance(s, AllocBuffer)]
+
+
+def parallel_loops(stmt) -> list[For]:
+    return [s for s in statements(stmt) if isinstance(s, For) and s.kind == ForKind.PARALLEL]
+
+
 def lowered_allocations(mod: tvm.IRModule) -> list[AllocBuffer]:
-    found = []
-
-    def visit(stmt):
-        if isinstance(stmt, SeqStmt):
-            for child in stmt.seq:
-                visit(child)
-        elif isinstance(stmt, For):
-            visit(stmt.body)
-        elif isinstance(stmt, AllocBuffer):
-            found.append(stmt)
-
-    visit(mod["main"].body)
-    return found
+    return allocations(mod["main"].body)
 
 
 def lower_without_builtins(mod: tvm.IRModule) -> tvm.IRModule:
-    passes = [s_tir.transform.LowerInitBlock(), s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
-              s_tir.transform.ConvertBlocksToOpaque(), s_tir.transform.CompactBufferAllocation(),
+    """The s_tir pipeline's steps up to flat buffers (what keep_tiles_on_stack sees)."""
+    passes = [s_tir.transform.CanonicalizeLoop(), s_tir.transform.LowerInitBlock(),
+              s_tir.transform.PlanAndUpdateBufferAllocationLocation(), s_tir.transform.ConvertBlocksToOpaque(),
+              s_tir.transform.CompactBufferAllocation(), s_tir.transform.StmtSimplify(),
               s_tir.transform.LowerOpaqueBlock(), tirx.transform.FlattenBuffer()]
     return tvm.transform.Sequential(passes)(mod)
 

@@ -19,10 +19,13 @@ from bndeploy.compile.onnx_import import import_onnx
 from bndeploy.compile.schedules.conv2d import ConvSpec
 from bndeploy.compile.schedules.conv_schedule import schedule_conv
 from bndeploy.compile.schedules.isa import AVX2, isa_for_target
-from bndeploy.compile.schedules.winograd import (A_T, B_T, G, GUARD_LIMIT, pack_winograd_weight,
-                                                 weights_allow_winograd, winograd_compute, winograd_tiling)
+from bndeploy.compile.schedules.winograd import (A_T, B_T, BAND_BYTES, GUARD_LIMIT, G, band_rows, bands_pay,
+                                                 pack_winograd_weight, tile_grid, weights_allow_winograd,
+                                                 winograd_compute, winograd_tiling)
 from bndeploy.compile.targets import resolve_target
+from bndeploy.compile.tir_pipeline import keep_tiles_on_stack
 from test_cpu_schedules import conv_onnx, kernel_names, onnxruntime_run, run_vm, runnable_x86_targets
+from test_tir_pipeline import allocations, lower_without_builtins, parallel_loops
 
 ATOL, RTOL = 1e-5, 1e-4  # bndeploy.tolerance.FP32_INFERENCE
 WINOGRAD_MARGIN = 0.5
@@ -82,6 +85,8 @@ def _reference(x: np.ndarray, w: np.ndarray, padding: tuple[int, int, int, int])
     (1, 16, 64, 64, (1, 1, 1, 1)), (2, 9, 128, 96, (1, 1, 1, 1)), (1, 8, 256, 256, (1, 1, 1, 1)),
     (1, 12, 64, 64, (0, 0, 0, 0)),  # no border: a 10x10 output
     (2, 11, 64, 64, (0, 1, 1, 0)),  # asymmetric (ONNX auto_pad SAME_LOWER/UPPER): an odd 11x11 output
+    (1, 40, 64, 64, (1, 1, 1, 1)),  # 10 bands of 2 tile rows, each padded to whole register tiles
+    (2, 30, 64, 64, (1, 1, 1, 1)),  # 5 bands of 3 tile rows per image
 ])
 def test_error_uses_a_small_share_of_the_inference_tolerance(target, batch, size, channels, out_channels, padding):
     spec = ConvSpec(batch, size, size, channels, out_channels, (3, 3), padding=padding)
@@ -157,7 +162,7 @@ def run_winograd_statistics(spec: ConvSpec, target_name: str, x: np.ndarray, w: 
     target = resolve_target(target_name).tvm_target()
     tiling = winograd_tiling(spec, isa_for_target(target))
     direct_tiling = fallback_tiling(spec, tiling)
-    chunks = statistics_chunks(spec)
+    chunks = statistics_chunks(spec, tiling)
     kernels = [shift_primfunc(spec, direct_tiling), build_winograd_stats_primfunc(spec, tiling, chunks),
                stats_combine_primfunc(spec, direct_tiling, chunks)]
     shift_lib, conv_lib, combine_lib = (tvm.compile(tvm.IRModule({"main": k.with_attr("global_symbol", "main")}),
@@ -174,8 +179,10 @@ def run_winograd_statistics(spec: ConvSpec, target_name: str, x: np.ndarray, w: 
     return out.numpy(), mean.numpy(), var.numpy()
 
 
-# (N, H, W, C_in), C_out: odd sizes (a tile's pixels past the image), one band per image, many bands
-STATISTICS_SHAPES = [((2, 9, 9, 64), 64), ((1, 8, 8, 64), 128), ((3, 16, 12, 64), 64), ((1, 30, 30, 64), 64)]
+# (N, H, W, C_in), C_out: odd sizes (a tile's pixels past the image), one band per image, many bands (the
+# kernel's own bands: 5 of 3 tile rows for 30x30), and whole-image stages with statistics chunks (256 channels)
+STATISTICS_SHAPES = [((2, 9, 9, 64), 64), ((1, 8, 8, 64), 128), ((3, 16, 12, 64), 64), ((1, 30, 30, 64), 64),
+                     ((1, 10, 10, 256), 256)]
 
 
 @pytest.mark.parametrize("target", runnable_x86_targets())
@@ -238,3 +245,28 @@ def test_an_unknown_conv_algorithm_is_refused_in_one_line():
 
     with pytest.raises(BndeployError, match="conv_algorithm must be one of auto, direct"):
         CompileSettings(conv_algorithm="fastest").validate()
+
+
+@pytest.mark.parametrize("spec, bands", [
+    (ConvSpec(1, 40, 40, 64, 64, (3, 3), padding=(1, 1, 1, 1)), 10),
+    (ConvSpec(2, 30, 30, 64, 64, (3, 3), padding=(1, 1, 1, 1)), 2 * 5),
+    (ConvSpec(8, 28, 28, 128, 128, (3, 3), padding=(1, 1, 1, 1)), 8 * 7),
+    (ConvSpec(1, 14, 14, 256, 256, (3, 3), padding=(1, 1, 1, 1)), None),  # U of 4 MiB: whole-image stages
+])
+def test_each_band_task_holds_only_its_own_transformed_tiles(spec, bands):
+    """Banded: one parallel loop of `bands` tasks, inside it the transformed input and the GEMM outputs
+    allocated for one band (under BAND_BYTES, so they stay in the core's L2) and the register tiles on the
+    stack; nothing else allocated per task."""
+    target = resolve_target("x86-64-avx512").tvm_target()
+    tiling = winograd_tiling(spec, isa_for_target(target))
+    assert bands_pay(spec, tiling) == (bands is not None)
+    if bands is None:
+        return
+    lowered = keep_tiles_on_stack(lower_without_builtins(tvm.IRModule({"main": schedule_conv(winograd_compute(spec, tiling))})))
+    (band_loop,) = [loop for loop in parallel_loops(lowered["main"].body) if int(loop.extent) == bands]
+    per_task = [a for a in allocations(band_loop.body) if not a.annotations.get("disable_lower_builtin")]
+    rows, cols = tile_grid(spec)
+    band_tiles = -(-band_rows(spec, tiling) * cols // tiling.pixel_block) * tiling.pixel_block
+    sizes = sorted(int(np.prod([int(d) for d in a.buffer.shape])) for a in per_task)
+    assert sizes == [16 * band_tiles * spec.in_channels, 16 * band_tiles * spec.out_channels]
+    assert 4 * sum(sizes) <= BAND_BYTES

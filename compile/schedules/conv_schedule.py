@@ -140,15 +140,21 @@ def _tile_depthwise(sch: s_tir.Schedule, conv, writer, tiling: Tiling) -> None:
 
 
 def register_tile(sch: s_tir.Schedule, conv, writer, outer, reduction, pixels, channels, tiling: Tiling,
-                   parallel_loops: int = 0) -> None:
-    """Accumulators of one tile in registers over the whole reduction, written by the epilogue. The outer
-    loops run in parallel (the first `parallel_loops` of them, when given)."""
-    sch.reverse_compute_at(writer, outer[-1])
+                   parallel_loops: int = 0, writer_placed: bool = False) -> None:
+    """Accumulators of one tile in registers over the whole reduction, written by the epilogue (already
+    moved under outer[-1] when `writer_placed`). The outer loops run in parallel (the first
+    `parallel_loops` of them, when given; none when it is negative: a loop around them, merged with other
+    stages', is the parallel one)."""
+    if not writer_placed:
+        sch.reverse_compute_at(writer, outer[-1])
     sch.set_scope(conv, 0, "local")
-    count = parallel_loops or len(outer)
-    task = sch.fuse(*outer[:count]) if count > 1 else outer[0]
-    sch.parallel(task)
-    tile = task if count == len(outer) else outer[-1]  # the loop over tiles the writer sits in
+    if parallel_loops < 0:
+        tile = outer[-1]
+    else:
+        count = parallel_loops or len(outer)
+        task = sch.fuse(*outer[:count]) if count > 1 else outer[0]
+        sch.parallel(task)
+        tile = task if count == len(outer) else outer[-1]  # the loop over tiles the writer sits in
     _unroll_tile(sch, pixels, channels, tiling)
     # The writer's and the initialisation's (pixel, channel) loops; a loop of extent 1 is not generated
     # (a one-pixel tile, one real channel), and such a degenerate tile is left as it is.

@@ -128,7 +128,7 @@ class _KernelRewriter(PyExprMutator):
         transformed, direct = (relax.const(w) for w in pack_winograd_weight(weights, spec, tiling))
         data = self.visit_expr(call.args[0])
         if wanted is not None:
-            chunks = statistics_chunks(spec)
+            chunks = statistics_chunks(spec, tiling)
             conv_gv = self._kernel(("winograd_stats", spec, tiling, chunks),
                                    lambda: build_winograd_stats_primfunc(spec, tiling, chunks),
                                    "bndeploy_conv2d_winograd_stats")

@@ -10,6 +10,10 @@ The kernel has three stages in one function, each parallel and vectorised over c
   compile time;
 - output transform: per tile, the 2x2 values (A^T M A) in registers, then written through the conv's fused
   epilogue (bias, ReLU, residual add...); the train-mode variant also sums the batch statistics there.
+Where the transformed weights U fit a core's L2 (`bands_pay`: up to 128 channels), the three stages run
+band by band of tile rows, one parallel task per band, so V and M of a band (`BAND_BYTES`) pass through
+that core's L2 instead of the shared L3 (which a noisy neighbour can take: such episodes once slowed the
+whole-image kernel 2.4x); with wider channels each band would re-read all of U, so the stages stay whole.
 
 Why F(2x2) and not F(4x4): F(4x4, 3x3) does 4x fewer multiplies but its transforms (entries up to 8)
 lose digits: on 64-256 channels its error reached 1.3-2.1x the fp32 inference tolerance (atol 1e-5 + rtol
@@ -52,6 +56,13 @@ FINITE_BOUND = 1e37
 # channels: 1.10-1.84x / 0.83-1.14x (each GEMM's reduction is too short to amortise its register tile).
 MIN_CHANNELS = 64
 MIN_TILES = 16  # 2x2 tiles per image: below this (an output under about 8x8) the transforms' share grows
+# Transformed tiles (V and M) of one band: under a core's L2 on every x86 CPU bndeploy targets, so a band's
+# three stages pass them through L2 rather than the shared L3.
+BAND_BYTES = 512 * 1024
+# Banding re-reads U per band. Measured (the kernel alone, banded against whole-image stages, AMD EPYC Zen 4,
+# 2 threads, AVX-512 / AVX2 code): 64 channels on 56x56 (U 256 KiB) 0.94x / 0.94x, 128 on 28x28 at batch 8
+# (U 1 MiB) 0.80x / 0.77x; 256 on 14x14 (U 4 MiB) 1.04x / 1.33x, at batch 8 1.33x / 1.53x.
+MAX_BANDED_WEIGHT_BYTES = 1024 * 1024
 
 
 def _int64(value: int):
@@ -154,46 +165,36 @@ def guard_lanes(channels: int) -> int:
 
 
 def winograd_compute(spec: ConvSpec, tiling: Tiling) -> tirx.PrimFunc:
-    """PrimFunc(data NHWC, U packed, w packed for the fallback) -> out NHWC; unscheduled, for FuseOps to extend."""
-    return (te.create_prim_func(list(_winograd_tensors(spec, tiling)))
+    """PrimFunc(data NHWC, U packed, w packed for the fallback) -> out NHWC; unscheduled, for FuseOps to extend.
+    Its stages run band by band (`band_rows`) where `bands_pay`."""
+    return (te.create_prim_func(list(_winograd_tensors(spec, tiling, banded=bands_pay(spec, tiling))))
             .with_attr("op_pattern", OUT_EWISE_FUSABLE))
 
 
-def _winograd_tensors(spec: ConvSpec, tiling: Tiling):
-    """(data, U, fallback weight, out)."""
+def bands_pay(spec: ConvSpec, tiling: Tiling) -> bool:
+    """Every band reads all transformed weights U again: banding pays while U stays in a core's L2."""
+    return ALPHA * ALPHA * spec.in_channels * padded_channels(spec, tiling) * 4 <= MAX_BANDED_WEIGHT_BYTES
+
+
+def band_rows(spec: ConvSpec, tiling: Tiling) -> int:
+    """Tile rows per band: the most (a divisor of the tile rows) whose transformed tiles fit BAND_BYTES."""
+    rows, cols = tile_grid(spec)
+    per_row = ALPHA * ALPHA * cols * (spec.in_channels + padded_channels(spec, tiling)) * 4
+    return max((d for d in range(1, rows + 1) if rows % d == 0 and d * per_row <= BAND_BYTES), default=1)
+
+
+def _winograd_tensors(spec: ConvSpec, tiling: Tiling, banded: bool = False):
+    """(data, U, fallback weight, out). Banded: the input transform and the GEMMs index their tiles by
+    (band task, tile in the band), so one parallel task can run all three stages of its band."""
     n, c, k = spec.batch, spec.in_channels, spec.out_channels
     rows, cols = tile_grid(spec)
-    tiles = n * rows * cols
     zero = tirx.const(0.0, "float32")
     data = te.placeholder(_i64(n, spec.height, spec.width, c), "float32", name="data")
     pad = _bordered(spec, data, rows * TILE + 2, cols * TILE + 2, "pad")
-
-    def tile_origin(t):
-        image, rest = t // _int64(rows * cols), t % _int64(rows * cols)
-        return image, rest // _int64(cols) * TILE, rest % _int64(cols) * TILE
-
-    def input_rows(t, a, x, j):
-        image, y0, x0 = tile_origin(t)
-        return _combination(B_T, a, lambda r: pad[image, y0 + r, x0 + x, j])
-
-    rows_done = te.compute(_i64(tiles, ALPHA, ALPHA, c), input_rows, name="winograd_input_rows")
-    transformed = te.compute(_i64(ALPHA, ALPHA, tiles, c),
-                             lambda a, b, t, j: _combination(B_T, b, lambda x: rows_done[t, a, x, j]),
-                             name="winograd_input")
-
     cb = tiling.channel_block
     weight = te.placeholder(_i64(ALPHA, ALPHA, channel_blocks(spec, tiling), c, cb), "float32", name="weight_packed")
-    rc = te.reduce_axis(_i64(0, c), name="rc")
-    attrs = {CONV_BLOCK_ATTR: tiling.annotation(), CONV_FLOPS_ATTR: spec.flops}
-    last = _int64(tiles - 1)
-    products = te.compute(
-        _i64(ALPHA, ALPHA, _ceil_to(tiles, tiling.pixel_block), padded_channels(spec, tiling)),
-        lambda a, b, t, o: te.sum(transformed[a, b, tirx.min(t, last), rc] * weight[a, b, o // _int64(cb), rc, o % _int64(cb)],
-                                  axis=rc),
-        name="conv", attrs=attrs)
-    output_cols = te.compute(_i64(tiles, ALPHA, TILE, k),
-                             lambda t, a, x, o: _combination(A_T, x, lambda b: products[a, b, t, o]),
-                             name="winograd_output_cols")
+    stages = _banded_stages if banded else _image_stages
+    tile_cols = stages(spec, tiling, pad, weight)
 
     direct_weight = te.placeholder(_i64(1, 3, 3, c, k), "float32", name="weight_direct")
     # the fallback covers whole tiles (no reads to clamp), its rows in whole register tiles
@@ -204,14 +205,82 @@ def _winograd_tensors(spec: ConvSpec, tiling: Tiling):
 
     def tile_values(i, ty, tx, py, px, o):
         """Output pixel (py, px) of tile (ty, tx), channel o."""
-        t = i * _int64(rows * cols) + ty * _int64(cols) + tx
-        winograd = _combination(A_T, py, lambda a: output_cols[t, a, px, o])
+        winograd = _combination(A_T, py, lambda a: tile_cols(i, ty, tx, a, px, o))
         return tirx.if_then_else(flag[0] > zero, fallback[i, ty * TILE + py, tx * TILE + px, o], winograd)
 
     values = te.compute(_i64(n, rows, cols, TILE, TILE, k), tile_values, name="winograd_values")
     out = te.compute(_i64(*spec.output_shape),
                      lambda i, y, x, o: values[i, y // TILE, x // TILE, y % TILE, x % TILE, o], name="conv_out")
     return data, weight, direct_weight, out
+
+
+def _gemm(transformed, weight, shape, spec: ConvSpec, tiling: Tiling):
+    """M[..., a, b, t, o] = sum_c V[..., a, b, t, c] U[a, b, c, o]: the annotated conv block."""
+    rc = te.reduce_axis(_i64(0, spec.in_channels), name="rc")
+    cb = _int64(tiling.channel_block)
+    attrs = {CONV_BLOCK_ATTR: tiling.annotation(), CONV_FLOPS_ATTR: spec.flops}
+    return te.compute(
+        _i64(*shape),
+        lambda *index: te.sum(transformed[(*index[:-1], rc)] * weight[index[-4], index[-3], index[-1] // cb, rc,
+                                                                       index[-1] % cb], axis=rc),
+        name="conv", attrs=attrs)
+
+
+def _image_stages(spec: ConvSpec, tiling: Tiling, pad, weight):
+    """Stages over the whole batch (the train-mode variant): V[a, b, tile, c], M[a, b, tile, o]; returns
+    (i, ty, tx, a, x, o) -> the output transform's first pass."""
+    rows, cols = tile_grid(spec)
+    tiles = spec.batch * rows * cols
+
+    def tile_origin(t):
+        image, rest = t // _int64(rows * cols), t % _int64(rows * cols)
+        return image, rest // _int64(cols) * TILE, rest % _int64(cols) * TILE
+
+    def input_rows(t, a, x, j):
+        image, y0, x0 = tile_origin(tirx.min(t, _int64(tiles - 1)))
+        return _combination(B_T, a, lambda r: pad[image, y0 + r, x0 + x, j])
+
+    padded_tiles = _ceil_to(tiles, tiling.pixel_block)
+    rows_done = te.compute(_i64(padded_tiles, ALPHA, ALPHA, spec.in_channels), input_rows, name="winograd_input_rows")
+    transformed = te.compute(_i64(ALPHA, ALPHA, padded_tiles, spec.in_channels),
+                             lambda a, b, t, j: _combination(B_T, b, lambda x: rows_done[t, a, x, j]),
+                             name="winograd_input")
+    products = _gemm(transformed, weight, (ALPHA, ALPHA, padded_tiles, padded_channels(spec, tiling)), spec, tiling)
+    output_cols = te.compute(_i64(tiles, ALPHA, TILE, spec.out_channels),
+                             lambda t, a, x, o: _combination(A_T, x, lambda b: products[a, b, t, o]),
+                             name="winograd_output_cols")
+    return lambda i, ty, tx, a, x, o: output_cols[i * _int64(rows * cols) + ty * _int64(cols) + tx, a, x, o]
+
+
+def _banded_stages(spec: ConvSpec, tiling: Tiling, pad, weight):
+    """Stages per band task (image, band of `band_rows` tile rows): V[task, a, b, tile, c] and
+    M[task, a, b, tile, o], a band's tiles padded to whole register tiles (copies of its last tile)."""
+    rows, cols = tile_grid(spec)
+    per_band = band_rows(spec, tiling)
+    bands = rows // per_band
+    band_tiles = per_band * cols
+    padded = _ceil_to(band_tiles, tiling.pixel_block)
+    tasks = spec.batch * bands
+
+    def input_rows(task, tb, a, x, j):
+        tb = tirx.min(tb, _int64(band_tiles - 1))
+        image, ty = task // _int64(bands), task % _int64(bands) * _int64(per_band) + tb // _int64(cols)
+        y0, x0 = ty * TILE, tb % _int64(cols) * TILE
+        return _combination(B_T, a, lambda r: pad[image, y0 + r, x0 + x, j])
+
+    c = spec.in_channels
+    rows_done = te.compute(_i64(tasks, padded, ALPHA, ALPHA, c), input_rows, name="winograd_input_rows")
+    transformed = te.compute(_i64(tasks, ALPHA, ALPHA, padded, c),
+                             lambda task, a, b, tb, j: _combination(B_T, b, lambda x: rows_done[task, tb, a, x, j]),
+                             name="winograd_input")
+    products = _gemm(transformed, weight, (tasks, ALPHA, ALPHA, padded, padded_channels(spec, tiling)), spec, tiling)
+    output_cols = te.compute(_i64(tasks, band_tiles, ALPHA, TILE, spec.out_channels),
+                             lambda task, tb, a, x, o: _combination(A_T, x, lambda b: products[task, a, b, tb, o]),
+                             name="winograd_output_cols")
+
+    def first_pass(i, ty, tx, a, x, o):
+        return output_cols[i * _int64(bands) + ty // _int64(per_band), ty % _int64(per_band) * _int64(cols) + tx, a, x, o]
+    return first_pass
 
 
 def _bordered(spec: ConvSpec, data, height: int, width: int, name: str):
@@ -258,29 +327,46 @@ def _guard_flag(spec: ConvSpec, data):
 
 def schedule_winograd(sch: s_tir.Schedule, gemm, tiling: Tiling, writer, pad, chunks: int = 0) -> tirx.PrimFunc:
     """Schedules the three stages (the conv's producers already inlined into `pad`, its epilogue into
-    `writer`); returns the function with the fallback nest run only when the guard is raised. `chunks`: the
-    statistics kernel's parallel chunks of tiles per image, each summing its tiles' outputs."""
-    from .conv_schedule import register_tile
+    `writer`); returns the function with the fallback nest run only when the guard is raised. Banded stages
+    run as one parallel loop over band tasks; otherwise each stage is a parallel loop of its own. `chunks`:
+    the statistics kernel's parallel chunks of tiles per image, each summing its tiles' outputs."""
     from .conv_stats import accumulate_in_tile
 
-    lanes = tiling.vector_lanes
     if pad is not None:
         sch.compute_inline(pad)
     _schedule_guard(sch)
     fallback_loops = _schedule_fallback(sch, tiling)
-    _schedule_input_transform(sch, lanes)
-    write_back = sch.cache_write(gemm, 0, "local")
-    a, b, t, o, rc = sch.get_loops(gemm)
-    t_outer, t_inner = sch.split(t, [None, tiling.pixel_block])
-    o_outer, o_inner = sch.split(o, [None, tiling.channel_block])
-    outer = [a, b, t_outer, o_outer] if tiling.pixels_outer else [a, b, o_outer, t_outer]
-    sch.reorder(*outer, rc, t_inner, o_inner)
-    register_tile(sch, gemm, write_back, outer, [rc], t_inner, o_inner, tiling)
-    tile = _schedule_output_transform(sch, writer, lanes, chunks)
+    banded = len(sch.get_loops(gemm)) == 6  # (task, a, b, tile, o, rc)
+    input_task = _schedule_input_transform(sch, tiling.vector_lanes, banded)
+    gemm_task, register_tiles = _split_gemm(sch, gemm, tiling, banded)
+    output_task, tile = _schedule_output_transform(sch, writer, tiling.vector_lanes, chunks, banded)
+    if banded:  # parallel before the GEMM's reduction is decomposed (a dataflow check needs its init)
+        sch.parallel(sch.merge(input_task, gemm_task, output_task))
+    register_tiles()
     if chunks:
         accumulate_in_tile(sch, sch.get_sblock("stats"), tile, tiling)
     flag = sch.get(sch.get_sblock("winograd_guard")).writes[0].source
     return _only_when_raised(sch.mod["main"], [sch.get(loop) for loop in fallback_loops], flag)
+
+
+def _split_gemm(sch: s_tir.Schedule, gemm, tiling: Tiling, banded: bool):
+    """The 16 GEMMs split into the direct kernel's register tiles; returns (their band-task loop, or None,
+    and the step that puts the tiles in registers: parallel over the tile loops unless banded)."""
+    from .conv_schedule import register_tile
+
+    write_back = sch.cache_write(gemm, 0, "local")
+    *task, a, b, t, o, rc = sch.get_loops(gemm)
+    t_outer, t_inner = sch.split(t, [None, tiling.pixel_block])
+    o_outer, o_inner = sch.split(o, [None, tiling.channel_block])
+    outer = [a, b, t_outer, o_outer] if tiling.pixels_outer else [a, b, o_outer, t_outer]
+    sch.reorder(*task, *outer, rc, t_inner, o_inner)
+    if banded:  # before the merge: there, the write-back would be placed over every band's tiles
+        sch.reverse_compute_at(write_back, outer[-1])
+
+    def register_tiles():
+        register_tile(sch, gemm, write_back, outer, [rc], t_inner, o_inner, tiling,
+                      parallel_loops=-1 if banded else 0, writer_placed=banded)
+    return (task[0] if banded else None), register_tiles
 
 
 def _schedule_guard(sch: s_tir.Schedule) -> None:
@@ -317,16 +403,18 @@ def _schedule_fallback(sch: s_tir.Schedule, tiling: Tiling):
     return [sch.get_loops(copy)[0], task]
 
 
-def _schedule_input_transform(sch: s_tir.Schedule, lanes: int) -> None:
-    """Per tile (in parallel) and vector of input channels: the 4x4 tile's rows pass in registers, then
-    its 16 transformed vectors written."""
+def _schedule_input_transform(sch: s_tir.Schedule, lanes: int, banded: bool):
+    """Per tile and vector of input channels: the 4x4 tile's rows pass in registers, then its 16
+    transformed vectors written; tiles in parallel, or band by band (returns the band-task loop)."""
     rows_done, transformed = sch.get_sblock("winograd_input_rows"), sch.get_sblock("winograd_input")
-    a, b, t, j = sch.get_loops(transformed)
+    *task, a, b, t, j = sch.get_loops(transformed)
     j_outer, j_inner = sch.split(j, [None, guard_lanes(int(sch.get(j).extent)) if lanes > 1 else 1])
-    sch.reorder(t, j_outer, a, b, j_inner)
-    sch.parallel(t)
+    sch.reorder(*task, t, j_outer, a, b, j_inner)
+    if not banded:
+        sch.parallel(t)
     _first_pass_in_registers(sch, rows_done, j_outer)
     _unroll_tile_vectorise_lanes(sch, a, b, j_inner)
+    return task[0] if banded else None
 
 
 def _first_pass_in_registers(sch: s_tir.Schedule, block, loop) -> None:
@@ -342,14 +430,19 @@ def _unroll_tile_vectorise_lanes(sch: s_tir.Schedule, rows, columns, lanes) -> N
     sch.vectorize(lanes)
 
 
-def _schedule_output_transform(sch: s_tir.Schedule, writer, lanes: int, chunks: int = 0):
-    """Per tile (in parallel, or in `chunks` parallel bands of tile rows per image, each band's channels in
-    `channel_groups` parallel groups): per vector of output channels the columns pass in registers and the
-    tile's 4 values, then the 2x2 outputs written through the epilogue. Returns the loop over tiles (where
-    the statistics kernel adds each tile to its sums)."""
+def _schedule_output_transform(sch: s_tir.Schedule, writer, lanes: int, chunks: int = 0, banded: bool = False):
+    """Per tile (in parallel; banded: band by band; with `chunks`: in parallel bands of tile rows per image,
+    each band's channels in `channel_groups` parallel groups): per vector of output channels the columns
+    pass in registers and the tile's 4 values, then the 2x2 outputs written through the epilogue. Returns
+    (the band-task loop or None, the loop over tiles, where the statistics kernel adds each tile to its sums)."""
     values = sch.get_sblock("winograd_values")
     i, ty, tx, pixel_y, pixel_x, channel = sch.get_loops(values)
-    if chunks:
+    task = None
+    if banded:
+        per_band = int(sch.get(sch.get_sblock("winograd_output_cols")).writes[0].source.shape[1]) // int(sch.get(tx).extent)
+        band, band_row = sch.split(ty, [None, per_band])
+        task, tile = sch.fuse(i, band), sch.fuse(band_row, tx)
+    elif chunks:
         chunk, band_row = sch.split(ty, [chunks, None])
         extent = int(sch.get(channel).extent)
         group, channel = sch.split(channel, [channel_groups(int(sch.get(i).extent), chunks, extent // lanes), None])
@@ -369,7 +462,7 @@ def _schedule_output_transform(sch: s_tir.Schedule, writer, lanes: int, chunks: 
     o_outer, o_inner = sch.split(o, [None, lanes])
     sch.reorder(o_outer, y, x, o_inner)
     _unroll_tile_vectorise_lanes(sch, y, x, o_inner)
-    return tile
+    return task, tile
 
 
 def _only_when_raised(func: tirx.PrimFunc, fallback_loops: list, flag) -> tirx.PrimFunc:
@@ -401,12 +494,15 @@ def channel_groups(batch: int, chunks: int, vectors: int) -> int:
     return next((g for g in divisors if batch * chunks * g >= PARALLEL_TASKS), vectors)
 
 
-def statistics_chunks(spec: ConvSpec) -> int:
-    """Bands of tile rows per image, each with its own partial sums: as many as give PARALLEL_TASKS tasks
-    with the images, a divisor of the tile rows (so no band runs past the image)."""
+def statistics_chunks(spec: ConvSpec, tiling: Tiling) -> int:
+    """Bands of tile rows per image, each with its own partial sums: the kernel's bands where `bands_pay`;
+    otherwise as many as give PARALLEL_TASKS tasks with the images, a divisor of the tile rows (so no band
+    runs past the image)."""
     from .conv_stats import PARALLEL_TASKS
 
     rows, _ = tile_grid(spec)
+    if bands_pay(spec, tiling):
+        return rows // band_rows(spec, tiling)
     wanted = max(1, -(-PARALLEL_TASKS // spec.batch))
     return max(d for d in range(1, rows + 1) if rows % d == 0 and d <= wanted)
 
@@ -418,7 +514,11 @@ def build_winograd_stats_primfunc(spec: ConvSpec, tiling: Tiling, chunks: int) -
     from .conv_stats import block_or_none
     from .generic import mark_scheduled
 
-    data, weight, direct_weight, out = _winograd_tensors(spec, tiling)
+    banded = bands_pay(spec, tiling)
+    if banded and chunks != statistics_chunks(spec, tiling):
+        raise ValueError(f"a banded Winograd kernel sums its statistics per band: {statistics_chunks(spec, tiling)} "
+                         f"chunks per image, not {chunks}")
+    data, weight, direct_weight, out = _winograd_tensors(spec, tiling, banded)
     values = out.op.input_tensors[0]
     shift = te.placeholder(_i64(spec.out_channels), "float32", name="shift")
     rows, cols = tile_grid(spec)
