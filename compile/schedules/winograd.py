@@ -227,8 +227,9 @@ def _gemm(transformed, weight, shape, spec: ConvSpec, tiling: Tiling):
 
 
 def _image_stages(spec: ConvSpec, tiling: Tiling, pad, weight):
-    """Stages over the whole batch (the train-mode variant): V[a, b, tile, c], M[a, b, tile, o]; returns
-    (i, ty, tx, a, x, o) -> the output transform's first pass."""
+    """Stages over the whole batch (where banding does not pay): V[a, b, tile, c], M[a, b, tile, o], the
+    tiles padded to whole register tiles (copies of the last tile); returns (i, ty, tx, a, x, o) -> the
+    output transform's first pass."""
     rows, cols = tile_grid(spec)
     tiles = spec.batch * rows * cols
 
