@@ -90,13 +90,11 @@ def _stack_access_test(lines: list[str], arch: str, stack: re.Pattern):
     if arch != "aarch64":
         return lambda _index, line: bool(stack.search(line))
     sp_only = re.compile(r"\[sp\b")
-    frame_pointer = []  # per line: does its function address its frame through x29
-    function_start, has_frame = 0, False
-    for index, line in enumerate(lines + [".type end,@function"]):
-        if _FUNCTION.match(line) or index == len(lines):
-            frame_pointer.extend([has_frame] * (index - function_start))
-            function_start, has_frame = index, False
-        has_frame = has_frame or bool(_FRAME_POINTER_SETUP.match(line))
+    frame_pointer = []  # per line: has its function set x29 from sp by then (its prologue comes first)
+    has_frame = False
+    for line in lines:
+        has_frame = not _FUNCTION.match(line) and (has_frame or bool(_FRAME_POINTER_SETUP.match(line)))
+        frame_pointer.append(has_frame)
     return lambda index, line: bool((stack if frame_pointer[index] else sp_only).search(line))
 
 

@@ -91,10 +91,6 @@ def parallel_loops(stmt) -> list[For]:
     return [s for s in statements(stmt) if isinstance(s, For) and s.kind == ForKind.PARALLEL]
 
 
-def lowered_allocations(mod: tvm.IRModule) -> list[AllocBuffer]:
-    return allocations(mod["main"].body)
-
-
 def lower_without_builtins(mod: tvm.IRModule) -> tvm.IRModule:
     """The s_tir pipeline's steps up to flat buffers (what keep_tiles_on_stack sees)."""
     passes = [s_tir.transform.CanonicalizeLoop(), s_tir.transform.LowerInitBlock(),
@@ -107,8 +103,8 @@ def lower_without_builtins(mod: tvm.IRModule) -> tvm.IRModule:
 def test_only_the_register_tile_is_annotated():
     target = resolve_target("x86-64-avx512").tvm_target()
     mod, tiling = conv_module(target)
-    before = lowered_allocations(lower_without_builtins(mod))
-    after = lowered_allocations(keep_tiles_on_stack(lower_without_builtins(mod)))
+    before = allocations(lower_without_builtins(mod)["main"].body)
+    after = allocations(keep_tiles_on_stack(lower_without_builtins(mod))["main"].body)
     (tile,) = [a for a in after if a.buffer.scope() == "local"]
     assert tile.annotations["disable_lower_builtin"]
     assert [int(d) for d in tile.buffer.shape] == [tiling.pixel_block * tiling.channel_block]

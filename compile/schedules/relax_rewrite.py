@@ -129,8 +129,8 @@ class _KernelRewriter(PyExprMutator):
         data = self.visit_expr(call.args[0])
         if wanted is not None:
             chunks = statistics_chunks(spec, tiling)
-            conv_gv = self._kernel(("winograd_stats", spec, tiling, chunks),
-                                   lambda: build_winograd_stats_primfunc(spec, tiling, chunks),
+            conv_gv = self._kernel(("winograd_stats", spec, tiling),
+                                   lambda: build_winograd_stats_primfunc(spec, tiling),
                                    "bndeploy_conv2d_winograd_stats")
             # the fallback's weights are the direct layout the shift kernel reads
             return self._conv_with_stats(call, data, [transformed, direct], direct, spec,

@@ -508,18 +508,16 @@ def statistics_chunks(spec: ConvSpec, tiling: Tiling) -> int:
     return max(d for d in range(1, rows + 1) if rows % d == 0 and d <= wanted)
 
 
-def build_winograd_stats_primfunc(spec: ConvSpec, tiling: Tiling, chunks: int) -> tirx.PrimFunc:
-    """PrimFunc(data, U, fallback weight, shift (O,) f32) -> (out NHWC, s1 and s2 (N, chunks, O) f64), scheduled."""
+def build_winograd_stats_primfunc(spec: ConvSpec, tiling: Tiling) -> tirx.PrimFunc:
+    """PrimFunc(data, U, fallback weight, shift (O,) f32) -> (out NHWC, s1 and s2 (N, chunks, O) f64), scheduled,
+    with `statistics_chunks` chunks per image."""
     from .bn_stats import shifted_sums
     from .conv_schedule import conv_block
     from .conv_stats import block_or_none
     from .generic import mark_scheduled
 
-    banded = bands_pay(spec, tiling)
-    if banded and chunks != statistics_chunks(spec, tiling):
-        raise ValueError(f"a banded Winograd kernel sums its statistics per band: {statistics_chunks(spec, tiling)} "
-                         f"chunks per image, not {chunks}")
-    data, weight, direct_weight, out = _winograd_tensors(spec, tiling, banded)
+    chunks = statistics_chunks(spec, tiling)
+    data, weight, direct_weight, out = _winograd_tensors(spec, tiling, bands_pay(spec, tiling))
     values = out.op.input_tensors[0]
     shift = te.placeholder(_i64(spec.out_channels), "float32", name="shift")
     rows, cols = tile_grid(spec)
