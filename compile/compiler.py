@@ -326,8 +326,9 @@ def _build(mod, spec: TargetSpec, out_dir: Path, settings: CompileSettings,
     if spec.device == "cuda":
         if settings.tuned is not None:
             raise BndeployError(f"--tuned applies to CPU targets ({spec.name!r} is a CUDA target)")
-        kernels, archs = _build_cuda(mod, spec, out_dir, settings.dump)  # a worker process: no lock needed
-        return BuildResult(kernels, archs, {})
+        info = _build_cuda(mod, spec, out_dir, settings.dump)  # a worker process: no lock needed
+        return BuildResult(list(info["kernels"]), list(info["archs"]), {},
+                           statistics_fused=list(info.get("statistics_fused", [])))
     with _IN_PROCESS_TVM:
         return _build_llvm(mod, spec, out_dir, settings, kernel_map)
 
@@ -379,7 +380,7 @@ def _link_error(error: Exception) -> str:
     return detail.strip()
 
 
-def _build_cuda(mod, spec: TargetSpec, out_dir: Path, dump: bool) -> tuple[list[str], list[str]]:
+def _build_cuda(mod, spec: TargetSpec, out_dir: Path, dump: bool) -> dict:
     from .cuda import build_cuda_library, check_cuda_toolchain
 
     check_cuda_toolchain()
@@ -388,7 +389,7 @@ def _build_cuda(mod, spec: TargetSpec, out_dir: Path, dump: bool) -> tuple[list[
     info = build_cuda_library(mod, spec.tvm_target(), library, dump_dir=(out_dir / DUMP_DIR) if dump else None,
                               host_compiler=spec.cross.compiler if spec.cross else None)
     verify_library_machine(library, spec)
-    return list(info["kernels"]), list(info["archs"])
+    return info
 
 
 _PACKED_FUNC = re.compile(r"^@(\S+) packed_func;$", re.MULTILINE)

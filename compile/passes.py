@@ -546,10 +546,11 @@ def place_statistics(report: list[dict], fused_convs: list[str], device: str) ->
 def _statistics_placement(entry: dict, fused_convs: list[str], device: str) -> str:
     if entry.get("op") == "Conv" and entry.get("into") in fused_convs:
         return f"fused into {entry['into']}: summed in the conv kernel's epilogue"
-    if device == "cuda":
-        return f"{SEPARATE_STATISTICS}: CUDA kernels do not sum statistics in a conv epilogue yet"
     if entry.get("op") != "Conv":
         return f"{SEPARATE_STATISTICS}: no Conv before it"
+    if device == "cuda":
+        return (f"{SEPARATE_STATISTICS}: {entry['into']} is not a one-group float32 conv with constant weights "
+                "and a static shape (what the CUDA conv + statistics kernel computes)")
     return (f"{SEPARATE_STATISTICS}: {entry['into']} has no register-tiled direct kernel on this target "
             "(depthwise convs, groups narrower than a vector, other dtypes) to add the sums to")
 

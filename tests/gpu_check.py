@@ -1,8 +1,9 @@
 """One-off check on a GPU machine (not a pytest module): python tests/gpu_check.py [--arch sm_90]
 
-Builds bndeploy CUDA artifacts for Conv->BN (inference, folded) and a training-mode BN through the real
-compile path (ONNX -> bndeploy passes -> bndeploy.compile.cuda), runs them on cuda:0, compares every
-output with ONNX Runtime on the CPU, and times them against PyTorch eager on the GPU when available.
+Builds bndeploy CUDA artifacts for Conv->BN (inference, folded), a training-mode BN, and a training-mode
+Conv->BN->ReLU (batch statistics summed in the conv kernel's epilogue) through the real compile path
+(ONNX -> bndeploy passes -> bndeploy.compile.cuda), runs them on cuda:0, compares every output with ONNX
+Runtime on the CPU, and times them against PyTorch eager (cuDNN) on the GPU when available.
 """
 
 from __future__ import annotations
@@ -54,6 +55,21 @@ def train_bn_model(rng) -> tuple[onnx.ModelProto, dict]:
     return _model("train_bn", nodes, inits, outputs), params
 
 
+def train_conv_bn_relu_model(rng) -> tuple[onnx.ModelProto, dict]:
+    c = SHAPE[1]
+    weight = rng.standard_normal((c, c, 3, 3), dtype=np.float32) * 0.05
+    params = bn_params(rng, c)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"],
+                              ["b", "running_mean", "running_var"], epsilon=EPS, momentum=ONNX_MOMENTUM,
+                              training_mode=1, name="bn"),
+             helper.make_node("Relu", ["b"], ["y"])]
+    inits = [numpy_helper.from_array(weight, "w")] + [numpy_helper.from_array(v, k) for k, v in params.items()]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(SHAPE))] + [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, [c]) for name in ("running_mean", "running_var")]
+    return _model("train_cbr", nodes, inits, outputs), {"torch_weight": weight, **params}
+
+
 def _model(name, nodes, inits, outputs) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(SHAPE))
     model = helper.make_model(helper.make_graph(nodes, name, [x], outputs, inits),
@@ -93,6 +109,10 @@ def torch_ms(name: str, x: np.ndarray, params: dict) -> float | None:
         if name == "conv_bn":
             c = F.conv2d(xt, t["torch_weight"], padding=1)
             return F.batch_norm(c, t["mean"], t["var"], t["scale"], t["bias"], training=False, eps=EPS)
+        if name == "train_cbr":
+            c = F.conv2d(xt, t["torch_weight"], padding=1)
+            return F.relu(F.batch_norm(c, t["mean"].clone(), t["var"].clone(), t["scale"], t["bias"], training=True,
+                                       momentum=1 - ONNX_MOMENTUM, eps=EPS))
         return F.batch_norm(xt, t["mean"].clone(), t["var"].clone(), t["scale"], t["bias"], training=True,
                             momentum=1 - ONNX_MOMENTUM, eps=EPS)
 
@@ -117,16 +137,18 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal(SHAPE, dtype=np.float32) * 2 + 0.5
     print(f"GPU {dev.device_name} ({arch}); x {SHAPE} float32")
-    print(f"{'model':10} {'kernels':>7} {'sass':>6} {'ptx':>11} {'max|tvm-ort|':>13} {'tvm ms':>8} {'torch ms':>9}")
+    print(f"{'model':10} {'kernels':>7} {'bn stats in conv':>16} {'sass':>6} {'ptx':>11} {'max|tvm-ort|':>13} "
+          f"{'tvm ms':>8} {'torch ms':>9}")
     with tempfile.TemporaryDirectory() as tmp:
-        for make in (conv_bn_model, train_bn_model):
+        for make in (conv_bn_model, train_bn_model, train_conv_bn_relu_model):
             model, params = make(rng)
             expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
                 None, {"x": x})
             got, ms, info, found = build_and_run(model, arch, x, Path(tmp))
             error = max(float(np.max(np.abs(g - e))) for g, e in zip(got, expected))
             reference = torch_ms(model.graph.name, x, params)
-            print(f"{model.graph.name:10} {len(info['kernels']):>7} {','.join(found['archs']):>6} "
+            print(f"{model.graph.name:10} {len(info['kernels']):>7} {len(info['statistics_fused']):>16} "
+                  f"{','.join(found['archs']):>6} "
                   f"{','.join(found['ptx']):>11} {error:>13.2e} {ms:>8.3f} "
                   f"{'-' if reference is None else f'{reference:.3f}':>9}")
 

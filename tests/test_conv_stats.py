@@ -33,17 +33,19 @@ PATHS = [("x86-64-avx2", AVX2)] + ([("x86-64-avx512", AVX512)] if HOST_ISA is AV
 
 
 def conv_reference(x_nhwc: np.ndarray, weight: np.ndarray, spec: ConvSpec) -> np.ndarray:
-    """float64 NHWC conv (OIHW weights, groups), straight from the definition."""
+    """float64 NHWC conv (OIHW weights, groups, dilation), straight from the definition."""
     pt, pl, pb, pr = spec.padding
     x = np.pad(x_nhwc.astype(np.float64), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    (sh, sw), (kh, kw) = spec.strides, spec.kernel
+    (sh, sw), (kh, kw), (dh, dw) = spec.strides, spec.kernel, spec.dilation
     out = np.zeros((spec.batch, spec.out_height, spec.out_width, spec.out_channels))
     per_in, per_out = spec.in_per_group, spec.out_per_group
     for o in range(spec.out_channels):
         g = o // per_out
         for i in range(kh):
             for j in range(kw):
-                patch = x[:, i:i + sh * spec.out_height:sh, j:j + sw * spec.out_width:sw, g * per_in:(g + 1) * per_in]
+                top, left = i * dh, j * dw
+                patch = x[:, top:top + sh * spec.out_height:sh, left:left + sw * spec.out_width:sw,
+                          g * per_in:(g + 1) * per_in]
                 out[..., o] += patch @ weight[o, :, i, j].astype(np.float64)
     return out
 

@@ -13,6 +13,8 @@ One concern per file:
 
 - toolchain.py: nvcc (found on PATH or under CUDA_HOME), architecture flags, CUDA C -> fatbin;
 - gpu_schedules.py: dlight rules plus bndeploy's cross-thread reduction, and the serial-reduction check;
+- fuse_statistics.py: the Relax rewrite that sums a train-mode BN's batch statistics in the conv before it;
+- conv_stats.py: that conv + statistics kernel and the kernel combining its tiles' sums (compute and schedule);
 - driver_stub.py: the stub libcuda.so.1 and loading TVM's CUDA runtime in a worker;
 - worker.py: the calling side: build requests handed to persistent worker processes;
 - worker_process.py: what a worker process runs (one build per request);

@@ -208,8 +208,11 @@ class SkipNarrowReductions(GPUScheduleRule):
 
 
 def _schedule_rules():
+    from .conv_stats import ConvStatisticsSchedule
+
     dl = s_tir.dlight
     return [
+        ConvStatisticsSchedule(),  # only bndeploy's conv + statistics kernels (fuse_statistics.py)
         SkipNarrowReductions(dl.gpu.Matmul()),  # conv2d as implicit GEMM
         dl.gpu.GEMV(),
         dl.gpu.Reduction(),
@@ -235,11 +238,14 @@ def schedule_passes(target: tvm.target.Target) -> list:
 
 
 def schedule_for_cuda(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Legalize, fuse and GPU-schedule a Relax module; returns Relax + scheduled TIR (not lowered)."""
+    """Route train-mode conv -> BN statistics to bndeploy's fused kernels, legalize, fuse and GPU-schedule a
+    Relax module; returns Relax + scheduled TIR (not lowered)."""
     from tvm.relax.backend.cuda import pipeline as cuda
 
+    from .fuse_statistics import fuse_conv_statistics
+
     with target:
-        passes = cuda.library_dispatch_passes(target) + schedule_passes(target)
+        passes = [fuse_conv_statistics] + cuda.library_dispatch_passes(target) + schedule_passes(target)
         scheduled = tvm.transform.Sequential(passes)(mod)
     require_parallel_reductions(scheduled)
     return scheduled
@@ -257,9 +263,19 @@ def cuda_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="BndeployCUDAPipeline")
     def pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        scheduled = schedule_for_cuda(mod, target)
+        return lowering_pipeline(target)(schedule_for_cuda(mod, target))
+
+    return pipeline
+
+
+def lowering_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """What follows schedule_for_cuda: TVM's lowering of a scheduled module to a VM executable."""
+    from tvm.relax.backend.cuda import pipeline as cuda
+
+    @tvm.transform.module_pass(opt_level=0, name="BndeployCUDALowering")
+    def pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
             rest = cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target)
-            return tvm.transform.Sequential(rest)(scheduled)
+            return tvm.transform.Sequential(rest)(mod)
 
     return pipeline

@@ -36,7 +36,8 @@ def build_cuda_library(
 ) -> dict:
     """GPU-schedule `mod`, build it for `target` and export a library with SASS + PTX to `out_path`.
 
-    Returns {"kernels": [device kernel names], "archs": ["sm_80"]}. With `dump_dir`, the generated
+    Returns {"kernels": [device kernel names], "archs": ["sm_80"], "statistics_fused": [ordinals of the convs
+    that sum BatchNorm statistics in their epilogue]}. With `dump_dir`, the generated
     CUDA source is written there as cuda_source.cu. ``host_compiler``: the cross gcc that links the
     library when the target's host is another CPU (Jetson: aarch64); None for this machine's compiler.
     """

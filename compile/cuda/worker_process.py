@@ -19,7 +19,8 @@ from tvm import relax
 from bndeploy.errors import BndeployError
 
 from .driver_stub import load_tvm_cuda_runtime
-from .gpu_schedules import cuda_pipeline
+from ..schedules.relax_rewrite import STATISTICS_FUSED_ATTR
+from .gpu_schedules import lowering_pipeline, schedule_for_cuda
 from .toolchain import compile_fatbin
 from .worker import CUDA_SOURCE_NAME
 
@@ -54,8 +55,9 @@ def _build_in_this_process(request: dict) -> dict:
         return bytearray(compile_fatbin(code, arch, nvcc))
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_callback, override=True)
+    scheduled = schedule_for_cuda(mod, target)
     with target:
-        executable = relax.build(mod, target=target, relax_pipeline=cuda_pipeline(target))
+        executable = relax.build(scheduled, target=target, relax_pipeline=lowering_pipeline(target))
     if not sources:
         raise BndeployError("TVM produced no CUDA device code (its compile callback was never called)")
     out_path = Path(request["out_path"])
@@ -69,7 +71,8 @@ def _build_in_this_process(request: dict) -> dict:
     if request["dump_dir"]:
         Path(request["dump_dir"]).mkdir(parents=True, exist_ok=True)
         Path(request["dump_dir"], CUDA_SOURCE_NAME).write_text("\n".join(sources))
-    return {"kernels": sorted({k for code in sources for k in kernel_names_in_source(code)}), "archs": [arch]}
+    return {"kernels": sorted({k for code in sources for k in kernel_names_in_source(code)}), "archs": [arch],
+            "statistics_fused": [int(k) for k in (scheduled.attrs or {}).get(STATISTICS_FUSED_ATTR, [])]}
 
 
 def kernel_names_in_source(code: str) -> list[str]:

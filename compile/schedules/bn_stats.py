@@ -82,11 +82,11 @@ def batch_stats_compute(spec: BatchStatsSpec) -> tirx.PrimFunc:
     return te.create_prim_func([x, mean, var])
 
 
-def finite_shift(value):
-    """The (float64) shift the sums are taken around, or 0 when it is not finite: an Inf first value as the shift would
+def finite_shift(value, dtype: str = "float64"):
+    """The shift the sums are taken around, or 0 when it is not finite: an Inf first value as the shift would
     turn the other values' differences into -Inf and its own into Inf - Inf = NaN, giving a NaN mean where ONNX
     Runtime's is Inf. (A NaN value still makes the channel's sums NaN through its own difference.)"""
-    return tirx.Select(tirx.isfinite(value), value, tirx.const(0.0, "float64"))
+    return tirx.Select(tirx.isfinite(value), value, tirx.const(0.0, dtype))
 
 
 def clamp_negative(value):

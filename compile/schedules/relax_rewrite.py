@@ -61,7 +61,7 @@ class _KernelRewriter(PyExprMutator):
         # Patterns are matched on the original bindings: rewritten ones are no longer in the builder.
         self._var2val = relax.analysis.get_var2val(func)
         self._stats_wanted = [source for binding in bindings(func)
-                              if (source := _conv_stats_source(binding.value, self._value_of)) is not None]
+                              if (source := conv_stats_source(binding.value, self._value_of)) is not None]
         self._convs = [b.value for b in bindings(func) if _op_name(b.value) == "relax.nn.conv2d"]
         return self.visit_expr(func)
 
@@ -94,7 +94,7 @@ class _KernelRewriter(PyExprMutator):
 
     def _rewrite_conv(self, call: relax.Call):
         """An NHWC conv2d with constant OIHW weights -> bndeploy's kernel for its class, weights packed."""
-        spec = _conv_spec(call)
+        spec = conv_spec(call)
         if spec is None:
             return None
         weights = call.args[1].value.numpy()
@@ -124,7 +124,7 @@ class _KernelRewriter(PyExprMutator):
         return relax.call_tir(gv, [self.visit_expr(data), weight], relax.TensorType(spec.output_shape, "float32"))
 
     def _winograd_conv(self, call: relax.Call, spec: ConvSpec, tiling: Tiling, weights: np.ndarray,
-                       wanted: "_StatsSource | None") -> relax.Expr:
+                       wanted: "StatsSource | None") -> relax.Expr:
         transformed, direct = (relax.const(w) for w in pack_winograd_weight(weights, spec, tiling))
         data = self.visit_expr(call.args[0])
         if wanted is not None:
@@ -140,7 +140,7 @@ class _KernelRewriter(PyExprMutator):
 
     def _conv_with_stats(self, call: relax.Call, data: relax.Expr, weights: list[relax.Expr], shift_weight: relax.Expr,
                          spec: ConvSpec, tiling: Tiling, conv_gv: tvm.ir.GlobalVar, chunks: int,
-                         wanted: "_StatsSource") -> relax.Expr:
+                         wanted: "StatsSource") -> relax.Expr:
         """`conv_gv`, a conv kernel that also sums its output's batch statistics in `chunks` chunks per image
         (conv_stats.py, winograd.py), and the small kernels around it: the shift before (a direct conv of the
         first pixel, with `shift_weight` packed for `tiling`), the mean and variance after. Returns the conv's
@@ -217,7 +217,7 @@ class _KernelRewriter(PyExprMutator):
     def _rewrite_batch_stats(self, call: relax.Call):
         """mean(x) and variance(x) / mean((x - mean(x))^2) over (N, H, W) of an NCHW or NHWC tensor: TVM would
         read x three times (mean, variance, then normalise); one kernel computes both in one pass."""
-        x = _stats_operand(call, self._value_of)
+        x = stats_operand(call, self._value_of)
         if x is None:
             return None
         which = 0 if _op_name(call) == "relax.mean" and x.same_as(call.args[0]) else 1  # mean, else variance
@@ -251,7 +251,7 @@ class _KernelRewriter(PyExprMutator):
         return stats
 
 
-def _stats_operand(call, value_of) -> relax.Expr | None:
+def stats_operand(call, value_of) -> relax.Expr | None:
     """x when call is variance(x), mean(x) or mean((x - mean(x))^2), else None."""
     name = _op_name(call)
     if name == "relax.variance":
@@ -263,7 +263,7 @@ def _stats_operand(call, value_of) -> relax.Expr | None:
 
 
 @dataclass(frozen=True)
-class _StatsSource:
+class StatsSource:
     """Batch statistics over (N, H, W) of x = conv(...) [+ bias]: the conv can sum them in its epilogue."""
 
     x: relax.Expr
@@ -271,10 +271,16 @@ class _StatsSource:
     bias: np.ndarray | None  # per output channel
 
 
-def _conv_stats_source(call, value_of) -> _StatsSource | None:
-    """The conv (and per-channel constant bias) whose NHWC output a channels-last mean/variance reduces."""
-    x = _stats_operand(call, value_of)
-    if x is None or call.attrs.axis is None or sorted(int(a) % 4 for a in call.attrs.axis) != [0, 1, 2]:
+CHANNEL_AXIS = {"NHWC": 3, "NCHW": 1}
+
+
+def conv_stats_source(call, value_of, layout: str = "NHWC") -> StatsSource | None:
+    """The conv (and per-channel constant bias) whose `layout` output a mean or variance over (N, H, W)
+    reduces, when `call` is one."""
+    x = stats_operand(call, value_of)
+    channel_axis = CHANNEL_AXIS[layout]
+    reduced = [axis for axis in range(4) if axis != channel_axis]
+    if x is None or call.attrs.axis is None or sorted(int(a) % 4 for a in call.attrs.axis) != reduced:
         return None
     shape = _static_shape(x)
     if shape is None or len(shape) != 4 or _dtype(x) != "float32":
@@ -282,23 +288,26 @@ def _conv_stats_source(call, value_of) -> _StatsSource | None:
     producer, bias = value_of(x), None
     if _op_name(producer) == "relax.add":
         for operand, other in (producer.args, reversed(producer.args)):
-            bias = _channel_vector(other, shape[3])
+            bias = _channel_vector(other, shape[channel_axis], channel_axis)
             if bias is not None and _op_name(value_of(operand)) == "relax.nn.conv2d":
                 producer = value_of(operand)
                 break
         else:
             return None
-    if _op_name(producer) != "relax.nn.conv2d" or _conv_spec(producer) is None:
+    if _op_name(producer) != "relax.nn.conv2d" or conv_spec(producer, layout) is None:
         return None
-    return _StatsSource(x, producer, bias)
+    return StatsSource(x, producer, bias)
 
 
-def _channel_vector(expr, channels: int) -> np.ndarray | None:
-    """A constant broadcast along the last (channel) axis only, as a (channels,) float32 vector."""
+def _channel_vector(expr, channels: int, channel_axis: int) -> np.ndarray | None:
+    """A constant broadcast along the channel axis only, as a (channels,) float32 vector."""
     if not isinstance(expr, Constant):
         return None
     value = expr.value.numpy()
-    if value.dtype != np.float32 or value.size not in (1, channels) or any(d != 1 for d in value.shape[:-1]):
+    if value.dtype != np.float32 or value.size not in (1, channels) or value.ndim > 4:
+        return None
+    aligned = (1,) * (4 - value.ndim) + value.shape  # as broadcasting lines it up with the 4-D tensor
+    if any(size != 1 for axis, size in enumerate(aligned) if axis != channel_axis):
         return None
     return np.broadcast_to(value.reshape(-1), (channels,)).astype(np.float32)
 
@@ -327,10 +336,12 @@ def _is_nchw_to_nhwc(permute: relax.Call) -> bool:
     return axes is not None and [int(a) for a in axes] == [0, 2, 3, 1]
 
 
-def _conv_spec(conv: relax.Call) -> ConvSpec | None:
+def conv_spec(conv: relax.Call, layout: str = "NHWC") -> ConvSpec | None:
+    """The spec of a float32 conv2d in `layout` (NHWC or NCHW) with constant OIHW weights and a static shape
+    (ConvSpec's sizes are the same for either layout), else None."""
     attrs = conv.attrs
     data, weight = conv.args
-    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "OIHW", "NHWC"):
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != (layout, "OIHW", layout):
         return None
     if not isinstance(weight, Constant):
         return None
@@ -339,6 +350,9 @@ def _conv_spec(conv: relax.Call) -> ConvSpec | None:
     shape = _static_shape(data)
     if shape is None:
         return None
+    if layout == "NCHW":
+        n, c, h, w = shape
+        shape = (n, h, w, c)
     out_channels, in_per_group, kh, kw = weight.value.shape
     groups = int(attrs.groups)
     if in_per_group * groups != shape[3]:

@@ -1,0 +1,101 @@
+"""Relax rewrite for CUDA: a train-mode BatchNorm's batch statistics summed in the conv before it.
+
+Pattern: mean(x) and variance(x) (or mean((x - mean(x))^2)) over (N, H, W) of x = conv2d(data, W) [+ b],
+an NCHW conv with constant weights (conv_stats.supports). Rewrite: the conv becomes the conv + statistics
+kernel and the combine kernel (conv_stats.py), and the mean and variance their outputs; what used x (the
+normalisation) still reads the conv's output, once, as one elementwise kernel TVM fuses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from ..passes import bindings
+from ..schedules.relax_rewrite import STATISTICS_FUSED_ATTR, conv_spec, conv_stats_source
+from .conv_stats import TileGrid, conv2d_stats_compute, gpu_tile, pack_gpu_weight, stats_combine_compute, supports
+
+LAYOUT = "NCHW"  # the CUDA pipeline keeps ONNX's layout
+
+
+@mutator
+class _FuseStatistics(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self._kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+        self._stats: list[tuple[relax.Expr, relax.Expr]] = []  # (x, (mean, variance) of x)
+        self.statistics_fused: list[int] = []  # ordinals of the convs that sum statistics in their epilogue
+
+    def rewrite(self, func: relax.Function) -> relax.Function:
+        var2val = relax.analysis.get_var2val(func)
+        self._value_of = lambda expr: var2val.get(expr, expr) if isinstance(expr, relax.Var) else expr
+        self._convs = [b.value for b in bindings(func) if _is_conv(b.value)]
+        self._wanted = [source for binding in bindings(func)
+                        if (source := conv_stats_source(binding.value, self._value_of, LAYOUT)) is not None
+                        and supports(conv_spec(source.conv, LAYOUT))]
+        return self.visit_expr(func)
+
+    def visit_call_(self, call: relax.Call):
+        wanted = next((s for s in self._wanted if s.conv.same_as(call)), None)
+        if wanted is not None:
+            return self._conv_with_statistics(call, wanted)
+        replaced = self._statistic(call)
+        return replaced if replaced is not None else super().visit_call_(call)
+
+    def _kernel(self, key: tuple, make_primfunc, name: str) -> tvm.ir.GlobalVar:
+        if key not in self._kernels:
+            self._kernels[key] = self.builder_.add_func(make_primfunc().without_attr("global_symbol"), name)
+        return self._kernels[key]
+
+    def _conv_with_statistics(self, call: relax.Call, wanted) -> relax.Expr:
+        spec = conv_spec(call, LAYOUT)
+        tile = gpu_tile(spec)
+        grid = TileGrid(spec, tile)
+        self.statistics_fused.append(next(k for k, conv in enumerate(self._convs) if conv.same_as(call)))
+        conv_gv = self._kernel(("conv_stats", spec, tile), lambda: conv2d_stats_compute(spec, tile),
+                               "bndeploy_cuda_conv2d_stats")
+        combine_gv = self._kernel(("combine", spec, tile), lambda: stats_combine_compute(spec, tile),
+                                  "bndeploy_cuda_batch_stats_combine")
+        weight = relax.const(pack_gpu_weight(call.args[1].value.numpy(), grid))
+        sums = relax.TensorType(grid.sums_shape(), "float32")
+        conv = self.builder_.emit(relax.call_tir(
+            conv_gv, [self.visit_expr(call.args[0]), weight],
+            [relax.TensorType(grid.output_shape(), "float32"), sums, sums]))
+        out = self.builder_.emit(relax.TupleGetItem(conv, 0))
+        bias = wanted.bias if wanted.bias is not None else np.zeros(spec.out_channels, "float32")
+        channel = relax.TensorType((spec.out_channels,), "float32")
+        stats = self.builder_.emit(relax.call_tir(
+            combine_gv, [out, relax.TupleGetItem(conv, 1), relax.TupleGetItem(conv, 2), relax.const(bias)],
+            [channel, channel]))
+        self._stats.append((wanted.x, stats))
+        return out
+
+    def _statistic(self, call: relax.Call) -> relax.Expr | None:
+        """mean(x) or variance(x) of an x whose conv sums its statistics: the combine kernel's output."""
+        source = conv_stats_source(call, self._value_of, LAYOUT)
+        x = source.x if source is not None else None
+        stats = next((stats for seen, stats in self._stats if x is not None and seen.same_as(x)), None)
+        if stats is None:
+            return None
+        which = 0 if call.op.name == "relax.mean" and x.same_as(call.args[0]) else 1  # mean, else variance
+        return relax.op.reshape(relax.TupleGetItem(stats, which), call.ty.shape)
+
+
+def _is_conv(expr) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.nn.conv2d"
+
+
+@tvm.transform.module_pass(opt_level=0, name="bndeploy.FuseConvStatisticsCUDA")
+def fuse_conv_statistics(mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
+    """The rewrite above on every Relax function; the fused convs' ordinals go to the module's
+    STATISTICS_FUSED_ATTR, as the CPU rewrite records them."""
+    mod = relax.transform.FoldConstant()(mod)  # e.g. the reshape of an ONNX Conv bias
+    rewriter = _FuseStatistics(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.rewrite(func))
+    mod = relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+    return mod.with_attr(STATISTICS_FUSED_ATTR, sorted(rewriter.statistics_fused))
+
