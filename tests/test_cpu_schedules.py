@@ -151,6 +151,78 @@ def test_grouped_channel_block_stays_inside_a_group():
     assert tiling.kind == DIRECT and tiling.channel_block == 8
 
 
+@pytest.mark.parametrize("isa, size, channels, groups, stride, tile", [
+    (AVX512, 56, 48, 6, 1, (28, 8)),  # the model's best, 30 pixels, would cross row ends
+    (AVX512, 28, 128, 8, 2, (14, 16)),  # 14x14 output: one row per tile, not the model's two
+    (AVX512, 7, 440, 55, 1, (7, 8)),
+    (AVX2, 28, 128, 8, 2, (6, 16)),  # a row-aligned tile of 16 channels would be 1 or 2 pixels: the model's stays
+])
+def test_grouped_tiles_stay_within_an_output_row_when_the_model_rates_them_close(isa, size, channels, groups, stride, tile):
+    tiling = choose_tiling(ConvSpec(1, size, size, channels, channels, (3, 3), strides=(stride, stride),
+                                    padding=(1, 1, 1, 1), groups=groups), isa)
+    assert (tiling.pixel_block, tiling.channel_block) == tile
+
+
+def _pad_blocks(func: tirx.PrimFunc) -> list[tuple[str, bool]]:
+    """(scope of the padding buffer, whether the pad block runs inside a parallel loop) per pad block."""
+    found = []
+
+    def visit(stmt, in_parallel):
+        if isinstance(stmt, tirx.For) and stmt.kind == tirx.ForKind.PARALLEL:
+            in_parallel = True
+        if isinstance(stmt, s_tir.SBlockRealize) and stmt.block.name_hint == "pad":
+            found.append((stmt.block.writes[0].source.scope(), in_parallel))
+        for child in _children(stmt):
+            visit(child, in_parallel)
+
+    visit(func.body, False)
+    return found
+
+
+def _children(stmt):
+    if isinstance(stmt, tirx.SeqStmt):
+        return list(stmt.seq)
+    children = (getattr(stmt, name, None) for name in ("block", "body", "then_case", "else_case"))
+    return [child for child in children if isinstance(child, tirx.Stmt)]
+
+
+@pytest.mark.parametrize("target, groups, size, per_tile", [
+    ("x86-64-avx512", 13, 28, True),  # a tile is a whole row: it pads its own window
+    ("x86-64-avx2", 26, 14, True),
+    ("x86-64-avx512", 55, 7, True),
+    ("x86-64-avx2", 8, 5, True),  # 13-pixel tiles cross rows; the window is the group's whole padded 5x5 map
+    ("x86-64-avx2", 13, 28, False),  # 14-pixel tiles, half a row: measured slower so
+    ("x86-64-avx512", 1, 28, False),  # dense: a tile would copy every input channel of its rows
+    ("cortex-a76", 13, 28, False),  # no stack windows in ARM's TIR lowering
+])
+def test_grouped_conv_tiles_pad_their_own_window_on_x86(target, groups, size, per_tile):
+    """Where it applies there is no padding pass of its own: each parallel task fills a local window."""
+    from bndeploy.compile.schedules.conv2d import conv2d_compute
+    from bndeploy.compile.schedules.conv_schedule import schedule_conv
+
+    tvm_target = resolve_target(target).tvm_target()
+    channels = 8 * groups if groups > 1 else 104
+    spec = ConvSpec(1, size, size, channels, channels, (3, 3), padding=(1, 1, 1, 1), groups=groups)
+    with tvm_target:
+        func = schedule_conv(conv2d_compute(spec, choose_tiling(spec, isa_for_target(tvm_target))))
+    assert _pad_blocks(func) == ([("local", True)] if per_tile else [("global", True)])
+
+
+@pytest.mark.parametrize("size, groups, tile", [(5, 8, (13, 8)), (3, 4, (5, 16))])
+def test_tile_windows_across_row_ends_match_onnxruntime(size, groups, tile):
+    """AVX2 tiles of 13 pixels on a 5x5 map (5 for 3x3) cross row ends; each pads its own window, which
+    TVM bounds by the group's whole padded map: borders, partial last tiles and group boundaries against
+    ONNX Runtime."""
+    spec = ConvSpec(2, size, size, 64, 64, (3, 3), padding=(1, 1, 1, 1), groups=groups)
+    tiling = choose_tiling(spec, AVX2)
+    assert (tiling.pixel_block, tiling.channel_block) == tile
+    rng = np.random.default_rng(3)
+    model = conv_onnx((2, 64, size, size), [(64, 3, 1, 1, groups, True)], rng)
+    x = rng.standard_normal((2, 64, size, size)).astype(np.float32)
+    got = run_vm(build_cpu(import_onnx(model), resolve_target("x86-64-avx2").tvm_target()), x)[0]
+    np.testing.assert_allclose(got, onnxruntime_run(model, x), atol=ATOL, rtol=RTOL)
+
+
 def test_depthwise_gets_its_own_kernel():
     tiling = choose_tiling(ConvSpec(1, 56, 56, 96, 96, (3, 3), padding=(1, 1, 1, 1), groups=96), AVX512)
     assert tiling.kind == DEPTHWISE and 96 % tiling.channel_block == 0

@@ -228,7 +228,33 @@ def direct_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
             useful = lane_use * channel_use * spec.pixels / _ceil_to(spec.pixels, rows)
             cost = TileCost(rows * vectors, rows * vectors, rows + vectors, steps, useful)
             candidates.append((Tiling(DIRECT, rows, channel_block, min(isa.lanes, channel_block)), cost))
+    if spec.groups > 1:
+        return _row_aligned_if_close(spec, candidates, isa)
     return best_tiling(candidates, isa)
+
+
+# A grouped conv's tile that lies within one output row (its pixel count divides the row) is taken over a
+# tile of the same channel block the model rates up to this much better: the model does not see what a
+# tile crossing a row end costs.
+# Measured (AMD EPYC Zen 4, AVX-512 code, 2 threads): 48 channels in groups of 8 on 56x56, 28-pixel tiles
+# 0.116 ms against 0.195 for the model's 30; 128 channels in groups of 16, stride 2 to 14x14, 14-pixel
+# tiles 0.037 ms against 0.052 for 28; 440 channels in groups of 8 on 7x7, 7-pixel tiles 0.020 ms
+# against 0.022 for 25.
+ROW_ALIGNED_MIN_EFFICIENCY = 0.85
+
+
+def _row_aligned_if_close(spec: ConvSpec, candidates: list[tuple[Tiling, TileCost]], isa: VectorISA) -> Tiling | None:
+    best = best_tiling(candidates, isa)
+    if best is None:
+        return None
+    aligned = [(tiling, cost) for tiling, cost in candidates
+               if spec.out_width % tiling.pixel_block == 0 and tiling.channel_block == best.channel_block]
+    if not aligned:
+        return best
+    top = max(cost.efficiency(isa) for _, cost in candidates)
+    if max(cost.efficiency(isa) for _, cost in aligned) < ROW_ALIGNED_MIN_EFFICIENCY * top:
+        return best
+    return best_tiling(aligned, isa)
 
 
 # Cache a tile loop can count on keeping its reused operand in: below a core's L2 on every CPU class
