@@ -146,7 +146,9 @@ def conv2d_stats_compute(spec: ConvSpec, tile: GpuTile) -> tirx.PrimFunc:
             data[n, c, y - top, x - left], tirx.const(0.0, "float32")),
         name="pad")
     rc, ry, rx = (te.reduce_axis((0, extent), name=name) for extent, name in ((s.in_channels, "rc"), (kh, "ry"), (kw, "rx")))
-    # output row h = i * rows + r, column w = j * cols + c: (tile row i, row r in it, tile column j, column c)
+    # output row h = i * rows + r, column w = j * cols + c: (tile row i, row r in it, tile column j, column c).
+    # Kept apart so that every read of `conv` below is a unit-stride index (reverse_compute_at could not
+    # place the consumers under a tile when they read h = i * rows + r through one index).
     conv = te.compute(
         (s.batch, grid.channels, grid.tile_rows, rows, grid.tile_cols, cols),
         lambda n, o, i, r, j, c: te.sum(
@@ -155,6 +157,8 @@ def conv2d_stats_compute(spec: ConvSpec, tile: GpuTile) -> tirx.PrimFunc:
         name="conv")
     out = te.compute(grid.output_shape(), lambda n, o, h, w: conv[n, o, h // rows, h % rows, w // cols, w % cols],
                      name="conv_out")
+    # a block of its own: a block reading `conv` at a pixel and at its tile's first pixel defeats
+    # reverse_compute_at's region solving
     center = te.compute(grid.sums_shape(), lambda n, i, j, o: _tile_center(conv[n, o, i, 0, j, 0]), name="center")
     rh, rw = te.reduce_axis((0, rows), name="rh"), te.reduce_axis((0, cols), name="rw")
 
