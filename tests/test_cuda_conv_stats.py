@@ -261,6 +261,9 @@ def test_train_artifact_holds_the_fused_kernel_as_sass_and_ptx(tmp_path):
     found = cuda.inspect_cuda_library(artifact / "model.so")
     assert found["archs"] == ["sm_80"] and found["ptx"] == ["compute_80"]
     assert "bndeploy_cuda_conv2d_stats_kernel" in found["kernels"]
+    usage = found["resources"]["bndeploy_cuda_conv2d_stats_kernel"]
+    assert usage["local"] == 0, usage  # the register tile and the reduction's values never spill
+    assert 0 < usage["shared"] <= 48 * 1024 and usage["registers"] * 256 <= 64 * 1024, usage  # a block fits an SM
     source = (artifact / "dump" / cuda.CUDA_SOURCE_NAME).read_text()
     conv_kernel = source[source.index("bndeploy_cuda_conv2d_stats_kernel(float"):]
     conv_kernel = conv_kernel[:conv_kernel.index("\n}\n")]

@@ -55,7 +55,9 @@ def extract_fatbins(library: Path) -> list[bytes]:
 
 
 def inspect_cuda_library(path) -> dict:
-    """Device code inside a bndeploy CUDA library: {"archs": SASS archs, "ptx": PTX archs, "kernels"}."""
+    """Device code inside a bndeploy CUDA library: {"archs": SASS archs, "ptx": PTX archs, "kernels",
+    "resources": {kernel: {"registers", "shared", "local"}}} (per thread registers, bytes of shared memory
+    per block, bytes of local memory per thread: spills, when not 0; for the SASS of the last arch read)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: CUDA library not found")
@@ -63,7 +65,7 @@ def inspect_cuda_library(path) -> dict:
     if not fatbins:
         raise ArtifactError(f"{path}: holds no compiled CUDA device code (CUDA source only?)")
     cuobjdump = find_cuobjdump()
-    archs, ptx, kernels = set(), set(), set()
+    archs, ptx, kernels, resources = set(), set(), set(), {}
     with tempfile.TemporaryDirectory(prefix="bndeploy-cuobjdump-") as tmp:
         for index, fatbin in enumerate(fatbins):
             file = Path(tmp, f"device{index}.fatbin")
@@ -73,7 +75,16 @@ def inspect_cuda_library(path) -> dict:
             ptx.update("compute_" + a[3:] for a in re.findall(r"^PTX file\s+\d+:\s+\S+\.(sm_\w+)\.ptx$", listing, re.M))
             symbols = _run_cuobjdump(cuobjdump, "-symbols", file)
             kernels.update(re.findall(r"^\s*FUNC\s+GLOBAL\s+\S+\s+ENTRY\s+(\S+)$", symbols, re.M))
-    return {"archs": sorted(archs), "ptx": sorted(ptx), "kernels": sorted(kernels)}
+            resources.update(_resource_usage(_run_cuobjdump(cuobjdump, "--dump-resource-usage", file)))
+    return {"archs": sorted(archs), "ptx": sorted(ptx), "kernels": sorted(kernels), "resources": resources}
+
+
+_RESOURCES = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:\d+ SHARED:(\d+) LOCAL:(\d+)")
+
+
+def _resource_usage(listing: str) -> dict:
+    return {name: {"registers": int(reg), "shared": int(shared), "local": int(local)}
+            for name, reg, shared, local in _RESOURCES.findall(listing)}
 
 
 def _run_cuobjdump(cuobjdump: str, *args) -> str:
