@@ -329,7 +329,11 @@ def test_device_that_accepts_but_never_answers_times_out(artifacts):
 def test_dead_tracker_is_exit_2_through_the_cli(capsys):
     from bndeploy.cli import main
 
-    assert main(["device", "list", "--tracker", f"{LOOPBACK}:{free_port()}"]) == 2
+    # a port held bound but never listening: connecting is refused, and no other process can take it
+    # meanwhile (a port merely found free could be, by a service another test starts)
+    with socket.socket() as held:
+        held.bind((LOOPBACK, 0))
+        assert main(["device", "list", "--tracker", f"{LOOPBACK}:{held.getsockname()[1]}"]) == 2
     assert "connection refused" in capsys.readouterr().err
 
 
