@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import bndeploy.runtime.device_cli  # noqa: F401  (see below)
 from bndeploy.cli import main as cli
 from bndeploy.errors import BndeployError
 from bndeploy.runtime import compare, default_tolerance
@@ -327,13 +328,14 @@ def test_device_that_accepts_but_never_answers_times_out(artifacts):
 
 
 def test_dead_tracker_is_exit_2_through_the_cli(capsys):
-    from bndeploy.cli import main
-
+    """(device_cli is imported with this module: the CLI imports it lazily, and pytest's assertion rewriting
+    then parsed it in the middle of this test, where CPython 3.11.7's compile() sometimes failed with
+    "SystemError: AST constructor recursion depth mismatch" after the RPC tests before it.)"""
     # a port held bound but never listening: connecting is refused, and no other process can take it
     # meanwhile (a port merely found free could be, by a service another test starts)
     with socket.socket() as held:
         held.bind((LOOPBACK, 0))
-        assert main(["device", "list", "--tracker", f"{LOOPBACK}:{held.getsockname()[1]}"]) == 2
+        assert cli(["device", "list", "--tracker", f"{LOOPBACK}:{held.getsockname()[1]}"]) == 2
     assert "connection refused" in capsys.readouterr().err
 
 
