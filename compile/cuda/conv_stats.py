@@ -33,6 +33,7 @@ from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
 from ..schedules.bn_stats import clamp_negative, finite_shift, shifted_sums
 from ..schedules.conv2d import ConvSpec
+from ..schedules.conv_schedule import loops_below
 from ..schedules.generic import OPAQUE_PATTERN
 
 TILE_ATTR = "bndeploy.gpu_conv_tile"  # on the conv + statistics PrimFunc: its GpuTile, as a list of ints
@@ -264,17 +265,11 @@ def _stage_in_shared(sch: s_tir.Schedule, conv, rc_step, tile: GpuTile) -> None:
     for buffer_index in (0, 1):  # conv reads pad, then weight
         staged = sch.cache_read(conv, buffer_index, "shared")
         sch.compute_at(staged, rc_step)
-        fused = sch.fuse(*_loops_below(sch, staged, rc_step))
+        fused = sch.fuse(*loops_below(sch, staged, rc_step))
         _, ty, tx = sch.split(fused, [None, tile.channel_threads, tile.pixel_threads])
         sch.bind(ty, "threadIdx.y")
         sch.bind(tx, "threadIdx.x")
     sch.compute_inline(pad)  # the zero border computed as the window is loaded
-
-
-def _loops_below(sch: s_tir.Schedule, block, outer) -> list:
-    loops = sch.get_loops(block)
-    position = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(outer)))
-    return loops[position + 1:]
 
 
 def _bind_block_threads(sch: s_tir.Schedule, block, tile: GpuTile) -> None:

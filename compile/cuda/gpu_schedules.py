@@ -258,16 +258,6 @@ def require_parallel_reductions(scheduled: tvm.IRModule) -> None:
         raise UnsupportedModelError(f"bndeploy could not parallelise these GPU reductions: {names}")
 
 
-def cuda_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    from tvm.relax.backend.cuda import pipeline as cuda
-
-    @tvm.transform.module_pass(opt_level=0, name="BndeployCUDAPipeline")
-    def pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return lowering_pipeline(target)(schedule_for_cuda(mod, target))
-
-    return pipeline
-
-
 def lowering_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     """What follows schedule_for_cuda: TVM's lowering of a scheduled module to a VM executable."""
     from tvm.relax.backend.cuda import pipeline as cuda
