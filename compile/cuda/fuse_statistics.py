@@ -14,7 +14,8 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..passes import bindings
-from ..schedules.relax_rewrite import STATISTICS_FUSED_ATTR, conv_spec, conv_stats_source
+from ..schedules.relax_rewrite import (KernelTable, bound_values, conv_spec, conv_stats_source, op_name,
+                                       rewrite_functions)
 from .conv_stats import TileGrid, conv2d_stats_compute, gpu_tile, pack_gpu_weight, stats_combine_compute, supports
 
 LAYOUT = "NCHW"  # the CUDA pipeline keeps ONNX's layout
@@ -24,14 +25,13 @@ LAYOUT = "NCHW"  # the CUDA pipeline keeps ONNX's layout
 class _FuseStatistics(PyExprMutator):
     def __init__(self, mod: tvm.IRModule):
         super().__init__(mod)
-        self._kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+        self._kernels = KernelTable(self.builder_)
         self._stats: list[tuple[relax.Expr, relax.Expr]] = []  # (x, (mean, variance) of x)
         self.statistics_fused: list[int] = []  # ordinals of the convs that sum statistics in their epilogue
 
     def rewrite(self, func: relax.Function) -> relax.Function:
-        var2val = relax.analysis.get_var2val(func)
-        self._value_of = lambda expr: var2val.get(expr, expr) if isinstance(expr, relax.Var) else expr
-        self._convs = [b.value for b in bindings(func) if _is_conv(b.value)]
+        self._value_of = bound_values(func)
+        self._convs = [b.value for b in bindings(func) if op_name(b.value) == "relax.nn.conv2d"]
         self._wanted = [source for binding in bindings(func)
                         if (source := conv_stats_source(binding.value, self._value_of, LAYOUT)) is not None
                         and supports(conv_spec(source.conv, LAYOUT))]
@@ -44,19 +44,14 @@ class _FuseStatistics(PyExprMutator):
         replaced = self._statistic(call)
         return replaced if replaced is not None else super().visit_call_(call)
 
-    def _kernel(self, key: tuple, make_primfunc, name: str) -> tvm.ir.GlobalVar:
-        if key not in self._kernels:
-            self._kernels[key] = self.builder_.add_func(make_primfunc().without_attr("global_symbol"), name)
-        return self._kernels[key]
-
     def _conv_with_statistics(self, call: relax.Call, wanted) -> relax.Expr:
         spec = conv_spec(call, LAYOUT)
         tile = gpu_tile(spec)
         grid = TileGrid(spec, tile)
         self.statistics_fused.append(next(k for k, conv in enumerate(self._convs) if conv.same_as(call)))
-        conv_gv = self._kernel(("conv_stats", spec, tile), lambda: conv2d_stats_compute(spec, tile),
+        conv_gv = self._kernels.add(("conv_stats", spec, tile), lambda: conv2d_stats_compute(spec, tile),
                                "bndeploy_cuda_conv2d_stats")
-        combine_gv = self._kernel(("combine", spec, tile), lambda: stats_combine_compute(spec, tile),
+        combine_gv = self._kernels.add(("combine", spec, tile), lambda: stats_combine_compute(spec, tile),
                                   "bndeploy_cuda_batch_stats_combine")
         weight = relax.const(pack_gpu_weight(call.args[1].value.numpy(), grid))
         sums = relax.TensorType(grid.sums_shape(), "float32")
@@ -83,19 +78,9 @@ class _FuseStatistics(PyExprMutator):
         return relax.op.reshape(relax.TupleGetItem(stats, which), call.ty.shape)
 
 
-def _is_conv(expr) -> bool:
-    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.nn.conv2d"
-
-
 @tvm.transform.module_pass(opt_level=0, name="bndeploy.FuseConvStatisticsCUDA")
 def fuse_conv_statistics(mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
     """The rewrite above on every Relax function; the fused convs' ordinals go to the module's
     STATISTICS_FUSED_ATTR, as the CPU rewrite records them."""
-    mod = relax.transform.FoldConstant()(mod)  # e.g. the reshape of an ONNX Conv bias
-    rewriter = _FuseStatistics(mod)
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.rewrite(func))
-    mod = relax.transform.DeadCodeElimination()(rewriter.builder_.get())
-    return mod.with_attr(STATISTICS_FUSED_ATTR, sorted(rewriter.statistics_fused))
+    return rewrite_functions(mod, _FuseStatistics)
 

@@ -21,7 +21,7 @@ from .winograd import (build_winograd_stats_primfunc, fallback_tiling, pack_wino
                        weights_allow_winograd, winograd_compute, winograd_tiling)
 
 
-def _op_name(expr) -> str | None:
+def op_name(expr) -> str | None:
     if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
         return expr.op.name
     return None
@@ -42,6 +42,27 @@ def _dtype(expr) -> str | None:
     return sinfo.dtype if isinstance(sinfo, relax.TensorType) else None
 
 
+class KernelTable:
+    """The PrimFuncs a Relax rewrite adds to its module: one per key (equal convs share a kernel)."""
+
+    def __init__(self, builder: relax.BlockBuilder):
+        self._builder = builder
+        self._added: dict[tuple, tvm.ir.GlobalVar] = {}
+
+    def add(self, key: tuple, make_primfunc, name: str) -> tvm.ir.GlobalVar:
+        if key not in self._added:
+            # te.create_prim_func names every function "main"; the module assigns the symbol.
+            self._added[key] = self._builder.add_func(make_primfunc().without_attr("global_symbol"), name)
+        return self._added[key]
+
+
+def bound_values(func: relax.Function):
+    """expr -> the value a variable of `func` is bound to (one hop), else expr. Patterns are matched on the
+    original bindings: rewritten ones are no longer in the builder."""
+    var2val = relax.analysis.get_var2val(func)
+    return lambda expr: var2val.get(expr, expr) if isinstance(expr, relax.Var) else expr
+
+
 @mutator
 class _KernelRewriter(PyExprMutator):
     """Replaces each NHWC conv2d with constant weights by a call to bndeploy's conv kernel, and
@@ -52,39 +73,26 @@ class _KernelRewriter(PyExprMutator):
         super().__init__(mod)
         self._isa = isa_for_target(target)
         self._winograd = winograd
-        self._kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+        self._kernels = KernelTable(self.builder_)
         self._stats_calls: list[tuple[relax.Expr, relax.Var]] = []
         self._epilogue_stats: list[tuple[relax.Expr, relax.Expr]] = []  # (x, (mean, variance) from its conv)
         self.statistics_fused: list[int] = []  # ordinals of the convs that sum statistics in their epilogue
 
     def rewrite(self, func: relax.Function) -> relax.Function:
-        # Patterns are matched on the original bindings: rewritten ones are no longer in the builder.
-        self._var2val = relax.analysis.get_var2val(func)
+        self._value_of = bound_values(func)
         self._stats_wanted = [source for binding in bindings(func)
                               if (source := conv_stats_source(binding.value, self._value_of)) is not None]
-        self._convs = [b.value for b in bindings(func) if _op_name(b.value) == "relax.nn.conv2d"]
+        self._convs = [b.value for b in bindings(func) if op_name(b.value) == "relax.nn.conv2d"]
         return self.visit_expr(func)
 
-    def _value_of(self, expr):
-        """The bound value of a variable of the original function (one hop), else the expression."""
-        if isinstance(expr, relax.Var) and expr in self._var2val:
-            return self._var2val[expr]
-        return expr
-
-    def _kernel(self, key: tuple, make_primfunc, name: str) -> tvm.ir.GlobalVar:
-        if key not in self._kernels:
-            # te.create_prim_func names every function "main"; the module assigns the symbol.
-            func = make_primfunc().without_attr("global_symbol")
-            self._kernels[key] = self.builder_.add_func(func, name)
-        return self._kernels[key]
 
     def visit_call_(self, call: relax.Call):
         replacement = None
-        if _op_name(call) == "relax.nn.conv2d":
+        if op_name(call) == "relax.nn.conv2d":
             replacement = self._rewrite_conv(call)
-        elif _op_name(call) == "relax.matmul":
+        elif op_name(call) == "relax.matmul":
             replacement = self._rewrite_dense(call)
-        elif _op_name(call) == "relax.nn.conv2d_transpose":
+        elif op_name(call) == "relax.nn.conv2d_transpose":
             replacement = self._rewrite_conv_transpose(call)
         if replacement is None:
             replacement = self._rewrite_batch_stats(call)
@@ -110,16 +118,16 @@ class _KernelRewriter(PyExprMutator):
         # A network's NCHW input: a direct conv's padding copy can transpose it on the way (one pass instead
         # of two). Not a depthwise conv's: it reads its input in place, and strided NCHW reads per tap were
         # 4-6x slower than transposing first.
-        transposed = _op_name(source) == "relax.permute_dims" and _is_nchw_to_nhwc(source)
+        transposed = op_name(source) == "relax.permute_dims" and _is_nchw_to_nhwc(source)
         if spec.padded and transposed and tiling.kind != DEPTHWISE:
             data, spec = source.args[0], replace(spec, input_layout="NCHW")
         weight = relax.const(pack_weight(weights, spec, tiling))
         if wanted is not None and tiling.kind == DIRECT:
             chunks = pixel_chunks(spec, tiling)
-            conv_gv = self._kernel(("conv2d_stats", spec, tiling), lambda: build_conv2d_stats_primfunc(spec, tiling, chunks),
+            conv_gv = self._kernels.add(("conv2d_stats", spec, tiling), lambda: build_conv2d_stats_primfunc(spec, tiling, chunks),
                                    "bndeploy_conv2d_direct_stats")
             return self._conv_with_stats(call, self.visit_expr(data), [weight], weight, spec, tiling, conv_gv, chunks, wanted)
-        gv = self._kernel(("conv2d", spec, tiling), lambda: conv2d_compute(spec, tiling),
+        gv = self._kernels.add(("conv2d", spec, tiling), lambda: conv2d_compute(spec, tiling),
                           f"bndeploy_conv2d_{'depthwise' if tiling.kind == DEPTHWISE else 'direct'}")
         return relax.call_tir(gv, [self.visit_expr(data), weight], relax.TensorType(spec.output_shape, "float32"))
 
@@ -129,13 +137,13 @@ class _KernelRewriter(PyExprMutator):
         data = self.visit_expr(call.args[0])
         if wanted is not None:
             chunks = statistics_chunks(spec, tiling)
-            conv_gv = self._kernel(("winograd_stats", spec, tiling),
+            conv_gv = self._kernels.add(("winograd_stats", spec, tiling),
                                    lambda: build_winograd_stats_primfunc(spec, tiling),
                                    "bndeploy_conv2d_winograd_stats")
             # the fallback's weights are the direct layout the shift kernel reads
             return self._conv_with_stats(call, data, [transformed, direct], direct, spec,
                                          fallback_tiling(spec, tiling), conv_gv, chunks, wanted)
-        gv = self._kernel(("conv2d", spec, tiling), lambda: winograd_compute(spec, tiling), "bndeploy_conv2d_winograd")
+        gv = self._kernels.add(("conv2d", spec, tiling), lambda: winograd_compute(spec, tiling), "bndeploy_conv2d_winograd")
         return relax.call_tir(gv, [data, transformed, direct], relax.TensorType(spec.output_shape, "float32"))
 
     def _conv_with_stats(self, call: relax.Call, data: relax.Expr, weights: list[relax.Expr], shift_weight: relax.Expr,
@@ -146,8 +154,8 @@ class _KernelRewriter(PyExprMutator):
         first pixel, with `shift_weight` packed for `tiling`), the mean and variance after. Returns the conv's
         output."""
         self.statistics_fused.append(next(k for k, conv in enumerate(self._convs) if conv.same_as(call)))
-        shift_gv = self._kernel(("conv2d_shift", spec, tiling), lambda: shift_primfunc(spec, tiling), "bndeploy_batch_stats_shift")
-        combine_gv = self._kernel(("stats_combine", spec, tiling, chunks),
+        shift_gv = self._kernels.add(("conv2d_shift", spec, tiling), lambda: shift_primfunc(spec, tiling), "bndeploy_batch_stats_shift")
+        combine_gv = self._kernels.add(("stats_combine", spec, tiling, chunks),
                                   lambda: stats_combine_primfunc(spec, tiling, chunks), "bndeploy_batch_stats_combine")
         padded = padded_channels(spec, tiling)
         shift = self.builder_.emit(relax.call_tir(shift_gv, [data, shift_weight], relax.TensorType((padded,), "float32")))
@@ -180,7 +188,7 @@ class _KernelRewriter(PyExprMutator):
         tiling = choose_tiling(spec, self._isa)
         if tiling is None:
             return None
-        gv = self._kernel(("dense", spec, tiling), lambda: conv2d_compute(spec, tiling), "bndeploy_dense")
+        gv = self._kernels.add(("dense", spec, tiling), lambda: conv2d_compute(spec, tiling), "bndeploy_dense")
         packed = pack_weight(np.ascontiguousarray(matrix.T).reshape(spec.out_channels, spec.in_channels, 1, 1), spec, tiling)
         return relax.call_tir(gv, [x, relax.const(packed)], relax.TensorType(spec.output_shape, "float32"))
 
@@ -196,7 +204,7 @@ class _KernelRewriter(PyExprMutator):
         cols = self._dense(flat, spec.rows, gemm_weight(call.args[1].value.numpy()))
         if cols is None:  # no register tile on this ISA (the reshape above is left to dead-code elimination)
             return self._conv_transpose_in_nchw(call)
-        gv = self._kernel(("col2im", spec), lambda: col2im_primfunc(spec), "bndeploy_col2im")
+        gv = self._kernels.add(("col2im", spec), lambda: col2im_primfunc(spec), "bndeploy_col2im")
         return relax.call_tir(gv, [self.builder_.emit(cols)], relax.TensorType(spec.output_shape, "float32"))
 
     def _conv_transpose_in_nchw(self, call: relax.Call):
@@ -220,7 +228,7 @@ class _KernelRewriter(PyExprMutator):
         x = stats_operand(call, self._value_of)
         if x is None:
             return None
-        which = 0 if _op_name(call) == "relax.mean" and x.same_as(call.args[0]) else 1  # mean, else variance
+        which = 0 if op_name(call) == "relax.mean" and x.same_as(call.args[0]) else 1  # mean, else variance
         shape = _static_shape(x)
         axes = call.attrs.axis
         if shape is None or len(shape) != 4 or _dtype(x) != "float32" or axes is None:
@@ -242,7 +250,7 @@ class _KernelRewriter(PyExprMutator):
         for seen, stats in self._epilogue_stats + self._stats_calls:
             if seen.same_as(x):
                 return stats
-        gv = self._kernel(("bn_stats", spec), lambda: build_batch_stats_primfunc(spec), "bndeploy_batch_stats")
+        gv = self._kernels.add(("bn_stats", spec), lambda: build_batch_stats_primfunc(spec), "bndeploy_batch_stats")
         flat_shape = (spec.rows, spec.channels) if spec.channels_last else (spec.batch, spec.channels, spec.plane)
         flat = self.builder_.emit(relax.op.reshape(self.visit_expr(x), flat_shape))
         channel = relax.TensorType((spec.channels,), "float32")
@@ -253,7 +261,7 @@ class _KernelRewriter(PyExprMutator):
 
 def stats_operand(call, value_of) -> relax.Expr | None:
     """x when call is variance(x), mean(x) or mean((x - mean(x))^2), else None."""
-    name = _op_name(call)
+    name = op_name(call)
     if name == "relax.variance":
         return call.args[0]
     if name == "relax.mean":
@@ -286,15 +294,15 @@ def conv_stats_source(call, value_of, layout: str = "NHWC") -> StatsSource | Non
     if shape is None or len(shape) != 4 or _dtype(x) != "float32":
         return None
     producer, bias = value_of(x), None
-    if _op_name(producer) == "relax.add":
+    if op_name(producer) == "relax.add":
         for operand, other in (producer.args, reversed(producer.args)):
             bias = _channel_vector(other, shape[channel_axis], channel_axis)
-            if bias is not None and _op_name(value_of(operand)) == "relax.nn.conv2d":
+            if bias is not None and op_name(value_of(operand)) == "relax.nn.conv2d":
                 producer = value_of(operand)
                 break
         else:
             return None
-    if _op_name(producer) != "relax.nn.conv2d" or conv_spec(producer, layout) is None:
+    if op_name(producer) != "relax.nn.conv2d" or conv_spec(producer, layout) is None:
         return None
     return StatsSource(x, producer, bias)
 
@@ -314,7 +322,7 @@ def _channel_vector(expr, channels: int, channel_axis: int) -> np.ndarray | None
 
 def _centered_square_source(expr, value_of):
     """x if expr is square(x - mean(x)), multiply(d, d) with d = x - mean(x), or power(d, 2)."""
-    name = _op_name(expr)
+    name = op_name(expr)
     if name == "relax.square":
         diff = value_of(expr.args[0])
     elif name == "relax.multiply" and expr.args[0].same_as(expr.args[1]):
@@ -323,10 +331,10 @@ def _centered_square_source(expr, value_of):
         diff = value_of(expr.args[0])
     else:
         return None
-    if _op_name(diff) != "relax.subtract":
+    if op_name(diff) != "relax.subtract":
         return None
     x, mean = diff.args[0], value_of(diff.args[1])
-    if _op_name(mean) != "relax.mean" or not mean.args[0].same_as(x):
+    if op_name(mean) != "relax.mean" or not mean.args[0].same_as(x):
         return None
     return x
 
@@ -412,7 +420,7 @@ def convert_to_channels_last(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 class _ClipToBounds(PyExprMutator):
     def visit_call_(self, call: relax.Call):
         call = super().visit_call_(call)
-        if _op_name(call) != "relax.clip" or _dtype(call) is None:
+        if op_name(call) != "relax.clip" or _dtype(call) is None:
             return call
         low, high = (float(bound.value) for bound in call.args[1:])
         dtype = _dtype(call)
@@ -432,13 +440,20 @@ def clip_to_bounds(mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
     return mod
 
 
-@tvm.transform.module_pass(opt_level=0, name="bndeploy.RewriteToKernels")
-def rewrite_to_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    algorithm = str((mod.attrs or {}).get(CONV_ALGORITHM_ATTR, "auto"))
-    mod = relax.transform.FoldConstant()(mod)  # e.g. the reshape of an ONNX Conv bias
-    rewriter = _KernelRewriter(mod, tvm.target.Target.current(), winograd=algorithm == "auto")
+def rewrite_functions(mod: tvm.IRModule, make_rewriter) -> tvm.IRModule:
+    """`make_rewriter(mod)`'s `rewrite` on every Relax function of `mod` (constants folded first, e.g. the
+    reshape of an ONNX Conv bias), dead code removed after; the ordinals of the convs that sum BatchNorm
+    statistics in their epilogue (the rewriter's `statistics_fused`) go to STATISTICS_FUSED_ATTR."""
+    mod = relax.transform.FoldConstant()(mod)
+    rewriter = make_rewriter(mod)
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gv, rewriter.rewrite(func))
     mod = relax.transform.DeadCodeElimination()(rewriter.builder_.get())
     return mod.with_attr(STATISTICS_FUSED_ATTR, sorted(rewriter.statistics_fused))
+
+
+@tvm.transform.module_pass(opt_level=0, name="bndeploy.RewriteToKernels")
+def rewrite_to_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    winograd = str((mod.attrs or {}).get(CONV_ALGORITHM_ATTR, "auto")) == "auto"
+    return rewrite_functions(mod, lambda folded: _KernelRewriter(folded, tvm.target.Target.current(), winograd))
