@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tvm
+import tvm_ffi
 from onnx import TensorProto, helper, numpy_helper
 from tvm import relax, s_tir, te, tirx, topi
 
@@ -165,25 +166,16 @@ def test_grouped_tiles_stay_within_an_output_row_when_the_model_rates_them_close
 
 def _pad_blocks(func: tirx.PrimFunc) -> list[tuple[str, bool]]:
     """(scope of the padding buffer, whether the pad block runs inside a parallel loop) per pad block."""
-    found = []
 
-    def visit(stmt, in_parallel):
-        if isinstance(stmt, tirx.For) and stmt.kind == tirx.ForKind.PARALLEL:
-            in_parallel = True
-        if isinstance(stmt, s_tir.SBlockRealize) and stmt.block.name_hint == "pad":
-            found.append((stmt.block.writes[0].source.scope(), in_parallel))
-        for child in _children(stmt):
-            visit(child, in_parallel)
+    def pads(node) -> list:
+        found = []
+        tvm_ffi.structural_walk(node, (s_tir.SBlock, lambda b: found.append(b) if b.name_hint == "pad" else None))
+        return found
 
-    visit(func.body, False)
-    return found
-
-
-def _children(stmt):
-    if isinstance(stmt, tirx.SeqStmt):
-        return list(stmt.seq)
-    children = (getattr(stmt, name, None) for name in ("block", "body", "then_case", "else_case"))
-    return [child for child in children if isinstance(child, tirx.Stmt)]
+    loops = []
+    tvm_ffi.structural_walk(func.body, (tirx.For, lambda f: loops.append(f) if f.kind == tirx.ForKind.PARALLEL else None))
+    in_parallel = [pad for loop in loops for pad in pads(loop.body)]
+    return [(pad.writes[0].source.scope(), any(pad.same_as(p) for p in in_parallel)) for pad in pads(func.body)]
 
 
 @pytest.mark.parametrize("target, groups, size, per_tile", [
