@@ -154,8 +154,9 @@ def test_grouped_channel_block_stays_inside_a_group():
 
 @pytest.mark.parametrize("isa, size, channels, groups, stride, tile", [
     (AVX512, 56, 48, 6, 1, (28, 8)),  # the model's best, 30 pixels, would cross row ends
-    (AVX512, 28, 128, 8, 2, (14, 16)),  # 14x14 output: one row per tile, not the model's two
+    (AVX512, 28, 128, 8, 2, (28, 16)),  # 14x14 output: two whole rows per tile
     (AVX512, 7, 440, 55, 1, (7, 8)),
+    (AVX2, 28, 104, 13, 1, (7, 8)),  # 14 pixels would take the register the border test needs
     (AVX2, 28, 128, 8, 2, (6, 16)),  # a row-aligned tile of 16 channels would be 1 or 2 pixels: the model's stays
 ])
 def test_grouped_tiles_stay_within_an_output_row_when_the_model_rates_them_close(isa, size, channels, groups, stride, tile):
@@ -164,8 +165,8 @@ def test_grouped_tiles_stay_within_an_output_row_when_the_model_rates_them_close
     assert (tiling.pixel_block, tiling.channel_block) == tile
 
 
-def _pad_blocks(func: tirx.PrimFunc) -> list[tuple[str, bool]]:
-    """(scope of the padding buffer, whether the pad block runs inside a parallel loop) per pad block."""
+def _pad_copies(func: tirx.PrimFunc) -> list[tuple[str, int | None]]:
+    """(scope of the padding buffer, extent of the parallel loop the pad block runs in) per pad block."""
 
     def pads(node) -> list:
         found = []
@@ -174,44 +175,46 @@ def _pad_blocks(func: tirx.PrimFunc) -> list[tuple[str, bool]]:
 
     loops = []
     tvm_ffi.structural_walk(func.body, (tirx.For, lambda f: loops.append(f) if f.kind == tirx.ForKind.PARALLEL else None))
-    in_parallel = [pad for loop in loops for pad in pads(loop.body)]
-    return [(pad.writes[0].source.scope(), any(pad.same_as(p) for p in in_parallel)) for pad in pads(func.body)]
+    task_loop = {pad: int(loop.extent) for loop in loops for pad in pads(loop.body)}
+    return [(pad.writes[0].source.scope(), next((extent for p, extent in task_loop.items() if p.same_as(pad)), None))
+            for pad in pads(func.body)]
 
 
-@pytest.mark.parametrize("target, groups, size, per_tile", [
-    ("x86-64-avx512", 13, 28, True),  # a tile is a whole row: it pads its own window
-    ("x86-64-avx2", 26, 14, True),
-    ("x86-64-avx512", 55, 7, True),
-    ("x86-64-avx2", 8, 5, True),  # 13-pixel tiles cross rows; the window is the group's whole padded 5x5 map
-    ("x86-64-avx2", 13, 28, False),  # 14-pixel tiles, half a row: measured slower so
-    ("x86-64-avx512", 1, 28, False),  # dense: a tile would copy every input channel of its rows
-    ("cortex-a76", 13, 28, False),  # no stack windows in ARM's TIR lowering
+@pytest.mark.parametrize("target, size, channels, groups, stride, copy", [
+    ("x86-64-avx512", 28, 104, 13, 1, None),  # whole-row tiles read the border through a condition
+    ("x86-64-avx2", 28, 104, 13, 1, None),  # 7-pixel tiles, four to a row
+    ("x86-64-avx512", 28, 128, 8, 2, None),  # two rows per tile
+    ("cortex-a76", 28, 104, 13, 1, None),
+    ("x86-64-avx2", 28, 128, 8, 2, ("global", 8 * 30)),  # 6-pixel tiles cross row ends: a copy, split by group
+    ("x86-64-avx512", 28, 104, 1, 1, ("global", 30)),  # dense: a copy in parallel rows
 ])
-def test_grouped_conv_tiles_pad_their_own_window_on_x86(target, groups, size, per_tile):
-    """Where it applies there is no padding pass of its own: each parallel task fills a local window."""
+def test_grouped_conv_reads_its_border_in_row_aligned_tiles(target, size, channels, groups, stride, copy):
+    """No padding pass where every tile's rows are known: a grouped conv's row-aligned tiles read the zero
+    border through conditions. Where tiles cross row ends, the copy's parallel tasks are (group, row), in
+    the order the conv's tiles take the groups."""
     from bndeploy.compile.schedules.conv2d import conv2d_compute
     from bndeploy.compile.schedules.conv_schedule import schedule_conv
 
     tvm_target = resolve_target(target).tvm_target()
-    channels = 8 * groups if groups > 1 else 104
-    spec = ConvSpec(1, size, size, channels, channels, (3, 3), padding=(1, 1, 1, 1), groups=groups)
+    spec = ConvSpec(1, size, size, channels, channels, (3, 3), strides=(stride, stride), padding=(1, 1, 1, 1),
+                    groups=groups)
     with tvm_target:
         func = schedule_conv(conv2d_compute(spec, choose_tiling(spec, isa_for_target(tvm_target))))
-    assert _pad_blocks(func) == ([("local", True)] if per_tile else [("global", True)])
+    assert _pad_copies(func) == ([copy] if copy else [])
 
 
-@pytest.mark.parametrize("size, groups, tile", [(5, 8, (13, 8)), (3, 4, (5, 16))])
-def test_tile_windows_across_row_ends_match_onnxruntime(size, groups, tile):
-    """AVX2 tiles of 13 pixels on a 5x5 map (5 for 3x3) cross row ends; each pads its own window, which
-    TVM bounds by the group's whole padded map: borders, partial last tiles and group boundaries against
-    ONNX Runtime."""
-    spec = ConvSpec(2, size, size, 64, 64, (3, 3), padding=(1, 1, 1, 1), groups=groups)
-    tiling = choose_tiling(spec, AVX2)
-    assert (tiling.pixel_block, tiling.channel_block) == tile
+@pytest.mark.parametrize("target", runnable_x86_targets())
+@pytest.mark.parametrize("size, groups, stride", [(5, 8, 1), (9, 8, 1), (9, 8, 2), (10, 2, 1), (7, 3, 2), (14, 4, 1)])
+def test_grouped_border_reads_match_onnxruntime(target, size, groups, stride):
+    """Grouped convs on small maps, where every tile touches the border: tiles within a row (AVX2: 5 of a
+    10-pixel row, 4 of 4), of whole rows (AVX-512: 25, 27, 16 and 28 pixels), and tiles crossing row ends
+    that read the copy split by group (AVX2: 13 pixels on a 5x5 map, 6 on 14x14). Borders, strides, group
+    boundaries and the batch against ONNX Runtime."""
+    channels = 48 if groups == 3 else 64
     rng = np.random.default_rng(3)
-    model = conv_onnx((2, 64, size, size), [(64, 3, 1, 1, groups, True)], rng)
-    x = rng.standard_normal((2, 64, size, size)).astype(np.float32)
-    got = run_vm(build_cpu(import_onnx(model), resolve_target("x86-64-avx2").tvm_target()), x)[0]
+    model = conv_onnx((2, channels, size, size), [(channels, 3, stride, 1, groups, True)], rng)
+    x = rng.standard_normal((2, channels, size, size)).astype(np.float32)
+    got = run_vm(build_cpu(import_onnx(model), resolve_target(target).tvm_target()), x)[0]
     np.testing.assert_allclose(got, onnxruntime_run(model, x), atol=ATOL, rtol=RTOL)
 
 

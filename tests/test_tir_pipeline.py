@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from tvm import s_tir, tirx
+import tvm_ffi
+from tvm import s_tir, te, tirx
 from tvm.tirx.stmt import AllocBuffer, AttrStmt, For, ForKind, IfThenElse, SeqStmt
 
 from bndeploy.compile.schedules.conv2d import ConvSpec, choose_tiling, conv2d_compute, pack_weight
@@ -127,3 +128,71 @@ def test_x86_targets_are_lowered_with_it_and_arm_ones_are_not():
                  for name in ("cpu", "x86-64-avx2", "x86-64-avx512", "cortex-a76", "carmel", "armv7")}
     assert pipelines == {"cpu": CPU_TIR_PIPELINE, "x86-64-avx2": CPU_TIR_PIPELINE, "x86-64-avx512": CPU_TIR_PIPELINE,
                          "cortex-a76": "default", "carmel": "default", "armv7": "default"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loop-partition hints: TVM 0.27's NarrowDataType gives int64 loops new int32 variables but leaves the
+# `pragma_loop_partition_hint` attribute on the old ones, so LoopPartition never splits a hinted loop.
+
+
+def _lowered_to_loop_partition(func: tirx.PrimFunc, target: tvm.target.Target, keep_hints: bool) -> tirx.PrimFunc:
+    """The first passes of TVM's default TIR lowering, in its order, through LoopPartition."""
+    from bndeploy.compile.tir_pipeline import keep_loop_partition_hints
+
+    mod = tvm.IRModule({"main": func.with_attr("target", target)})
+    if keep_hints:
+        mod = keep_loop_partition_hints(mod)
+    passes = [s_tir.transform.CanonicalizeLoop(), s_tir.transform.LowerInitBlock(),
+              s_tir.transform.PlanAndUpdateBufferAllocationLocation(), s_tir.transform.ConvertBlocksToOpaque(),
+              s_tir.transform.CompactBufferAllocation(), s_tir.transform.LowerMatchBuffer(),
+              s_tir.transform.StmtSimplify(), s_tir.transform.LowerOpaqueBlock(), tirx.transform.FlattenBuffer(),
+              tirx.transform.NarrowDataType(32), s_tir.transform.LoopPartition()]
+    with target:
+        return tvm.ir.transform.Sequential(passes)(mod)["main"]
+
+
+def _tile_bodies(func: tirx.PrimFunc) -> int:
+    """Copies of the conv's reduction over the kernel rows: one per part of a partitioned row of tiles."""
+    found = []
+    tvm_ffi.structural_walk(func.body, (For, lambda loop: found.append(loop) if loop.loop_var.name.startswith("rkh") else None))
+    return len(found)
+
+
+ROW_OF_TILES = {  # spec, target: a conv whose rows of tiles carry the partition hint
+    "depthwise": (ConvSpec(1, 28, 28, 64, 64, (3, 3), padding=(1, 1, 1, 1), groups=64), "x86-64-avx2"),
+    "grouped": (ConvSpec(1, 28, 28, 104, 104, (3, 3), padding=(1, 1, 1, 1), groups=13), "x86-64-avx2"),
+}
+
+
+def _scheduled(case: str):
+    spec, target_name = ROW_OF_TILES[case]
+    target = resolve_target(target_name).tvm_target()
+    with target:
+        return schedule_conv(conv2d_compute(spec, choose_tiling(spec, isa_for_target(target)))), target
+
+
+@pytest.mark.parametrize("case", sorted(ROW_OF_TILES))
+def test_upstream_narrowing_drops_the_loop_partition_hint(case):
+    func, target = _scheduled(case)
+    assert "pragma_loop_partition_hint" in func.script()
+    assert _tile_bodies(_lowered_to_loop_partition(func, target, keep_hints=False)) == 1, \
+        "TVM partitions hinted int64 loops now: keep_loop_partition_hints can go"
+
+
+@pytest.mark.parametrize("case", sorted(ROW_OF_TILES))
+def test_narrowed_first_the_row_of_tiles_is_partitioned(case):
+    """Border tiles apart from the branch-free inner ones."""
+    func, target = _scheduled(case)
+    assert _tile_bodies(_lowered_to_loop_partition(func, target, keep_hints=True)) >= 2
+
+
+def test_a_kernel_with_64_bit_integer_buffers_is_not_narrowed():
+    """ForceNarrowIndexToInt32 rejects int64 buffers (ONNX indices are int64): such kernels keep TVM's way."""
+    from bndeploy.compile.tir_pipeline import keep_loop_partition_hints
+
+    indices = te.placeholder((16,), "int64", name="indices")
+    out = te.compute((16,), lambda i: indices[i] + tirx.const(1, "int64"), name="out")
+    sch = s_tir.Schedule(te.create_prim_func([indices, out]))
+    sch.annotate(sch.get_loops(sch.get_sblock("out"))[0], "pragma_loop_partition_hint", 1)
+    mod = tvm.IRModule({"main": sch.mod["main"]})
+    assert keep_loop_partition_hints(mod)["main"].same_as(mod["main"])

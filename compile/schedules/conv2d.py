@@ -215,31 +215,48 @@ def direct_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
     broadcast per pixel; the step takes the longest of FMA issue, load issue and FMA latency. Efficiency
     is useful FMAs per cycle (lanes wasted on padded pixels, padded channels and partial vectors count as
     lost) over the FMA peak; ties go to fewer loads per FMA, then more accumulators."""
+    candidates = _direct_candidates(spec, isa, isa.tile_budget)
+    if spec.groups > 1:
+        return _row_aligned_if_close(spec, candidates, isa)
+    return best_tiling(candidates, isa)
+
+
+def _direct_candidates(spec: ConvSpec, isa: VectorISA, registers: int) -> list[tuple[Tiling, TileCost]]:
     candidates = []
     for channel_block in _channel_blocks(isa):
         if not _fits_groups(spec, channel_block):
             continue
         vectors = -(-channel_block // isa.lanes)
         lane_use = channel_block / (vectors * isa.lanes)
-        max_rows = (isa.tile_budget - vectors - isa.broadcast_registers) // vectors
+        max_rows = (registers - vectors - isa.broadcast_registers) // vectors
         channel_use = spec.out_channels / _ceil_to(spec.out_channels, channel_block)
         steps = spec.kernel[0] * spec.kernel[1] * spec.in_per_group
         for rows in range(1, min(max_rows, spec.pixels) + 1):
             useful = lane_use * channel_use * spec.pixels / _ceil_to(spec.pixels, rows)
             cost = TileCost(rows * vectors, rows * vectors, rows + vectors, steps, useful)
             candidates.append((Tiling(DIRECT, rows, channel_block, min(isa.lanes, channel_block)), cost))
-    if spec.groups > 1:
-        return _row_aligned_if_close(spec, candidates, isa)
-    return best_tiling(candidates, isa)
+    return candidates
 
 
-# A grouped conv's tile that lies within one output row (its pixel count divides the row) is taken over a
-# tile of the same channel block the model rates up to this much better: the model does not see what a
-# tile crossing a row end costs.
-# Measured (AMD EPYC Zen 4, AVX-512 code, 2 threads): 48 channels in groups of 8 on 56x56, 28-pixel tiles
-# 0.116 ms against 0.195 for the model's 30; 128 channels in groups of 16, stride 2 to 14x14, 14-pixel
-# tiles 0.037 ms against 0.052 for 28; 440 channels in groups of 8 on 7x7, 7-pixel tiles 0.020 ms
-# against 0.022 for 25.
+def row_aligned(pixel_block: int, out_height: int, out_width: int) -> bool:
+    """Whether every tile of the flattened output pixels lies within one row, or is whole rows: each of
+    its pixels' row and column is then the tile's row plus a constant."""
+    if pixel_block <= out_width:
+        return out_width % pixel_block == 0
+    return pixel_block % out_width == 0 and out_height % (pixel_block // out_width) == 0
+
+
+# A grouped conv's row-aligned tile reads the zero border through a condition in its input loads
+# (conv_schedule.py), which takes a register beside the tile's: without it, AVX2's 14-pixel tile (16 of 16
+# registers) spilled 4 vectors per reduction step and ran at 42-50% of the FMA peak, against 75% as 7 pixels.
+BORDER_TEST_REGISTERS = 1
+
+# A grouped conv's row-aligned tile is taken over a tile of the same channel block the model rates up to
+# this much better: the model does not see that the others read a padded copy of the input, a pass of its
+# own. Measured (AMD EPYC Zen 4, 2 threads): 48 channels in groups of 8 on 56x56, AVX-512 code, 28-pixel
+# tiles 0.116 ms against 0.195 for the model's 30; 128 channels in groups of 16, stride 2 to 14x14, 14-pixel
+# tiles 0.037 ms against 0.052 for 28; 440 channels in groups of 8 on 7x7, 7-pixel tiles 0.020 ms against
+# 0.022 for 25.
 ROW_ALIGNED_MIN_EFFICIENCY = 0.85
 
 
@@ -247,8 +264,10 @@ def _row_aligned_if_close(spec: ConvSpec, candidates: list[tuple[Tiling, TileCos
     best = best_tiling(candidates, isa)
     if best is None:
         return None
-    aligned = [(tiling, cost) for tiling, cost in candidates
-               if spec.out_width % tiling.pixel_block == 0 and tiling.channel_block == best.channel_block]
+    aligned = [(tiling, cost)
+               for tiling, cost in _direct_candidates(spec, isa, isa.tile_budget - BORDER_TEST_REGISTERS)
+               if row_aligned(tiling.pixel_block, spec.out_height, spec.out_width)
+               and tiling.channel_block == best.channel_block]
     if not aligned:
         return best
     top = max(cost.efficiency(isa) for _, cost in candidates)
@@ -294,7 +313,7 @@ def depthwise_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
         lane_use = channel_block / (vectors * isa.lanes)
         for rows in range(1, spec.out_width + 1):
             inputs = (rows - 1) * stride + (kw - 1) * spec.dilation[1] + 1
-            if vectors * (rows + inputs + 1) > isa.tile_budget:
+            if vectors * (rows + inputs + 1) + isa.depthwise_spare_registers > isa.tile_budget:
                 break
             useful = lane_use * spec.out_width / _ceil_to(spec.out_width, rows)
             cost = TileCost(rows * vectors, rows * vectors * kw, (inputs + kw) * vectors, spec.kernel[0], useful)
@@ -355,8 +374,9 @@ def _padded_input(data, spec: ConvSpec, extra_right: int = 0, extra_bottom: int 
     return te.compute(
         _i64(n, h + pt + pb + extra_bottom, w + pl + pr + extra_right, c),
         lambda i, y, x, j: tirx.if_then_else(
-            # likely: lets LoopPartition split a depthwise row into border and branch-free inner tiles
-            tirx.likely(tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w)),
+            # likely: lets LoopPartition split a row of tiles into border and branch-free inner tiles (it
+            # partitions a loop on a likely condition linear in the loop's variable, not on a conjunction)
+            tirx.all(*[tirx.likely(inside) for inside in (y >= pt, y < pt + h, x >= pl, x < pl + w)]),
             data[i, j, y - pt, x - pl] if nchw else data[i, y - pt, x - pl, j], zero
         ),
         name=name,

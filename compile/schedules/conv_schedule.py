@@ -8,18 +8,16 @@ conv_out -> [elementwise epilogue blocks] -> [broadcast tail] -> output. The sch
   a squeeze-excitation's `x * sigmoid(fc(pool(x)))` does with its 1x1 conv) as a loop nest of its own;
 - tiles the conv's (pixel, channel) space into register tiles, reduction (kh, kw, ic) outside the tile,
   accumulators in a local buffer (registers), pixels unrolled, channels vectorised;
+- reads the zero border through conditions in the input loads where a tile's rows are known (depthwise
+  convs; grouped convs whose tiles are row-aligned), otherwise from a padding copy;
 - parallelises the tile loops; vectorises the padding copy and the accumulator initialisation.
 """
 
 from __future__ import annotations
 
-import math
-
-import tvm
 from tvm import s_tir, tirx
 
-from ..tir_pipeline import CPU_TIR_PIPELINE, MAX_STACK_TILE_BYTES, tir_pipeline_for
-from .conv2d import CONV_BLOCK_ATTR, DEPTHWISE, Tiling
+from .conv2d import CONV_BLOCK_ATTR, DEPTHWISE, Tiling, row_aligned
 from .winograd import WINOGRAD, schedule_winograd
 
 
@@ -56,11 +54,19 @@ def schedule_conv(func: tirx.PrimFunc) -> tirx.PrimFunc:
             sch.compute_inline(pad)
             pad = None
         _tile_depthwise(sch, conv, writer, tiling)
-    else:
-        whole_rows = pad is not None and tiling.pixel_block >= _output_shape(sch, writer)[2]
-        tile = _tile_direct(sch, conv, writer, tiling)
-        if whole_rows and _pad_per_tile(sch, pad, conv, tile):
+    elif pad is not None and _grouped(sch, pad, conv):
+        height, width = _output_shape(sch, writer)[1:3]
+        if row_aligned(tiling.pixel_block, height, width):
+            sch.compute_inline(pad)
             pad = None
+            _tile_direct(sch, conv, writer, tiling, tiles_per_task=max(width // tiling.pixel_block, 1))
+        else:
+            _tile_direct(sch, conv, writer, tiling)
+            if not tiling.pixels_outer:
+                schedule_pad_copy(sch, pad, channels_per_task=_channels_read(sch, conv))
+                pad = None
+    else:
+        _tile_direct(sch, conv, writer, tiling)
     if pad is not None:
         schedule_pad_copy(sch, pad)
     return _schedule_tail(sch, tail)
@@ -113,57 +119,43 @@ def _flatten_pixels(sch: s_tir.Schedule, writer) -> None:
     sch.transform_block_layout(writer, lambda n, y, x, c: (n, y * width + x, c))
 
 
-def _tile_direct(sch: s_tir.Schedule, conv, writer, tiling: Tiling):
-    """Returns the loop over tiles (each iteration one parallel task computing one tile)."""
+def _tile_direct(sch: s_tir.Schedule, conv, writer, tiling: Tiling, tiles_per_task: int = 1) -> None:
+    """Register tiles in parallel tasks. A task computes `tiles_per_task` pixel tiles of one channel block
+    (the tiles of one output row, whose input rows are then the task's row plus a constant), one tile
+    otherwise."""
     n, p_outer, o_outer, reduction, p_inner, o_inner = split_direct_tiles(sch, conv, writer, tiling)
-    outer = [n, p_outer, o_outer] if tiling.pixels_outer else [n, o_outer, p_outer]
-    sch.reorder(*outer, *reduction, p_inner, o_inner)
-    register_tile(sch, conv, writer, outer, reduction, p_inner, o_inner, tiling)
-    return sch.get_loops(conv)[0]
+    if tiles_per_task > 1:
+        rows, tiles = sch.split(p_outer, [None, tiles_per_task])
+        outer = [n, rows, o_outer, tiles] if tiling.pixels_outer else [n, o_outer, rows, tiles]
+        sch.reorder(*outer, *reduction, p_inner, o_inner)
+        sch.annotate(tiles, "pragma_loop_partition_hint", 1)  # only a row's first and last tiles test columns
+        register_tile(sch, conv, writer, outer, reduction, p_inner, o_inner, tiling, parallel_loops=3)
+    else:
+        outer = [n, p_outer, o_outer] if tiling.pixels_outer else [n, o_outer, p_outer]
+        sch.reorder(*outer, *reduction, p_inner, o_inner)
+        register_tile(sch, conv, writer, outer, reduction, p_inner, o_inner, tiling)
 
 
-def _pad_per_tile(sch: s_tir.Schedule, pad, conv, tile) -> bool:
-    """A grouped conv's tile pads its own input window (its rows, its group's channels) in its task, in a
-    buffer on the task's stack.
-
-    The padding copy as a pass of its own costs a grouped conv a second parallel region, and each tile then
-    reads rows another core wrote (measured on RegNet's 8-channel groups, 104 channels on 28x28, AVX-512
-    code on 2 threads of an AMD EPYC Zen 4: 0.079 ms with the copy, 0.058 ms for the same work without any
-    padding, 0.063 ms padding per tile). Only for tiles of one output row or more (`whole_rows` in
-    schedule_conv: tiles of half a row of 56 were slower so, 0.135 ms against 0.124 with the copy), where
-    bndeploy's TIR pipeline keeps such a window on the stack (x86: tir_pipeline.py) and when it fits there.
-    A dense conv's tile would copy every input channel of its rows once per channel block: dense convs keep
-    the copy, as does a copy that transposes an NCHW network input."""
-    target = tvm.target.Target.current(allow_none=True)
-    if target is None or tir_pipeline_for(target) != CPU_TIR_PIPELINE:
-        return False
-    *_, in_channels_read = [int(iv.dom.extent) for iv in sch.get(conv).iter_vars  # (kh, kw,) input channels
-                            if iv.iter_type == tirx.IterVar.CommReduce]
-    window_channels = int(sch.get(pad).writes[0].source.shape[-1])
-    if in_channels_read >= window_channels:
-        return False  # a dense conv
-    if any(int(read.source.shape[-1]) != window_channels for read in sch.get(pad).reads):
-        return False  # the copy also transposes an NCHW input: a window would gather across channel planes
-    if 4 * math.prod(_window(sch, pad, tile)) > MAX_STACK_TILE_BYTES:
-        return False
-    sch.compute_at(pad, tile)
-    sch.set_scope(pad, 0, "local")
-    *_, channels = loops_below(sch, pad, tile)
-    sch.vectorize(channels)
-    return True
+def _channels_read(sch: s_tir.Schedule, conv) -> int:
+    """Input channels one output channel reads (the conv's innermost reduction: kh, kw, channels)."""
+    *_, channels = [int(iv.dom.extent) for iv in sch.get(conv).iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+    return channels
 
 
-def _window(sch: s_tir.Schedule, pad, tile) -> list[int]:
-    """The extents of the padded window a tile reads, as TVM will allocate it: where the window's height
-    depends on the tile (a tile of the flattened pixels crossing a row end), its largest value over all
-    tiles, as TVM's buffer compaction bounds it (the whole padded image when TVM cannot tell better)."""
-    trial = sch.copy()
-    trial.compute_at(pad, tile)
-    task = trial.get(tile)
-    analyzer = tvm.sym.Analyzer()
-    analyzer.bind(task.loop_var, tvm.ir.Range.from_min_extent(task.min, task.extent))
-    extents = [trial.get(loop).extent for loop in loops_below(trial, pad, tile)]
-    return [analyzer.const_int_bound(extent).max_value for extent in extents]
+def _grouped(sch: s_tir.Schedule, pad, conv) -> bool:
+    """A grouped conv, whose tiles read only their group's channels of the padded input.
+
+    Its padding copy as a pass of its own cost up to a third of the kernel's time: a second parallel
+    region, and tiles reading rows that another core wrote (RegNet's 8-channel groups, 104 channels on
+    28x28, AVX-512 code on 2 threads of an AMD EPYC Zen 4: 0.081 ms with the copy, 0.058 ms for the same
+    work with no padding at all). A row-aligned tile reads the zero border through a condition in its
+    loads instead, as a depthwise conv does (the same conv: 0.061 ms; where every tile was a whole row,
+    0.064 ms with each task padding its own window on the stack). TVM's simplifier proves the condition
+    true for the tile's inner pixels and taps, and LLVM keeps the rest out of the FMA chain. A dense conv
+    reads every input channel in each of its tiles and keeps the copy, as does a grouped conv whose tiles
+    cross row ends; the copy is then split among the cores as the tiles are (by group), so that each core
+    reads the rows it wrote (16 channels per group, stride 2 to 14x14, AVX2 code: 0.060 -> 0.045 ms)."""
+    return _channels_read(sch, conv) < int(sch.get(pad).writes[0].source.shape[-1])
 
 
 def split_direct_tiles(sch: s_tir.Schedule, conv, writer, tiling: Tiling):
@@ -182,8 +174,9 @@ def _tile_depthwise(sch: s_tir.Schedule, conv, writer, tiling: Tiling) -> None:
     a depthwise conv does few FMAs per input, so the copy's extra read and write of the whole input cost
     more than the conditions (measured on MobileNet shapes: 1.4-2.1x faster without the copy). The condition
     is marked likely and the loop over a row's tiles is partitioned (TVM's LoopPartition), so only the
-    first and last tiles of a row test columns: inside the row the tile is branch-free (with the test in
-    every tile, llvm-mca predicted 51-59% of the FMA peak on Cortex-A76 and AVX2 ran 1.4-2.6x slower)."""
+    first and last tiles of a row test columns: inside the row the tile is branch-free. That needs the
+    x86 lowering (tir_pipeline.keep_loop_partition_hints: TVM's own drops the hint; there AVX2's 3x3 on
+    144 channels at 56x56 took 0.086 ms instead of 0.060); ARM builds keep TVM's lowering, untimed."""
     n, y, x, c, *reduction = sch.get_loops(conv)
     x_outer, x_inner = sch.split(x, [None, tiling.pixel_block])
     c_outer, c_inner = sch.split(c, [None, tiling.channel_block])
@@ -248,9 +241,17 @@ def vectorize_channel_block(sch: s_tir.Schedule, channels, tiling: Tiling) -> No
         sch.vectorize(channels)
 
 
-def schedule_pad_copy(sch: s_tir.Schedule, pad) -> None:
+def schedule_pad_copy(sch: s_tir.Schedule, pad, channels_per_task: int | None = None) -> None:
+    """The padding copy in parallel rows; with `channels_per_task`, in parallel (channel group, row)
+    tasks, groups outermost: TVM hands each core a contiguous range of a parallel loop, so the copy's
+    cores then take the same groups as a grouped conv's channel-block-outer tiles."""
     n, y, x, c = sch.get_loops(pad)
-    sch.parallel(sch.fuse(n, y))
+    if channels_per_task:
+        group, c = sch.split(c, [None, channels_per_task])
+        sch.reorder(group, n, y, x, c)
+        sch.parallel(sch.fuse(group, n, y))
+    else:
+        sch.parallel(sch.fuse(n, y))
     extent = int(sch.get(c).extent)
     lanes = next((v for v in (16, 8, 4) if extent % v == 0), None)
     if lanes is not None:

@@ -24,6 +24,11 @@ class VectorISA:
     # Registers a register tile may use: all of them, unless the compiler's tuning for the CPU unrolls
     # and software-pipelines the reduction loop, keeping later iterations' loads in flight too.
     tile_registers: int | None = None
+    # Registers a depthwise row of tiles leaves free. x86 kernels are lowered with a row's inner tiles
+    # branch-free (tir_pipeline.py), and LLVM then overlaps one kernel row's loads with the previous
+    # row's FMAs: AVX2's 6-pixel 3x3 row (15 of 16 registers) spilled two vectors per tile, the 5-pixel
+    # one does not, at the same speed (0.063 ms on 144 channels at 56x56). 32-register files had room.
+    depthwise_spare_registers: int = 0
 
     @property
     def tile_budget(self) -> int:
@@ -43,8 +48,8 @@ class VectorISA:
 # value used by several FMAs into a register (seen in the generated code), so the tile must leave one.
 AVX512 = VectorISA("avx512", lanes=16, registers=32, broadcast_registers=1)
 # AVX2 + FMA: 16 ymm; the broadcast (vbroadcastss) needs a register.
-AVX2 = VectorISA("avx2", lanes=8, registers=16, broadcast_registers=1)
-SSE = VectorISA("sse", lanes=4, registers=16, broadcast_registers=1, fma_pipes=2)
+AVX2 = VectorISA("avx2", lanes=8, registers=16, broadcast_registers=1, depthwise_spare_registers=2)
+SSE = VectorISA("sse", lanes=4, registers=16, broadcast_registers=1, fma_pipes=2, depthwise_spare_registers=2)
 # AArch64 Advanced SIMD: 32 q registers; fmla by element reads a lane of a loaded input register.
 NEON64 = VectorISA("neon", lanes=4, registers=32, broadcast_registers=1)
 # NVIDIA Carmel (Jetson Xavier): LLVM's tuning for it unrolls the reduction loop 4-8 times and hoists the
