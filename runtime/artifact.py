@@ -19,6 +19,7 @@ import numpy as np
 from bndeploy.errors import ArtifactError, BndeployError
 from bndeploy.files import sha256_of
 from bndeploy.layout import ARTIFACT_MANIFEST, read_artifact_manifest
+from bndeploy.runtime.caller_cpu import caller_cpu, hold, release
 from bndeploy.runtime.inputs import validate_inputs
 from bndeploy.runtime.runners import Runner
 from bndeploy.runtime.specs import TensorSpec, specs_from_manifest
@@ -43,6 +44,7 @@ class Artifact(Runner):
         self._main = vm["main"] if vm is not None else None
         self._signature = _static_signature(self.inputs)
         self._staging = threading.local()  # per thread: 64-byte aligned copies of misaligned inputs
+        self._caller_cpu = caller_cpu() if device == "cpu" else None
 
     @contextlib.contextmanager
     def instrumented(self, callback):
@@ -86,10 +88,13 @@ class Artifact(Runner):
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = self._checked_inputs(inputs)
         args = self._cpu_args(arrays) if self.device == "cpu" else self._device_args(arrays)
+        saved = None if self._caller_cpu is None else hold(self._caller_cpu)
         try:
             result = self._main(*args)
         except Exception as e:  # TVM raises its own error types for shape checks, OOM, launch failures
             raise BndeployError(f"running {self.directory} on {self.device} failed: {_error_summary(e)}") from None
+        finally:
+            release(saved)
         values = list(result) if _is_sequence(result) else [result]
         if len(values) != len(self.outputs):
             raise ArtifactError(
