@@ -196,3 +196,20 @@ def test_a_kernel_with_64_bit_integer_buffers_is_not_narrowed():
     sch.annotate(sch.get_loops(sch.get_sblock("out"))[0], "pragma_loop_partition_hint", 1)
     mod = tvm.IRModule({"main": sch.mod["main"]})
     assert keep_loop_partition_hints(mod)["main"].same_as(mod["main"])
+
+
+def test_a_kernel_with_a_constant_beyond_int32_is_not_narrowed():
+    """ForceNarrowIndexToInt32 refuses an int64 constant beyond int32: such a kernel keeps TVM's way."""
+    from bndeploy.compile.tir_pipeline import keep_loop_partition_hints
+
+    data = te.placeholder((16,), "float32", name="data")
+    index = te.placeholder((16,), "int32", name="index")
+    wide = lambda value: tirx.Cast("int64", value)  # noqa: E731
+    out = te.compute((16,), lambda i: tirx.Select(wide(index[i]) * tirx.const(2**40, "int64") < wide(index[0]),
+                                                  data[i], data[0]), name="out")
+    sch = s_tir.Schedule(te.create_prim_func([data, index, out]))
+    sch.annotate(sch.get_loops(sch.get_sblock("out"))[0], "pragma_loop_partition_hint", 1)
+    mod = tvm.IRModule({"main": sch.mod["main"]})
+    with pytest.raises(tvm.error.InternalError):
+        tirx.transform.ForceNarrowIndexToInt32()(mod)
+    assert keep_loop_partition_hints(mod)["main"].same_as(mod["main"])
