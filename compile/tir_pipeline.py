@@ -83,7 +83,7 @@ def keep_tiles_on_stack(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
     return func if body.same_as(func.body) else func.with_body(body)
 
 
-PARTITION_HINT = "pragma_loop_partition_hint"
+PARTITION_HINT = "pragma_loop_partition_hint"  # a loop annotation LoopPartition acts on (schedules set it)
 INT32_INDEXABLE = 2**31 - 1
 
 

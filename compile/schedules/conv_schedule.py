@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
+from ..tir_pipeline import PARTITION_HINT
 from .conv2d import CONV_BLOCK_ATTR, DEPTHWISE, Tiling, row_aligned
 from .winograd import WINOGRAD, schedule_winograd
 
@@ -120,7 +121,7 @@ def _tile_direct(sch: s_tir.Schedule, conv, writer, tiling: Tiling, tiles_per_ta
         rows, tiles = sch.split(p_outer, [None, tiles_per_task])
         outer = [n, rows, o_outer, tiles] if tiling.pixels_outer else [n, o_outer, rows, tiles]
         sch.reorder(*outer, *reduction, p_inner, o_inner)
-        sch.annotate(tiles, "pragma_loop_partition_hint", 1)  # only a row's first and last tiles test columns
+        sch.annotate(tiles, PARTITION_HINT, 1)  # only a row's first and last tiles test columns
         register_tile(sch, conv, writer, outer, reduction, p_inner, o_inner, tiling, parallel_loops=3)
     else:
         outer = [n, p_outer, o_outer] if tiling.pixels_outer else [n, o_outer, p_outer]
@@ -185,7 +186,7 @@ def _tile_depthwise(sch: s_tir.Schedule, conv, writer, tiling: Tiling) -> None:
     x_outer, x_inner = sch.split(x, [None, tiling.pixel_block])
     c_outer, c_inner = sch.split(c, [None, tiling.channel_block])
     sch.reorder(n, y, c_outer, x_outer, *reduction, x_inner, c_inner)
-    sch.annotate(x_outer, "pragma_loop_partition_hint", 1)
+    sch.annotate(x_outer, PARTITION_HINT, 1)
     register_tile(sch, conv, writer, [n, y, c_outer, x_outer], reduction, x_inner, c_inner, tiling, parallel_loops=2)
 
 
