@@ -94,10 +94,9 @@ def _has_partition_hint(func: tirx.PrimFunc) -> bool:
 
 
 def _int32_indexable(func: tirx.PrimFunc) -> bool:
-    """Static shapes of at most 2**31 - 1 elements and no integer buffers wider than 32 bits."""
+    """Static shapes of at most 2**31 - 1 elements (int32 flat indices; ForceNarrowIndexToInt32 checks
+    each constant, not their products)."""
     for buffer in func.params:  # buffers (this TVM's PrimFunc parameters are buffer variables)
-        if "int" in str(buffer.dtype) and tvm.runtime.DataType(buffer.dtype).bits > 32:
-            return False
         if not all(isinstance(extent, tirx.IntImm) for extent in buffer.shape):
             return False
         if math.prod(int(extent) for extent in buffer.shape) > INT32_INDEXABLE:
@@ -118,7 +117,7 @@ def keep_loop_partition_hints(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
         return func
     try:
         return tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
-    except tvm.error.InternalError:  # a 64-bit constant it refuses to narrow: TVM's way, unpartitioned
+    except tvm.error.InternalError:  # an int64 buffer or constant it refuses to narrow: TVM's way, unpartitioned
         return func
 
 

@@ -195,6 +195,8 @@ def test_a_kernel_with_64_bit_integer_buffers_is_not_narrowed():
     sch = s_tir.Schedule(te.create_prim_func([indices, out]))
     sch.annotate(sch.get_loops(sch.get_sblock("out"))[0], "pragma_loop_partition_hint", 1)
     mod = tvm.IRModule({"main": sch.mod["main"]})
+    with pytest.raises(tvm.error.InternalError):
+        tirx.transform.ForceNarrowIndexToInt32()(mod)
     assert keep_loop_partition_hints(mod)["main"].same_as(mod["main"])
 
 
