@@ -89,7 +89,8 @@ INT32_INDEXABLE = 2**31 - 1
 
 def _has_partition_hint(func: tirx.PrimFunc) -> bool:
     hinted = []
-    tvm_ffi.structural_walk(func.body, (tirx.For, lambda loop: hinted.append(loop) if PARTITION_HINT in loop.annotations else None))
+    tvm_ffi.structural_walk(func.body, (tirx.For, lambda loop: hinted.append(loop)
+                                        if PARTITION_HINT in loop.annotations else None))
     return bool(hinted)
 
 

@@ -47,9 +47,7 @@ def caller_cpu() -> int | None:
         return None
     cpus = os.cpu_count() or 1
     threads = _env_int("TVM_NUM_THREADS", 0)
-    if threads < 2 or threads > cpus or _env_int("TVM_BIND_THREADS", 1) != 1:
-        return None
-    if "TVM_EXCLUDE_WORKER0" in os.environ and _env_int("TVM_EXCLUDE_WORKER0", 1) == 0:
+    if threads < 2 or threads > cpus or _env_int("TVM_BIND_THREADS", 1) != 1 or _env_int("TVM_EXCLUDE_WORKER0", 1) == 0:
         return None
     first = min(range(cpus), key=lambda cpu: (-_max_frequency(cpu), cpu))
     return first if first in os.sched_getaffinity(0) else None
