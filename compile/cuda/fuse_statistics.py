@@ -14,8 +14,8 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..passes import bindings
-from ..schedules.relax_rewrite import (KernelTable, bound_values, conv_spec, conv_stats_source, op_name,
-                                       rewrite_functions)
+from ..schedules.relax_rewrite import (KernelTable, bound_values, conv_ordinal, conv_spec, conv_stats_source,
+                                       rewrite_functions, statistic_index)
 from .conv_stats import TileGrid, conv2d_stats_compute, gpu_tile, pack_gpu_weight, stats_combine_compute, supports
 
 LAYOUT = "NCHW"  # the CUDA pipeline keeps ONNX's layout
@@ -31,7 +31,7 @@ class _FuseStatistics(PyExprMutator):
 
     def rewrite(self, func: relax.Function) -> relax.Function:
         self._value_of = bound_values(func)
-        self._convs = [b.value for b in bindings(func) if op_name(b.value) == "relax.nn.conv2d"]
+        self._ordinal = conv_ordinal(func)
         self._wanted = [source for binding in bindings(func)
                         if (source := conv_stats_source(binding.value, self._value_of, LAYOUT)) is not None
                         and supports(conv_spec(source.conv, LAYOUT))]
@@ -48,11 +48,11 @@ class _FuseStatistics(PyExprMutator):
         spec = conv_spec(call, LAYOUT)
         tile = gpu_tile(spec)
         grid = TileGrid(spec, tile)
-        self.statistics_fused.append(next(k for k, conv in enumerate(self._convs) if conv.same_as(call)))
+        self.statistics_fused.append(self._ordinal(call))
         conv_gv = self._kernels.add(("conv_stats", spec, tile), lambda: conv2d_stats_compute(spec, tile),
-                               "bndeploy_cuda_conv2d_stats")
+                                    "bndeploy_cuda_conv2d_stats")
         combine_gv = self._kernels.add(("combine", spec, tile), lambda: stats_combine_compute(spec, tile),
-                                  "bndeploy_cuda_batch_stats_combine")
+                                       "bndeploy_cuda_batch_stats_combine")
         weight = relax.const(pack_gpu_weight(call.args[1].value.numpy(), grid))
         sums = relax.TensorType(grid.sums_shape(), "float32")
         conv = self.builder_.emit(relax.call_tir(
@@ -74,8 +74,7 @@ class _FuseStatistics(PyExprMutator):
         stats = next((stats for seen, stats in self._stats if x is not None and seen.same_as(x)), None)
         if stats is None:
             return None
-        which = 0 if call.op.name == "relax.mean" and x.same_as(call.args[0]) else 1  # mean, else variance
-        return relax.op.reshape(relax.TupleGetItem(stats, which), call.ty.shape)
+        return relax.op.reshape(relax.TupleGetItem(stats, statistic_index(call, x)), call.ty.shape)
 
 
 @tvm.transform.module_pass(opt_level=0, name="bndeploy.FuseConvStatisticsCUDA")

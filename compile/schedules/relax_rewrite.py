@@ -63,6 +63,12 @@ def bound_values(func: relax.Function):
     return lambda expr: var2val.get(expr, expr) if isinstance(expr, relax.Var) else expr
 
 
+def conv_ordinal(func: relax.Function):
+    """conv2d call -> its position among `func`'s conv2d calls: the numbering STATISTICS_FUSED_ATTR records."""
+    convs = [b.value for b in bindings(func) if op_name(b.value) == "relax.nn.conv2d"]
+    return lambda call: next(k for k, conv in enumerate(convs) if conv.same_as(call))
+
+
 @mutator
 class _KernelRewriter(PyExprMutator):
     """Replaces each NHWC conv2d with constant weights by a call to bndeploy's conv kernel, and
@@ -82,9 +88,8 @@ class _KernelRewriter(PyExprMutator):
         self._value_of = bound_values(func)
         self._stats_wanted = [source for binding in bindings(func)
                               if (source := conv_stats_source(binding.value, self._value_of)) is not None]
-        self._convs = [b.value for b in bindings(func) if op_name(b.value) == "relax.nn.conv2d"]
+        self._ordinal = conv_ordinal(func)
         return self.visit_expr(func)
-
 
     def visit_call_(self, call: relax.Call):
         replacement = None
@@ -125,10 +130,10 @@ class _KernelRewriter(PyExprMutator):
         if wanted is not None and tiling.kind == DIRECT:
             chunks = pixel_chunks(spec, tiling)
             conv_gv = self._kernels.add(("conv2d_stats", spec, tiling), lambda: build_conv2d_stats_primfunc(spec, tiling, chunks),
-                                   "bndeploy_conv2d_direct_stats")
+                                        "bndeploy_conv2d_direct_stats")
             return self._conv_with_stats(call, self.visit_expr(data), [weight], weight, spec, tiling, conv_gv, chunks, wanted)
         gv = self._kernels.add(("conv2d", spec, tiling), lambda: conv2d_compute(spec, tiling),
-                          f"bndeploy_conv2d_{'depthwise' if tiling.kind == DEPTHWISE else 'direct'}")
+                               f"bndeploy_conv2d_{'depthwise' if tiling.kind == DEPTHWISE else 'direct'}")
         return relax.call_tir(gv, [self.visit_expr(data), weight], relax.TensorType(spec.output_shape, "float32"))
 
     def _winograd_conv(self, call: relax.Call, spec: ConvSpec, tiling: Tiling, weights: np.ndarray,
@@ -138,8 +143,8 @@ class _KernelRewriter(PyExprMutator):
         if wanted is not None:
             chunks = statistics_chunks(spec, tiling)
             conv_gv = self._kernels.add(("winograd_stats", spec, tiling),
-                                   lambda: build_winograd_stats_primfunc(spec, tiling),
-                                   "bndeploy_conv2d_winograd_stats")
+                                        lambda: build_winograd_stats_primfunc(spec, tiling),
+                                        "bndeploy_conv2d_winograd_stats")
             # the fallback's weights are the direct layout the shift kernel reads
             return self._conv_with_stats(call, data, [transformed, direct], direct, spec,
                                          fallback_tiling(spec, tiling), conv_gv, chunks, wanted)
@@ -153,10 +158,10 @@ class _KernelRewriter(PyExprMutator):
         (conv_stats.py, winograd.py), and the small kernels around it: the shift before (a direct conv of the
         first pixel, with `shift_weight` packed for `tiling`), the mean and variance after. Returns the conv's
         output."""
-        self.statistics_fused.append(next(k for k, conv in enumerate(self._convs) if conv.same_as(call)))
+        self.statistics_fused.append(self._ordinal(call))
         shift_gv = self._kernels.add(("conv2d_shift", spec, tiling), lambda: shift_primfunc(spec, tiling), "bndeploy_batch_stats_shift")
         combine_gv = self._kernels.add(("stats_combine", spec, tiling, chunks),
-                                  lambda: stats_combine_primfunc(spec, tiling, chunks), "bndeploy_batch_stats_combine")
+                                       lambda: stats_combine_primfunc(spec, tiling, chunks), "bndeploy_batch_stats_combine")
         padded = padded_channels(spec, tiling)
         shift = self.builder_.emit(relax.call_tir(shift_gv, [data, shift_weight], relax.TensorType((padded,), "float32")))
         sums = relax.TensorType((spec.batch, chunks, padded), "float64")
@@ -228,7 +233,7 @@ class _KernelRewriter(PyExprMutator):
         x = stats_operand(call, self._value_of)
         if x is None:
             return None
-        which = 0 if op_name(call) == "relax.mean" and x.same_as(call.args[0]) else 1  # mean, else variance
+        which = statistic_index(call, x)
         shape = _static_shape(x)
         axes = call.attrs.axis
         if shape is None or len(shape) != 4 or _dtype(x) != "float32" or axes is None:
@@ -268,6 +273,11 @@ def stats_operand(call, value_of) -> relax.Expr | None:
         centered = _centered_square_source(value_of(call.args[0]), value_of)
         return call.args[0] if centered is None else centered
     return None
+
+
+def statistic_index(call, x) -> int:
+    """0 when `call` (a stats_operand call on x) is x's mean, 1 when it is x's variance."""
+    return 0 if op_name(call) == "relax.mean" and x.same_as(call.args[0]) else 1
 
 
 @dataclass(frozen=True)
