@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bndeploy.compile import CompileSettings, compile_model
 from bndeploy.runtime import load_artifact
+from test_cpu_schedules import runnable_x86_targets
 
 SPECIALS = np.array([np.nan, np.inf, -np.inf, -7.0, -1.0, -0.25, 0.0, 0.5, 2.0, 7.0], np.float32)
 ATOL, RTOL = 1e-5, 1e-4
@@ -122,9 +123,9 @@ def special_input(shape, rng) -> np.ndarray:
     return x
 
 
-def compiled_output(model, tmp_path, x) -> np.ndarray:
+def compiled_output(model, tmp_path, x, target: str = "cpu") -> np.ndarray:
     onnx.save(model, tmp_path / "model.onnx")
-    (artifact,) = compile_model(tmp_path / "model.onnx", ["cpu"], tmp_path / "artifact", CompileSettings())
+    (artifact,) = compile_model(tmp_path / "model.onnx", [target], tmp_path / "artifact", CompileSettings())
     return load_artifact(artifact).run({"x": x})["y"]
 
 
@@ -158,6 +159,19 @@ def test_fused_conv_epilogue_puts_nan_and_inf_where_onnxruntime_does(name, tmp_p
     want = onnxruntime_output(model, x)
     assert np.isnan(want).any(), "the case must produce NaN outputs to test anything"
     assert_same_specials(compiled_output(model, tmp_path, x), want)
+
+
+@pytest.mark.parametrize("target", runnable_x86_targets())
+@pytest.mark.parametrize("shape, groups", [((1, 104, 28, 28), 13), ((2, 64, 14, 14), 4)])
+def test_grouped_conv_border_reads_put_nan_and_inf_where_onnxruntime_does(target, shape, groups, tmp_path):
+    """RegNet's 8 per group on 28x28 (row-aligned tiles reading the border through conditions, partitioned
+    rows of 7-pixel tiles on AVX2) and 16 per group on 14x14 (AVX2: 6-pixel tiles reading the copy split by
+    group), on both x86 code paths."""
+    model = conv_block(shape, shape[1], groups, relu)
+    x = special_input(list(shape), np.random.default_rng(1))
+    want = onnxruntime_output(model, x)
+    assert np.isnan(want).any() and np.isinf(want).any()
+    assert_same_specials(compiled_output(model, tmp_path, x, target), want)
 
 
 def test_relu_of_nan_is_nan_not_zero(tmp_path):
