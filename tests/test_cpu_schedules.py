@@ -165,19 +165,22 @@ def test_grouped_tiles_stay_within_an_output_row_when_the_model_rates_them_close
     assert (tiling.pixel_block, tiling.channel_block) == tile
 
 
-def _pad_copies(func: tirx.PrimFunc) -> list[tuple[str, int | None]]:
-    """(scope of the padding buffer, extent of the parallel loop the pad block runs in) per pad block."""
+def _pad_copies(func: tirx.PrimFunc) -> list[tuple[int | None, bool]]:
+    """Per pad block: (extent of the parallel loop it runs in, whether the conv's tiles run in the same
+    loop's tasks)."""
 
-    def pads(node) -> list:
+    def blocks(node, name: str) -> list:
         found = []
-        tvm_ffi.structural_walk(node, (s_tir.SBlock, lambda b: found.append(b) if b.name_hint == "pad" else None))
+        tvm_ffi.structural_walk(node, (s_tir.SBlock, lambda b: found.append(b) if b.name_hint == name else None))
         return found
 
     loops = []
     tvm_ffi.structural_walk(func.body, (tirx.For, lambda f: loops.append(f) if f.kind == tirx.ForKind.PARALLEL else None))
-    task_loop = {pad: int(loop.extent) for loop in loops for pad in pads(loop.body)}
-    return [(pad.writes[0].source.scope(), next((extent for p, extent in task_loop.items() if p.same_as(pad)), None))
-            for pad in pads(func.body)]
+    copies = []
+    for pad in blocks(func.body, "pad"):
+        loop = next((loop for loop in loops if any(p.same_as(pad) for p in blocks(loop.body, "pad"))), None)
+        copies.append((None, False) if loop is None else (int(loop.extent), bool(blocks(loop.body, "conv_update"))))
+    return copies
 
 
 @pytest.mark.parametrize("target, size, channels, groups, stride, copy", [
@@ -185,13 +188,14 @@ def _pad_copies(func: tirx.PrimFunc) -> list[tuple[str, int | None]]:
     ("x86-64-avx2", 28, 104, 13, 1, None),  # 7-pixel tiles, four to a row
     ("x86-64-avx512", 28, 128, 8, 2, None),  # two rows per tile
     ("cortex-a76", 28, 104, 13, 1, None),
-    ("x86-64-avx2", 28, 128, 8, 2, ("global", 8 * 30)),  # 6-pixel tiles cross row ends: a copy, split by group
-    ("x86-64-avx512", 28, 104, 1, 1, ("global", 30)),  # dense: a copy in parallel rows
+    ("x86-64-avx2", 28, 128, 8, 2, (16, True)),  # 6-pixel tiles cross row ends: 8 groups x 2 chunks pad their own
+    ("x86-64-avx2", 14, 512, 32, 1, (32, True)),  # 32 groups: one task each
+    ("x86-64-avx512", 28, 104, 1, 1, (30, False)),  # dense: a copy of its own in parallel rows
 ])
 def test_grouped_conv_reads_its_border_in_row_aligned_tiles(target, size, channels, groups, stride, copy):
     """No padding pass where every tile's rows are known: a grouped conv's row-aligned tiles read the zero
-    border through conditions. Where tiles cross row ends, the copy's parallel tasks are (group, row), in
-    the order the conv's tiles take the groups."""
+    border through conditions. Where tiles cross row ends, each (group, chunk of tiles) task pads what its
+    tiles read before computing them."""
     from bndeploy.compile.schedules.conv2d import conv2d_compute
     from bndeploy.compile.schedules.conv_schedule import schedule_conv
 
@@ -208,8 +212,9 @@ def test_grouped_conv_reads_its_border_in_row_aligned_tiles(target, size, channe
 def test_grouped_border_reads_match_onnxruntime(target, size, groups, stride):
     """Grouped convs on small maps, where every tile touches the border: tiles within a row (AVX2: 5 of a
     10-pixel row, 4 of 4), of whole rows (AVX-512: 25, 27, 16 and 28 pixels), and tiles crossing row ends
-    that read the copy split by group (AVX2: 13 pixels on a 5x5 map, 6 on 14x14). Borders, strides, group
-    boundaries and the batch against ONNX Runtime."""
+    that read a copy each task pads for its group (AVX2: 13 pixels on a 5x5 map; 6 on 14x14, two tasks
+    per group, the second's last tile partial). Borders, strides, group boundaries and the batch against
+    ONNX Runtime."""
     channels = 48 if groups == 3 else 64
     rng = np.random.default_rng(3)
     model = conv_onnx((2, channels, size, size), [(channels, 3, stride, 1, groups, True)], rng)
