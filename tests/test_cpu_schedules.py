@@ -243,6 +243,8 @@ CONV_CLASSES = {
     "depthwise 5x5 s2": ((1, 72, 13, 13), [(72, 5, 2, 2, 72, True)]),
     "grouped 8 per group": ((1, 64, 14, 14), [(64, 3, 1, 1, 8, True)]),
     "grouped 16 per group s2": ((1, 64, 14, 14), [(64, 3, 2, 1, 4, True)]),
+    "grouped 4 per group (ResNeXt)": ((1, 64, 14, 14), [(64, 3, 1, 1, 16, True)]),  # a quarter of a zmm
+    "depthwise 3x3 36 channels": ((1, 36, 9, 9), [(36, 3, 1, 1, 36, True)]),  # no 8 | 36: 4-lane blocks
     "wide classifier 1x1": ((1, 96, 7, 7), [(1000, 1, 1, 0, 1, False)]),
 }
 

@@ -193,11 +193,12 @@ def best_tiling(candidates: list[tuple[Tiling, TileCost]], isa: VectorISA) -> Ti
 
 
 def _channel_blocks(isa: VectorISA) -> list[int]:
-    """Whole vectors, and a half vector where that is still 4 lanes or more (an 8-channel group on AVX-512).
-    A block of several vectors is computed one register-wide vector at a time (LLVM splits a 48-lane vector
-    into shuffles and stack traffic, not into three registers)."""
-    half = [isa.lanes // 2] if isa.lanes // 2 >= 4 else []
-    return [vectors * isa.lanes for vectors in range(1, MAX_CHANNEL_VECTORS + 1)] + half
+    """Whole vectors, then halves, quarters, ... of a vector down to 4 lanes (an 8-channel group on
+    AVX-512 takes a ymm, ResNeXt's 4-channel groups an xmm: without them such a conv had no tile and fell
+    to TVM's generic kernel). A block of several vectors is computed one register-wide vector at a time
+    (LLVM splits a 48-lane vector into shuffles and stack traffic, not into three registers)."""
+    parts = [isa.lanes >> shift for shift in range(1, isa.lanes.bit_length()) if isa.lanes >> shift >= 4]
+    return [vectors * isa.lanes for vectors in range(1, MAX_CHANNEL_VECTORS + 1)] + parts
 
 
 def _fits_groups(spec: ConvSpec, channel_block: int) -> bool:
