@@ -254,7 +254,7 @@ def run_case(case: Case, settings: BenchSettings, work: Path, threads: int) -> t
     }
     with torch.no_grad():
         ms = interleaved_medians_ms(candidates, settings.rounds, _calls_per_sample(candidates["bndeploy"]))
-    prof = profile_loaded(artifact, feeds, rounds=3)
+    prof = profile_loaded(artifact, feeds, rounds=settings.rounds)
     top = prof.kernels[0]
     main = MainKernel(top.name, top.kind, prof.share(top), top.ms, top.flops, top.nbytes)
     row = Row(case.name, case.shape, case.mode, ms, compile_s, sum(k.flops for k in prof.kernels),
