@@ -160,14 +160,7 @@ def profile_loaded(artifact: Artifact, feeds: dict, rounds: int = 10) -> Profile
                    measure_bounds(artifact), kernels)
 
 
-# Instrumented runs are spread over time, each after an untimed run that wakes the thread pool: a shared
-# vCPU can run at half speed for a second at a time, and back-to-back rounds all fell into one such phase
-# (the same 0.045 ms kernel profiled at 0.045 and at 0.07 ms from one bench run to the next).
-ROUND_SPACING_S = 0.1
-
-
-def _kernel_times(artifact: Artifact, feeds: dict, rounds: int,
-                  spacing_s: float = ROUND_SPACING_S) -> tuple[dict[str, list[float]], dict[str, int]]:
+def _kernel_times(artifact: Artifact, feeds: dict, rounds: int) -> tuple[dict[str, list[float]], dict[str, int]]:
     per_round: list[dict[str, float]] = []
     calls: dict[str, int] = {}
     started: dict[str, float] = {}
@@ -183,13 +176,12 @@ def _kernel_times(artifact: Artifact, feeds: dict, rounds: int,
             calls[name] = calls.get(name, 0) + 1
         return 0
 
-    for _ in range(rounds):
-        time.sleep(spacing_s)
-        artifact.run(feeds)
-        current.clear()
-        with artifact.instrumented(instrument):
+    artifact.run(feeds)  # warm-up, not instrumented
+    with artifact.instrumented(instrument):
+        for _ in range(rounds):
+            current.clear()
             artifact.run(feeds)
-        per_round.append(dict(current))
+            per_round.append(dict(current))
     names = {name for totals in per_round for name in totals}
     return {name: [totals.get(name, 0.0) for totals in per_round] for name in names}, calls
 

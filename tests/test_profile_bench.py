@@ -43,41 +43,6 @@ def test_profile_accounts_for_every_kernel_with_its_work(tiny_resnet_artifact):
     assert result.cpu in table and all(k.name in table for k in result.kernels[:15])
 
 
-def test_profile_rounds_are_spread_over_time_each_after_an_untimed_run():
-    """A shared vCPU runs at half speed for a second at a time: instrumented rounds back to back all fell
-    into one such phase. Each round waits, runs once untimed (the thread pool wakes), then is timed."""
-    import contextlib
-    import time
-
-    from bndeploy.runtime.profile import _kernel_times
-
-    class Recorder:
-        def __init__(self):
-            self.runs, self._instrument = [], None
-
-        def run(self, feeds):
-            timed = self._instrument is not None
-            self.runs.append((time.perf_counter(), timed))
-            if timed:
-                self._instrument(None, "conv", True, None)
-                self._instrument(None, "conv", False, None)
-
-        @contextlib.contextmanager
-        def instrumented(self, fn):
-            self._instrument = fn
-            try:
-                yield
-            finally:
-                self._instrument = None
-
-    artifact = Recorder()
-    times, calls = _kernel_times(artifact, {}, rounds=3, spacing_s=0.05)
-    assert [timed for _, timed in artifact.runs] == [False, True] * 3
-    timed_at = [at for at, timed in artifact.runs if timed]
-    assert all(later - earlier >= 0.05 for earlier, later in zip(timed_at, timed_at[1:]))
-    assert calls == {"conv": 3} and len(times["conv"]) == 3
-
-
 def test_conv_kernel_work_is_the_convolutions_useful_flops(tmp_path):
     """One 3x3 conv 16->32 on 2x16x12x12: 2 * N * C_out * H_out * W_out * C_in * 9 FLOPs, not the FLOPs
     of the padded register tiles the kernel actually computes."""
