@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from bndeploy.errors import BndeployError
 from bndeploy.layout import ONNX_FILE
 from bndeploy.machine import cpu_description, usable_cpus
 from bndeploy.timing import interleaved_medians_ms
+
+if TYPE_CHECKING:
+    from bndeploy.runtime.profile import MachineBounds
 
 REFERENCE_CONVS = [(1, 64, 56), (8, 128, 28), (1, 256, 14)]
 BN_SHAPE = (32, 64, 56, 56)
