@@ -215,3 +215,17 @@ def test_a_kernel_with_a_constant_beyond_int32_is_not_narrowed():
     with pytest.raises(tvm.error.InternalError):
         tirx.transform.ForceNarrowIndexToInt32()(mod)
     assert keep_loop_partition_hints(mod)["main"].same_as(mod["main"])
+
+
+def test_a_grouped_convs_padding_buffer_is_each_tasks_own():
+    """Grouped convs whose tiles cross row ends (AVX2: 128 channels in 8 groups, stride 2, 6-pixel tiles)
+    pad inside each parallel task: TVM places the padding buffer in the task and sizes it for one group,
+    so no two cores write the same buffer (two chunks of a group pad an overlapping row)."""
+    target = resolve_target("x86-64-avx2").tvm_target()
+    spec = ConvSpec(1, 28, 28, 128, 128, (3, 3), strides=(2, 2), padding=(1, 1, 1, 1), groups=8)
+    with target:
+        func = schedule_conv(conv2d_compute(spec, choose_tiling(spec, isa_for_target(target))))
+    lowered = lower_without_builtins(tvm.IRModule({"main": func}))["main"]
+    (task,) = parallel_loops(lowered.body)
+    (pad,) = [a.buffer for a in allocations(task.body) if a.buffer.name == "pad"]
+    assert int(pad.shape[0]) <= 30 * 30 * 16  # one group's 16 channels, not the 30 x 30 x 128 input
