@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import tvm
 from tvm import s_tir, te, tirx
 
 from .generic import mark_scheduled
