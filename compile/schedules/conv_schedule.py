@@ -176,8 +176,9 @@ def _tile_by_group(sch: s_tir.Schedule, conv, writer, pad, tiling: Tiling) -> No
     the group) from it while it is in the core's cache. As a pass of its own the copy took a second
     parallel region and cores read rows another core wrote: 128 channels in groups of 16, stride 2 to
     14x14, AVX2 code on 2 threads of an AMD EPYC Zen 4, both timed interleaved: 0.047 -> 0.043 ms, and
-    0.051 -> 0.045 ms where the copy transposes an NCHW input (unpadded, the same work took 83% of the
-    padded time). Chunks of a group pad the rows their tiles share twice (10% more copying on 14x14)."""
+    0.051 -> 0.045 ms where the copy transposes an NCHW input (in another run: separate pass 0.042 ms,
+    per task 0.039, the same conv unpadded 0.035). Chunks of a group both pad the rows their tiles share
+    (10% more copying on 14x14)."""
     n, p_outer, o_outer, reduction, p_inner, o_inner = split_direct_tiles(sch, conv, writer, tiling)
     in_channels = int(sch.get(pad).writes[0].source.shape[-1])
     per_group = _output_shape(sch, writer)[-1] * _channels_read(sch, conv) // in_channels
