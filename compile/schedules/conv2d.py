@@ -218,8 +218,27 @@ def direct_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
     lost) over the FMA peak; ties go to fewer loads per FMA, then more accumulators."""
     candidates = _direct_candidates(spec, isa, isa.tile_budget)
     if spec.groups > 1:
-        return _row_aligned_if_close(spec, candidates, isa)
+        return _row_aligned_if_close(spec, candidates, isa, isa.tile_budget - BORDER_TEST_REGISTERS)
+    if _short_spatial_reduction(spec):
+        return _row_aligned_if_close(spec, candidates, isa, isa.tile_budget)
     return best_tiling(candidates, isa)
+
+
+# A tile's pixels get their input rows and columns once per tile: a division by the output width per pixel
+# where the tile crosses a row end, nothing more where it lies within a row (TVM's simplifier sees the row
+# is the tile's). Over a reduction this short that index arithmetic is a large share of a tile's work:
+# a network's 3x3 stem (3 channels in, 27 steps; 3 -> 32, stride 2, 224x224, AVX2 code, AMD EPYC Zen 4)
+# ran at 47% of the FMA peak in the model's 6-pixel tiles and 81% in 4-pixel ones, four to 112 columns.
+# The 7x7 stem's 147 steps run at 83-100% in tiles that cross rows.
+SHORT_REDUCTION_STEPS = 64
+
+
+def _short_spatial_reduction(spec: ConvSpec) -> bool:
+    """A dense conv whose input pixel is not its output pixel (a spatial kernel, a stride or padding) and whose
+    reduction is under SHORT_REDUCTION_STEPS steps."""
+    steps = spec.kernel[0] * spec.kernel[1] * spec.in_per_group
+    spatial = spec.kernel != (1, 1) or spec.strides != (1, 1) or spec.padded
+    return spatial and steps < SHORT_REDUCTION_STEPS
 
 
 def _direct_candidates(spec: ConvSpec, isa: VectorISA, registers: int) -> list[tuple[Tiling, TileCost]]:
@@ -257,16 +276,20 @@ BORDER_TEST_REGISTERS = 1
 # own. Measured (AMD EPYC Zen 4, 2 threads): 48 channels in groups of 8 on 56x56, AVX-512 code, 28-pixel
 # tiles 0.116 ms against 0.195 for the model's 30; 128 channels in groups of 16, stride 2 to 14x14, 14-pixel
 # tiles 0.037 ms against 0.052 for 28; 440 channels in groups of 8 on 7x7, 7-pixel tiles 0.020 ms against
-# 0.022 for 25.
+# 0.022 for 25. A dense conv with a short reduction takes it over the same margin (SHORT_REDUCTION_STEPS):
+# the model does not see a tile's index arithmetic either.
 ROW_ALIGNED_MIN_EFFICIENCY = 0.85
 
 
-def _row_aligned_if_close(spec: ConvSpec, candidates: list[tuple[Tiling, TileCost]], isa: VectorISA) -> Tiling | None:
+def _row_aligned_if_close(spec: ConvSpec, candidates: list[tuple[Tiling, TileCost]], isa: VectorISA,
+                          registers: int) -> Tiling | None:
+    """The best of the row-aligned tiles (of `registers` registers) of the best tile's channel block, if the
+    model rates it within ROW_ALIGNED_MIN_EFFICIENCY of the best tile; else the best tile."""
     best = best_tiling(candidates, isa)
     if best is None:
         return None
     aligned = [(tiling, cost)
-               for tiling, cost in _direct_candidates(spec, isa, isa.tile_budget - BORDER_TEST_REGISTERS)
+               for tiling, cost in _direct_candidates(spec, isa, registers)
                if row_aligned(tiling.pixel_block, spec.out_height, spec.out_width)
                and tiling.channel_block == best.channel_block]
     if not aligned:
