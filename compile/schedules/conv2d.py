@@ -105,9 +105,13 @@ class ConvSpec(ConvGeometry):
         return any(self.padding)
 
     @property
+    def reduction_steps(self) -> int:
+        """Multiply-adds per output value: the kernel's taps over the group's input channels."""
+        return self.kernel[0] * self.kernel[1] * self.in_per_group
+
+    @property
     def flops(self) -> int:
-        kh, kw = self.kernel
-        return 2 * self.batch * self.pixels * self.out_channels * self.in_per_group * kh * kw
+        return 2 * self.batch * self.pixels * self.out_channels * self.reduction_steps
 
 
 @dataclass(frozen=True)
@@ -236,9 +240,8 @@ SHORT_REDUCTION_STEPS = 64
 def _short_spatial_reduction(spec: ConvSpec) -> bool:
     """A dense conv whose input pixel is not its output pixel (a spatial kernel, a stride or padding) and whose
     reduction is under SHORT_REDUCTION_STEPS steps."""
-    steps = spec.kernel[0] * spec.kernel[1] * spec.in_per_group
     spatial = spec.kernel != (1, 1) or spec.strides != (1, 1) or spec.padded
-    return spatial and steps < SHORT_REDUCTION_STEPS
+    return spatial and spec.reduction_steps < SHORT_REDUCTION_STEPS
 
 
 def _direct_candidates(spec: ConvSpec, isa: VectorISA, registers: int) -> list[tuple[Tiling, TileCost]]:
@@ -250,10 +253,9 @@ def _direct_candidates(spec: ConvSpec, isa: VectorISA, registers: int) -> list[t
         lane_use = channel_block / (vectors * isa.lanes)
         max_rows = (registers - vectors - isa.broadcast_registers) // vectors
         channel_use = spec.out_channels / _ceil_to(spec.out_channels, channel_block)
-        steps = spec.kernel[0] * spec.kernel[1] * spec.in_per_group
         for rows in range(1, min(max_rows, spec.pixels) + 1):
             useful = lane_use * channel_use * spec.pixels / _ceil_to(spec.pixels, rows)
-            cost = TileCost(rows * vectors, rows * vectors, rows + vectors, steps, useful)
+            cost = TileCost(rows * vectors, rows * vectors, rows + vectors, spec.reduction_steps, useful)
             candidates.append((Tiling(DIRECT, rows, channel_block, min(isa.lanes, channel_block)), cost))
     return candidates
 
@@ -314,7 +316,7 @@ def pixels_outer(spec: ConvSpec, channel_block: int, pixel_block: int) -> bool:
     stay in cache). A 1x1 expansion over a large image (MobileNet: 16 -> 96 channels on 112x112 at
     batch 8, a 6.4 MB input and 6 KB of weights) wants pixels outer; a 3x3 conv of a small image with
     MBs of weights wants channels outer."""
-    weights = 4 * spec.kernel[0] * spec.kernel[1] * spec.in_per_group * spec.out_channels
+    weights = 4 * spec.reduction_steps * spec.out_channels
     inputs = 4 * spec.batch * spec.height * spec.width * spec.in_channels
     blocks, tiles = -(-spec.out_channels // channel_block), -(-spec.pixels // pixel_block) * spec.batch
     channels_first = weights + inputs * (1 if inputs <= REUSE_CACHE_BYTES else blocks)
