@@ -147,7 +147,11 @@ def _grouped(sch: s_tir.Schedule, pad, conv) -> bool:
     true for the tile's inner pixels and taps, and LLVM keeps the rest out of the FMA chain. A dense conv
     reads every input channel in each of its tiles and keeps the copy, as does a grouped conv whose tiles
     cross row ends; each of its tasks then pads just what its tiles read (`_tile_by_group`)."""
-    return _channels_read(sch, conv) < int(sch.get(pad).writes[0].source.shape[-1])
+    return _channels_read(sch, conv) < _channels_padded(sch, pad)
+
+
+def _channels_padded(sch: s_tir.Schedule, pad) -> int:
+    return int(sch.get(pad).writes[0].source.shape[-1])
 
 
 def _tile_grouped(sch: s_tir.Schedule, conv, writer, pad, tiling: Tiling) -> None:
@@ -180,8 +184,7 @@ def _tile_by_group(sch: s_tir.Schedule, conv, writer, pad, tiling: Tiling) -> No
     per task 0.039, the same conv unpadded 0.035). Chunks of a group both pad the rows their tiles share
     (10% more copying on 14x14)."""
     n, p_outer, o_outer, reduction, p_inner, o_inner = split_direct_tiles(sch, conv, writer, tiling)
-    in_channels = int(sch.get(pad).writes[0].source.shape[-1])
-    per_group = _output_shape(sch, writer)[-1] * _channels_read(sch, conv) // in_channels
+    per_group = _output_shape(sch, writer)[-1] * _channels_read(sch, conv) // _channels_padded(sch, pad)
     group, block = sch.split(o_outer, [None, per_group // tiling.channel_block])
     images_groups = int(sch.get(n).extent) * int(sch.get(group).extent)
     chunks = min(-(-MIN_GROUP_TASKS // images_groups), int(sch.get(p_outer).extent))
