@@ -27,7 +27,7 @@ import numpy as np
 from bndeploy.errors import BndeployError
 from bndeploy.layout import ONNX_FILE
 from bndeploy.machine import cpu_description, usable_cpus
-from bndeploy.timing import interleaved_medians_ms
+from bndeploy.timing import calls_per_sample, interleaved_medians_ms
 
 if TYPE_CHECKING:
     from bndeploy.runtime.profile import MachineBounds
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 REFERENCE_CONVS = [(1, 64, 56), (8, 128, 28), (1, 256, 14)]
 BN_SHAPE = (32, 64, 56, 56)
 ZOO_BATCHES = (1, 8)
-TARGET_CALL_S = 0.05  # each timed sample repeats the call until it lasts about this long
 
 
 @dataclass(frozen=True)
@@ -58,6 +57,7 @@ class MainKernel:
     ms: float
     flops: int
     nbytes: int
+    best_ms: float  # the fastest profile round's
 
 
 @dataclass
@@ -85,10 +85,11 @@ class Row:
         bound = bounds.bound_ms(0 if memory_bound else self.flops, self.nbytes)
         return 100 * bound / self.ms["bndeploy"] if bound else None
 
-    def kernel_percent_of_bound(self, bounds: "MachineBounds") -> float | None:
+    def kernel_percent_of_bound(self, bounds: "MachineBounds", best: bool = False) -> float | None:
         kernel = self.main_kernel
+        ms = kernel.best_ms if best else kernel.ms
         bound = bounds.bound_ms(kernel.flops, kernel.nbytes)
-        return 100 * bound / kernel.ms if bound and kernel.ms else None
+        return 100 * bound / ms if bound and ms else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,10 +257,10 @@ def run_case(case: Case, settings: BenchSettings, work: Path, threads: int) -> t
         "torch": lambda: module(torch_input),
     }
     with torch.no_grad():
-        ms = interleaved_medians_ms(candidates, settings.rounds, _calls_per_sample(candidates["bndeploy"]))
+        ms = interleaved_medians_ms(candidates, settings.rounds, calls_per_sample(candidates["bndeploy"]))
     prof = profile_loaded(artifact, feeds, rounds=settings.rounds)
     top = prof.kernels[0]
-    main = MainKernel(top.name, top.kind, prof.share(top), top.ms, top.flops, top.nbytes)
+    main = MainKernel(top.name, top.kind, prof.share(top), top.ms, top.flops, top.nbytes, top.best_ms)
     row = Row(case.name, case.shape, case.mode, ms, compile_s, sum(k.flops for k in prof.kernels),
               _min_traffic(case, feeds, got), main, float(np.nanmax(np.abs(got - want))) if got.size else 0.0)
     return row, prof, candidates
@@ -307,13 +308,6 @@ def _ort_session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _calls_per_sample(call: Callable[[], object]) -> int:
-    start = time.perf_counter()
-    call()
-    seconds = time.perf_counter() - start
-    return max(1, min(20, int(TARGET_CALL_S / max(seconds, 1e-6))))
-
-
 def _min_traffic(case: Case, feeds: dict, output: np.ndarray) -> int:
     """Bytes a memory-bound case must move at least: inputs read once per pass, the output written."""
     reads = sum(a.nbytes for a in feeds.values())
@@ -328,19 +322,21 @@ def _min_traffic(case: Case, feeds: dict, output: np.ndarray) -> int:
 def format_table(rows: list[Row], cases: list[Case], context: dict) -> str:
     """One row per case. "% of bound": the whole run against this machine's bound for its work (FLOPs at
     the FMA peak, or bytes at the memory bandwidth); "main kernel": the kernel class the artifact spends
-    most time in, its share, and that kernel alone against its own bound."""
-    from bndeploy.runtime.profile import MachineBounds
+    most time in, its share, and that kernel alone against its own bound: its median profile round, and
+    its fastest."""
+    from bndeploy.runtime.profile import MachineBounds, format_percent
 
     bounds = MachineBounds(context.get("fma_peak_gflops"), context["bandwidth_gbs"], "")
     header = ["case", "shape", "mode", "bndeploy ms", "ORT ms", "torch ms", "bndeploy/ORT", "rate", "% of bound",
-              "main kernel (share, % of its bound)", "compile s", "max|err| vs ORT"]
+              "main kernel (share, % of its bound, best round)", "compile s", "max|err| vs ORT"]
     lines = [header]
     for row, case in zip(rows, cases):
         lines.append([row.case, row.shape, row.mode, f"{row.ms['bndeploy']:.3f}", f"{row.ms['onnxruntime']:.3f}",
                       f"{row.ms['torch']:.3f}", f"{row.ratio:.2f}x", row.rate(case.memory_bound),
-                      _percent(row.percent_of_bound(bounds, case.memory_bound)),
+                      format_percent(row.percent_of_bound(bounds, case.memory_bound)),
                       f"{row.main_kernel.kind} ({100 * row.main_kernel.share:.0f}%, "
-                      f"{_percent(row.kernel_percent_of_bound(bounds))})",
+                      f"{format_percent(row.kernel_percent_of_bound(bounds))}, "
+                      f"{format_percent(row.kernel_percent_of_bound(bounds, best=True))})",
                       f"{row.compile_s:.1f}", f"{row.max_error:.1e}"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
@@ -348,8 +344,6 @@ def format_table(rows: list[Row], cases: list[Case], context: dict) -> str:
     return "\n".join(text + ["", *summary_lines(rows, context)])
 
 
-def _percent(value: float | None) -> str:
-    return f"{value:.0f}%" if value is not None else "-"
 
 
 def summary_lines(rows: list[Row], context: dict) -> list[str]:
@@ -387,7 +381,7 @@ def time_train_over_inference(calls: dict, rounds: int) -> list[dict]:
             continue
         candidates = {f"{runtime} {which}": timed[runtime] for which, timed in (("train", train), ("inference", folded))
                       for runtime in ("bndeploy", "onnxruntime")}
-        ms = interleaved_medians_ms(candidates, rounds, _calls_per_sample(folded["bndeploy"]))
+        ms = interleaved_medians_ms(candidates, rounds, calls_per_sample(folded["bndeploy"]))
         ratios.append({"case": case, "shape": shape, **{runtime: ms[f"{runtime} train"] / ms[f"{runtime} inference"]
                                                         for runtime in ("bndeploy", "onnxruntime")}})
     return ratios

@@ -14,6 +14,18 @@ from typing import Callable
 
 # Longer than the longest post-call spin measured here (TVM's thread pool: ~0.1 s).
 SPIN_PAUSE_S = 0.2
+# A timed sample repeats the call until it lasts about this long: the first calls after a pause run slower
+# (a 0.1 ms artifact's first call took 0.47 ms here, its third 0.11), so short samples read the slow start.
+SAMPLE_S = 0.05
+MOST_CALLS_PER_SAMPLE = 200
+
+
+def calls_per_sample(call: Callable[[], object], seconds: float = SAMPLE_S) -> int:
+    """How many calls of ``call`` (timed once here) fill a sample of about ``seconds``."""
+    start = time.perf_counter()
+    call()
+    took = time.perf_counter() - start
+    return max(1, min(MOST_CALLS_PER_SAMPLE, int(seconds / max(took, 1e-6))))
 
 
 def interleaved_medians_ms(candidates: dict[str, Callable[[], object]], rounds: int = 7, calls: int = 3,

@@ -15,7 +15,9 @@ import pytest
 
 from bndeploy.compile import CompileSettings, compile_model
 from bndeploy.layout import ARTIFACT_MANIFEST, ONNX_FILE
-from bndeploy.runtime.profile import profile
+from bndeploy.runtime.artifact import load_artifact
+from bndeploy.runtime.check import choose_inputs
+from bndeploy.runtime.profile import VM_BUILTIN_PREFIX, profile
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +31,36 @@ def test_profile_accounts_for_every_kernel_with_its_work(tiny_resnet_artifact):
     result = profile(tiny_resnet_artifact, rounds=3)
     manifest = json.loads((tiny_resnet_artifact / ARTIFACT_MANIFEST).read_text())
     assert {k.name for k in result.kernels} == set(manifest["kernels"])
-    assert all(k.calls >= 1 and k.ms > 0 for k in result.kernels)
+    assert all(k.calls >= 1 and 0 < k.best_ms <= k.ms for k in result.kernels)
     assert abs(sum(result.share(k) for k in result.kernels) - 1.0) < 1e-9
     assert abs(sum(result.class_shares().values()) - 1.0) < 1e-9
     convs = [k for k in result.kernels if k.kind == "conv"]
     assert convs and all(k.flops > 0 for k in convs)
+    assert result.runs_per_round > 1, "a tiny artifact's round should average several runs"
+    calls_in_one_run = _calls_in_one_run(tiny_resnet_artifact)
     for kernel in result.kernels:  # per run: the recorded per-call work times the calls
+        assert kernel.calls == calls_in_one_run[kernel.name]
         cost = manifest["kernel_costs"][kernel.name]
         assert kernel.flops == cost["flops"] * kernel.calls and kernel.nbytes == cost["bytes"] * kernel.calls
     assert result.bounds.peak_gflops and result.bounds.peak_gflops > 0, "the artifact's FMA-peak kernel did not run"
     assert result.bounds.bandwidth_gbs > 0
     table = result.table()
     assert result.cpu in table and all(k.name in table for k in result.kernels[:15])
+
+
+def _calls_in_one_run(artifact_dir) -> dict[str, int]:
+    artifact = load_artifact(artifact_dir)
+    feeds, _, _ = choose_inputs(artifact, None, None)
+    calls: dict[str, int] = {}
+
+    def count(func, name, before_run, result, *args):
+        if before_run and not name.startswith(VM_BUILTIN_PREFIX):
+            calls[name] = calls.get(name, 0) + 1
+        return 0
+
+    with artifact.instrumented(count):
+        artifact.run(feeds)
+    return calls
 
 
 def test_conv_kernel_work_is_the_convolutions_useful_flops(tmp_path):
