@@ -21,7 +21,8 @@ from tvm import relax, s_tir, te, tirx, topi
 from bndeploy.compile.cpu import build_cpu, schedule_module
 from bndeploy.compile.onnx_import import import_onnx
 from bndeploy.compile.schedules import SCHEDULED_ATTR, BatchStatsSpec, ConvSpec, build_batch_stats_primfunc, choose_tiling
-from bndeploy.compile.schedules.conv2d import DEPTHWISE, DIRECT
+from bndeploy.compile.schedules.conv2d import DEPTHWISE, DIRECT, conv2d_compute
+from bndeploy.compile.schedules.conv_schedule import schedule_conv
 from bndeploy.compile.schedules.isa import AVX2, AVX512, NEON32, NEON64, NEON64_CARMEL, isa_for_target
 from bndeploy.compile.targets import resolve_target
 
@@ -262,6 +263,7 @@ CONV_CLASSES = {
     "grouped 4 per group (ResNeXt)": ((1, 64, 14, 14), [(64, 3, 1, 1, 16, True)]),  # a quarter of a zmm
     "depthwise 3x3 36 channels": ((1, 36, 9, 9), [(36, 3, 1, 1, 36, True)]),  # no 8 | 36: 4-lane blocks
     "wide classifier 1x1": ((1, 96, 7, 7), [(1000, 1, 1, 0, 1, False)]),
+    "1x1 to 24 channels": ((1, 48, 10, 10), [(24, 1, 1, 0, 1, True)]),  # AVX-512: 24 real of a 32-block
 }
 
 
@@ -356,6 +358,31 @@ def test_residual_add_and_relu_fuse_into_the_conv_that_feeds_them():
     assert len(fused) == 1 and fused[0].count("add") == 2 and "relu" in fused[0], kernels
     x = rng.standard_normal((1, 16, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(run_vm(build_cpu(import_onnx(model), HOST), x)[0], onnxruntime_run(model, x), atol=ATOL, rtol=RTOL)
+
+
+def _vectorized_writer_lanes(func: tirx.PrimFunc) -> list[int]:
+    """Extents of the vectorized loops the epilogue's writer block runs in."""
+    loops = []
+    tvm_ffi.structural_walk(func.body, (tirx.For, lambda f: loops.append(f) if f.kind == tirx.ForKind.VECTORIZED else None))
+
+    def writes(loop) -> bool:
+        found = []
+        tvm_ffi.structural_walk(loop.body, (s_tir.SBlock, lambda b: found.append(b) if b.name_hint == "conv_out" else None))
+        return bool(found)
+
+    return [int(loop.extent) for loop in loops if writes(loop)]
+
+
+@pytest.mark.parametrize("out_channels, lanes", [(24, 8), (20, 4)])
+def test_a_conv_narrower_than_its_channel_block_writes_in_vectors(out_channels, lanes):
+    """AVX-512's 32-channel block over 24 (MobileNetV2's projections) or 20 channels: the epilogue writes the
+    real channels in the widest vectors that divide them, not one lane at a time."""
+    spec = ConvSpec(1, 10, 10, 48, out_channels, (1, 1), padding=(0, 0, 0, 0))
+    tiling = choose_tiling(spec, AVX512)
+    assert tiling.channel_block > out_channels
+    with resolve_target("x86-64-avx512").tvm_target():
+        func = schedule_conv(conv2d_compute(spec, tiling))
+    assert _vectorized_writer_lanes(func) == [lanes]
 
 
 def test_conv_kernel_is_parallel_vectorised_and_unrolled():
