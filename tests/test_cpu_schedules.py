@@ -23,7 +23,8 @@ from bndeploy.compile.onnx_import import import_onnx
 from bndeploy.compile.schedules import SCHEDULED_ATTR, BatchStatsSpec, ConvSpec, build_batch_stats_primfunc, choose_tiling
 from bndeploy.compile.schedules.conv2d import DEPTHWISE, DIRECT, conv2d_compute
 from bndeploy.compile.schedules.conv_schedule import schedule_conv
-from bndeploy.compile.schedules.isa import AVX2, AVX512, NEON32, NEON64, NEON64_CARMEL, isa_for_target
+from bndeploy.compile.schedules.isa import (AVX2, AVX512, AVX512_HALF_WIDTH_PIPES, NEON32, NEON64, NEON64_CARMEL,
+                                           isa_for_target)
 from bndeploy.compile.targets import resolve_target
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
@@ -34,7 +35,7 @@ ALL_ISAS = (AVX512, AVX2, NEON64, NEON64_CARMEL, NEON32)
 def runnable_x86_targets() -> list[str]:
     """Both x86 code paths where this CPU runs them (AVX2 code runs on an AVX-512 host)."""
     names = ["x86-64-avx2"]
-    if isa_for_target(HOST) is AVX512:
+    if isa_for_target(HOST).name == AVX512.name:
         names.append("x86-64-avx512")
     return names
 
@@ -121,6 +122,43 @@ def test_isa_classes_of_the_named_targets():
         assert isa_for_target(resolve_target(arm).tvm_target()) is NEON64
     assert isa_for_target(resolve_target("carmel").tvm_target()) is NEON64_CARMEL
     assert isa_for_target(resolve_target("armv7").tvm_target()) is NEON32
+    zen4 = resolve_target('{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"}').tvm_target()
+    assert isa_for_target(zen4) is AVX512_HALF_WIDTH_PIPES
+
+
+@pytest.mark.parametrize("out_channels, block", [(24, 24), (40, 40), (64, None), (96, None)])
+def test_half_width_pipes_take_ymm_blocks_where_zmm_blocks_would_pad(out_channels, block):
+    """Where a ymm FMA costs half a zmm one (Zen 4), 24 and 40 channels take blocks of 8-lane vectors, not
+    zmm blocks a quarter or a sixth padding; channels that fill zmm vectors keep the zmm tile."""
+    spec = ConvSpec(1, 28, 28, 144, out_channels, (1, 1), padding=(0, 0, 0, 0))
+    full, half = choose_tiling(spec, AVX512), choose_tiling(spec, AVX512_HALF_WIDTH_PIPES)
+    assert full.lanes == 16
+    if block is None:
+        assert half == full
+    else:
+        assert full.channel_block > out_channels and (half.channel_block, half.lanes) == (block, 8)
+        vectors = half.channel_block // half.lanes
+        assert half.pixel_block * vectors + vectors + AVX512.broadcast_registers <= AVX512.registers
+
+
+@pytest.mark.skipif("x86-64-avx512" not in runnable_x86_targets(), reason="needs a CPU that runs AVX-512 code")
+@pytest.mark.parametrize("case", ["1x1 to 24 channels", "3x3 s1", "3x3 s2 odd width"])
+def test_half_width_tiles_match_onnxruntime(case, monkeypatch):
+    """The ymm tiles a Zen 4 target takes, built for any AVX-512 CPU (the x86-64-avx512 target with the
+    Zen 4 model's tiles) and checked against ONNX Runtime."""
+    import bndeploy.compile.schedules.relax_rewrite as relax_rewrite
+
+    monkeypatch.setattr(relax_rewrite, "isa_for_target", lambda target: AVX512_HALF_WIDTH_PIPES)
+    x_shape, (layer,) = CONV_CLASSES[case]
+    out_channels = 40 if layer[0] != 24 else 24  # 40 channels: five ymm vectors
+    rng = np.random.default_rng(3)
+    model = conv_onnx(x_shape, [(out_channels, *layer[1:])], rng)
+    target = resolve_target("x86-64-avx512").tvm_target()
+    scheduled = schedule_module(import_onnx(model), target)
+    assert any(f":{out_channels}:8:" in f.script() for gv, f in scheduled.functions.items() if "conv2d" in gv.name_hint)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    got = run_vm(build_cpu(import_onnx(model), target), x)[0]
+    np.testing.assert_allclose(got, onnxruntime_run(model, x), atol=ATOL, rtol=RTOL)
 
 
 REFERENCE_SHAPES = [(1, 56, 56, 64, 64), (8, 28, 28, 128, 128), (1, 14, 14, 256, 256), (1, 7, 7, 512, 512)]

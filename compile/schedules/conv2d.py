@@ -168,7 +168,7 @@ class TileCost:
     or broadcast loads each, then its setup and epilogue."""
 
     accumulators: int  # vector registers holding the tile
-    fmas: int  # per step
+    fmas: float  # per step, in full-width FMA slots
     loads: int  # per step
     steps: int
     useful: float  # share of the tile's lanes that compute real outputs (padded pixels and channels waste)
@@ -203,6 +203,21 @@ def _channel_blocks(isa: VectorISA) -> list[int]:
     (LLVM splits a 48-lane vector into shuffles and stack traffic, not into three registers)."""
     parts = [isa.lanes >> shift for shift in range(1, isa.lanes.bit_length()) if isa.lanes >> shift >= 4]
     return [vectors * isa.lanes for vectors in range(1, MAX_CHANNEL_VECTORS + 1)] + parts
+
+
+def _direct_blocks(isa: VectorISA) -> list[tuple[int, int]]:
+    """(channel block, lanes of the vectors it is computed in) for direct convs: `_channel_blocks`, and where
+    half-width vectors cost half a full one, blocks of an odd number of them (24 channels as three ymm)."""
+    blocks = [(block, min(isa.lanes, block)) for block in _channel_blocks(isa)]
+    if isa.half_width_fmas > 1:
+        half = isa.lanes // 2
+        blocks += [(halves * half, half) for halves in range(3, 2 * MAX_CHANNEL_VECTORS, 2)]
+    return blocks
+
+
+def _vector_slots(isa: VectorISA, lanes: int) -> float:
+    """Full-width FMA slots one FMA on a vector of `lanes` takes."""
+    return max(lanes / isa.lanes, 1 / isa.half_width_fmas)
 
 
 def _fits_groups(spec: ConvSpec, channel_block: int) -> bool:
@@ -246,17 +261,18 @@ def _short_spatial_reduction(spec: ConvSpec) -> bool:
 
 def _direct_candidates(spec: ConvSpec, isa: VectorISA, registers: int) -> list[tuple[Tiling, TileCost]]:
     candidates = []
-    for channel_block in _channel_blocks(isa):
+    for channel_block, lanes in _direct_blocks(isa):
         if not _fits_groups(spec, channel_block):
             continue
-        vectors = -(-channel_block // isa.lanes)
-        lane_use = channel_block / (vectors * isa.lanes)
+        vectors = -(-channel_block // lanes)
+        slots = _vector_slots(isa, lanes)
+        lane_use = channel_block / (vectors * lanes) * (lanes / isa.lanes) / slots  # real lanes per slot's
         max_rows = (registers - vectors - isa.broadcast_registers) // vectors
         channel_use = spec.out_channels / _ceil_to(spec.out_channels, channel_block)
         for rows in range(1, min(max_rows, spec.pixels) + 1):
             useful = lane_use * channel_use * spec.pixels / _ceil_to(spec.pixels, rows)
-            cost = TileCost(rows * vectors, rows * vectors, rows + vectors, spec.reduction_steps, useful)
-            candidates.append((Tiling(DIRECT, rows, channel_block, min(isa.lanes, channel_block)), cost))
+            cost = TileCost(rows * vectors, rows * vectors * slots, rows + vectors, spec.reduction_steps, useful)
+            candidates.append((Tiling(DIRECT, rows, channel_block, lanes), cost))
     return candidates
 
 
