@@ -21,7 +21,8 @@ from tvm import relax, s_tir, te, tirx, topi
 from bndeploy.compile.cpu import build_cpu, schedule_module
 from bndeploy.compile.onnx_import import import_onnx
 from bndeploy.compile.schedules import SCHEDULED_ATTR, BatchStatsSpec, ConvSpec, build_batch_stats_primfunc, choose_tiling
-from bndeploy.compile.schedules.conv2d import DEPTHWISE, DIRECT, conv2d_compute
+from bndeploy.compile.schedules import conv2d
+from bndeploy.compile.schedules.conv2d import DEPTHWISE, DIRECT, INTERLEAVED, conv2d_compute, direct_tiling
 from bndeploy.compile.schedules.conv_schedule import schedule_conv
 from bndeploy.compile.schedules.isa import (AVX2, AVX512, AVX512_HALF_WIDTH_PIPES, NEON32, NEON64, NEON64_CARMEL,
                                            isa_for_target)
@@ -185,10 +186,31 @@ def test_reference_tile_per_isa(isa, tile):
 
 
 def test_grouped_channel_block_stays_inside_a_group():
-    """RegNet's 8-channel groups: a block never spans two groups (a zero weight times a NaN input of
-    another group would leak NaN across groups), so AVX-512 takes a half vector."""
-    tiling = choose_tiling(ConvSpec(1, 28, 28, 64, 64, (3, 3), padding=(1, 1, 1, 1), groups=8), AVX512)
+    """RegNet's 8-channel groups: a direct tile's block never spans two groups (a zero weight times a NaN
+    input of another group would leak NaN across groups), so on AVX-512 it is a half vector."""
+    tiling = direct_tiling(ConvSpec(1, 28, 28, 64, 64, (3, 3), padding=(1, 1, 1, 1), groups=8), AVX512)
     assert tiling.kind == DIRECT and tiling.channel_block == 8
+
+
+@pytest.mark.parametrize("isa, per_group, kind, groups_per_vector", [
+    (AVX512, 8, INTERLEAVED, 2),  # a ymm FMA takes a whole zmm FMA's slot: two groups share each zmm
+    (AVX512, 4, INTERLEAVED, 4),  # ResNeXt's groups of 4
+    (AVX512_HALF_WIDTH_PIPES, 8, DIRECT, 1),  # Zen 4: a ymm FMA costs half a zmm one, nothing to gain
+    (AVX512_HALF_WIDTH_PIPES, 4, INTERLEAVED, 4),  # an xmm FMA costs half a zmm one too, for a quarter of it
+    (AVX2, 8, DIRECT, 1),  # a group fills the ymm
+    (AVX2, 4, INTERLEAVED, 2),
+    (NEON64, 4, DIRECT, 1),  # a group fills the q register
+    (AVX512, 16, DIRECT, 1),
+])
+def test_groups_narrower_than_a_vector_share_it(isa, per_group, kind, groups_per_vector):
+    """Where a vector wider than a group would run its FMAs at a fraction of the peak, the outputs of
+    several groups share each vector (their inputs interleaved); where a narrower vector costs no more
+    than its share, the direct tile keeps one group per block."""
+    spec = ConvSpec(1, 28, 28, 128, 128, (3, 3), padding=(1, 1, 1, 1), groups=128 // per_group)
+    tiling = choose_tiling(spec, isa)
+    assert (tiling.kind, conv2d.groups_per_vector(spec, isa)) == (kind, groups_per_vector)
+    if kind == INTERLEAVED:
+        assert tiling.channel_block == isa.lanes
 
 
 @pytest.mark.parametrize("isa, size, channels, groups, stride, tile", [
@@ -199,7 +221,9 @@ def test_grouped_channel_block_stays_inside_a_group():
     (AVX2, 28, 128, 8, 2, (6, 16)),  # a row-aligned tile of 16 channels would be 1 or 2 pixels: the model's stays
 ])
 def test_grouped_tiles_stay_within_an_output_row_when_the_model_rates_them_close(isa, size, channels, groups, stride, tile):
-    tiling = choose_tiling(ConvSpec(1, size, size, channels, channels, (3, 3), strides=(stride, stride),
+    """The direct tile of a grouped conv (AVX-512 code takes the interleaved one for groups of 8; Zen 4 and
+    AVX2 take this)."""
+    tiling = direct_tiling(ConvSpec(1, size, size, channels, channels, (3, 3), strides=(stride, stride),
                                     padding=(1, 1, 1, 1), groups=groups), isa)
     assert (tiling.pixel_block, tiling.channel_block) == tile
 
@@ -238,7 +262,7 @@ def _pad_copies(func: tirx.PrimFunc) -> list[tuple[int | None, bool]]:
 
 
 @pytest.mark.parametrize("target, size, channels, groups, stride, copy", [
-    ("x86-64-avx512", 28, 104, 13, 1, None),  # whole-row tiles read the border through a condition
+    ("x86-64-avx512", 28, 104, 13, 1, (21, True)),  # interleaved: 7 vectors x 3 chunks of rows, a copy each
     ("x86-64-avx2", 28, 104, 13, 1, None),  # 7-pixel tiles, four to a row
     ("x86-64-avx512", 28, 128, 8, 2, None),  # two rows per tile
     ("cortex-a76", 28, 104, 13, 1, None),
@@ -275,6 +299,52 @@ def test_grouped_border_reads_match_onnxruntime(target, size, groups, stride):
     x = rng.standard_normal((2, channels, size, size)).astype(np.float32)
     got = run_vm(build_cpu(import_onnx(model), resolve_target(target).tvm_target()), x)[0]
     np.testing.assert_allclose(got, onnxruntime_run(model, x), atol=ATOL, rtol=RTOL)
+
+
+def test_a_conv_summing_batch_statistics_keeps_the_direct_tile():
+    """Train mode: only the direct kernel sums a BatchNorm's statistics in its epilogue (conv_stats.py), so
+    a grouped conv feeding one keeps it where it would otherwise share vectors between groups."""
+    spec = ConvSpec(1, 28, 28, 104, 104, (3, 3), padding=(1, 1, 1, 1), groups=13)
+    assert choose_tiling(spec, AVX512).kind == INTERLEAVED
+    assert choose_tiling(spec, AVX512, batch_statistics=True).kind == DIRECT
+
+
+INTERLEAVED_CASES = [  # (size, channels, groups, stride)
+    (14, 104, 13, 1),  # groups of 8, odd count: the last vector's second group is missing
+    (9, 48, 6, 2),  # stride 2, odd size
+    (7, 88, 11, 1),  # a 7x7 map: tiles of whole rows, the last one's missing rows not written
+    (10, 64, 16, 1),  # groups of 4
+    (11, 40, 10, 2),  # groups of 4 on AVX-512: the last vector holds 2 of its 4
+]
+
+
+def _interleaved_runs():
+    for target in runnable_x86_targets():
+        isa = isa_for_target(resolve_target(target).tvm_target())
+        for size, channels, groups, stride in INTERLEAVED_CASES:
+            spec = ConvSpec(1, size, size, channels, channels, (3, 3), strides=(stride, stride), padding=(1, 1, 1, 1),
+                            groups=groups)
+            if conv2d.groups_per_vector(spec, isa) > 1:
+                for inner in (False, True):
+                    yield pytest.param(target, size, channels, groups, stride, inner,
+                                       id=f"{target}-{size}x{size}-{channels}/{groups}-s{stride}-{'inner' if inner else 'first'}")
+
+
+@pytest.mark.parametrize("target, size, channels, groups, stride, inner", list(_interleaved_runs()))
+def test_interleaved_groups_match_onnxruntime(target, size, channels, groups, stride, inner):
+    """Groups sharing vectors, as the network's first layer (the copy transposes the NCHW input) and after
+    a 1x1 conv (NHWC), batch 2: against ONNX Runtime, with a NaN in one group's input and an Inf in
+    another's, which must reach exactly the outputs of their own groups that ONNX Runtime's reach."""
+    rng = np.random.default_rng(5)
+    layers = [(channels, 1, 1, 0, 1, False)] * inner + [(channels, 3, stride, 1, groups, True)]
+    model = conv_onnx((2, channels, size, size), layers, rng)
+    x = rng.standard_normal((2, channels, size, size)).astype(np.float32)
+    if not inner:
+        x[0, 1, size // 2, 2], x[1, channels - 1, 0, size - 1] = np.nan, np.inf
+    executable = build_cpu(import_onnx(model), resolve_target(target).tvm_target())
+    got, want = run_vm(executable, x)[0], onnxruntime_run(model, x)
+    assert np.isnan(want).any() == (not inner)
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
 
 
 def test_depthwise_gets_its_own_kernel():

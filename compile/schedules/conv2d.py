@@ -12,6 +12,10 @@ wastes no lanes on row ends) by `channel_block` output channels:
   (kh, kw, input channels of the group); per step one weight vector load per `lanes` channels and one
   broadcast input per pixel. A grouped conv's channel block lies inside one group (RegNet's 8- and
   16-channel groups take a half or a whole AVX-512 vector).
+- interleaved (grouped, fewer output channels per group than a vector has lanes): the outputs of
+  several groups share each vector, channel j of group g in lane j * groups_per_vector + g, and a padding
+  copy stores each group's input channels interleaved the same way, so the inputs one step needs are
+  consecutive floats read with one wide broadcast (64 bits for two groups).
 - depthwise: vectors over channels, one FMA per tap and pixel, accumulators in registers.
 """
 
@@ -27,7 +31,7 @@ from .isa import VectorISA
 CONV_BLOCK_ATTR = "bndeploy.conv"  # block annotation: "<kind>:<pixel_block>:<channel_block>"
 CONV_FLOPS_ATTR = "bndeploy.conv_flops"  # block annotation: the conv's useful FLOPs (for profiles)
 OUT_EWISE_FUSABLE = 4  # relax OpPatternKind.kOutEWiseFusable: FuseOps appends elementwise consumers
-DIRECT, DEPTHWISE = "direct", "depthwise"
+DIRECT, INTERLEAVED, DEPTHWISE = "direct", "interleaved", "depthwise"
 MAX_CHANNEL_VECTORS = 4
 
 
@@ -116,7 +120,7 @@ class ConvSpec(ConvGeometry):
 
 @dataclass(frozen=True)
 class Tiling:
-    kind: str  # DIRECT or DEPTHWISE
+    kind: str  # DIRECT, INTERLEAVED or DEPTHWISE
     pixel_block: int  # output pixels per register tile
     channel_block: int  # output channels per register tile
 
@@ -363,11 +367,64 @@ def depthwise_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
     return best_tiling(candidates, isa)
 
 
-def choose_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
+# Output channels per group an interleaved tile takes at least: groups of 8 on AVX-512 and of 4 on both x86
+# classes (ResNeXt's). Smaller groups, which NEON's 4 lanes would interleave, keep the direct tile.
+MIN_INTERLEAVED_LANES = 4
+
+
+def groups_per_vector(spec: ConvSpec, isa: VectorISA) -> int:
+    """Groups whose output channels share one vector in an interleaved tile; 1 where the direct tile serves.
+
+    A group of 8 output channels fills only half of an AVX-512 vector, and a direct tile's blocks may not
+    span groups (`_fits_groups`), so its FMAs ran at most at half the peak: RegNet's grouped convs, 104
+    channels in groups of 8 on 28x28, at 45% of AVX-512's FMA peak on AMD EPYC Zen 5 (2 threads). Where
+    a half-width FMA costs half a full one (Zen 4: `half_width_fmas`), the direct tile loses nothing."""
+    per_group = spec.out_per_group
+    if spec.groups == 1 or spec.depthwise or spec.input_layout == "NC" or per_group < MIN_INTERLEAVED_LANES:
+        return 1
+    if isa.lanes % per_group or spec.groups < isa.lanes // per_group:
+        return 1
+    if _vector_slots(isa, per_group) * isa.lanes <= per_group:
+        return 1
+    return isa.lanes // per_group
+
+
+def interleaved_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
+    """Tiles of one vector (`groups_per_vector` groups) by pixels: part of an output row (a divisor of its
+    width) or whole rows (the last tile's missing rows computed on zeros and not written), up to all the
+    registers but the weight vector and the broadcast. Per step a tile issues one FMA per pixel and loads
+    one broadcast per pixel and the weight vector."""
+    per_vector = groups_per_vector(spec, isa)
+    if per_vector == 1:
+        return None
+    useful_groups = spec.groups / _ceil_to(spec.groups, per_vector)
+    width, candidates = spec.out_width, []
+    for pixels in range(1, isa.tile_budget - 2 * isa.broadcast_registers + 1):
+        within_row = pixels <= width and width % pixels == 0
+        if not (within_row or pixels % width == 0):
+            continue
+        rows, _ = tile_rows_and_columns(pixels, width)
+        useful = useful_groups * spec.out_height / _ceil_to(spec.out_height, rows)
+        cost = TileCost(pixels, pixels, pixels + 1, spec.reduction_steps, useful)
+        candidates.append((Tiling(INTERLEAVED, pixels, isa.lanes, isa.lanes), cost))
+    return best_tiling(candidates, isa)
+
+
+def tile_rows_and_columns(pixel_block: int, out_width: int) -> tuple[int, int]:
+    """(output rows, columns) of an interleaved tile: part of a row, or whole rows."""
+    return max(pixel_block // out_width, 1), min(pixel_block, out_width)
+
+
+def choose_tiling(spec: ConvSpec, isa: VectorISA, batch_statistics: bool = False) -> Tiling | None:
+    """The kernel and register tile for a conv; `batch_statistics`: its tiles also sum the statistics of a
+    train-mode BatchNorm (conv_stats.py), which only the direct kernel does."""
     if isa.lanes < 4:
         return None  # no vector unit to tile for: TVM's generic kernel
     if spec.depthwise:
         return depthwise_tiling(spec, isa)
+    interleaved = None if batch_statistics else interleaved_tiling(spec, isa)
+    if interleaved is not None:
+        return interleaved
     tiling = direct_tiling(spec, isa)
     if tiling is None:
         return None
@@ -383,15 +440,34 @@ def pack_weight(weight: np.ndarray, spec: ConvSpec, tiling: Tiling) -> np.ndarra
 
     direct: (ceil(O/cb), KH, KW, I/groups, cb): per (tap, input channel of the block's group) one
     contiguous vector of the block's output channels; padded channels (O not a multiple of cb) are zero.
+    interleaved: as direct, a block's vector holding `groups_per_vector` groups, channel j of its group g
+    in lane j * groups_per_vector + g; the lanes of groups past the last are zero.
     depthwise: (KH, KW, C): per tap one contiguous vector of channels.
     """
     if tiling.kind == DEPTHWISE:
         return np.ascontiguousarray(weight[:, 0].transpose(1, 2, 0))
+    if tiling.kind == INTERLEAVED:
+        return _pack_interleaved(weight, spec, tiling)
     cb = tiling.channel_block
     out_channels, in_per_group, kh, kw = weight.shape
     padded = np.zeros((_ceil_to(out_channels, cb), in_per_group, kh, kw), weight.dtype)
     padded[:out_channels] = weight
     return np.ascontiguousarray(padded.reshape(-1, cb, in_per_group, kh, kw).transpose(0, 3, 4, 2, 1))
+
+
+def _pack_interleaved(weight: np.ndarray, spec: ConvSpec, tiling: Tiling) -> np.ndarray:
+    per_vector, blocks = _interleaved_blocks(spec, tiling)
+    out_channels, in_per_group, kh, kw = weight.shape
+    padded = np.zeros((blocks * tiling.channel_block, in_per_group, kh, kw), weight.dtype)
+    padded[:out_channels] = weight
+    by_group = padded.reshape(blocks, per_vector, spec.out_per_group, in_per_group, kh, kw)
+    return np.ascontiguousarray(by_group.transpose(0, 4, 5, 3, 2, 1).reshape(blocks, kh, kw, in_per_group, -1))
+
+
+def _interleaved_blocks(spec: ConvSpec, tiling: Tiling) -> tuple[int, int]:
+    """(groups per vector, vectors the groups fill; the last may hold fewer)."""
+    per_vector = tiling.channel_block // spec.out_per_group
+    return per_vector, -(-spec.groups // per_vector)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,6 +514,8 @@ def conv2d_compute(spec: ConvSpec, tiling: Tiling):
     """PrimFunc(data, packed weight) -> out NHWC; unscheduled, for FuseOps to extend."""
     if tiling.kind == DEPTHWISE:
         return _depthwise_compute(spec, tiling)
+    if tiling.kind == INTERLEAVED:
+        return _interleaved_compute(spec, tiling)
     return _direct_compute(spec, tiling)
 
 
@@ -512,6 +590,64 @@ def direct_accumulation(spec: ConvSpec, tiling: Tiling, source, weight):
         start = o // per_group * in_group if spec.groups > 1 else 0  # the first input of o's group
         return te.sum(source[i, y, x, start + ric] * weight[o // cb64, rkh, rkw, ric, o % cb64], axis=[rkh, rkw, ric])
     return accumulate_grouped
+
+
+def _interleaved_compute(spec: ConvSpec, tiling: Tiling):
+    """A direct conv whose accumulator vectors each hold `groups_per_vector` groups, channel j of group g in
+    lane j * groups_per_vector + g. Its padding copy ("pad") interleaves the groups' input channels the same
+    way, (n, y, x, vector, input channel of the group, group of the vector), so the inputs a pixel's lanes
+    read at one step are consecutive; `conv_out` puts the channels back in order. Its pixels are (row, column),
+    not flattened: a tile within a row then reads its inputs at constant offsets from one address, which
+    LLVM needs to see to load each pixel's lanes with one broadcast (flattened pixels of 56-wide rows in
+    28-pixel tiles: 16 scalar loads per pixel and step, 9 GFLOP/s)."""
+    per_vector, blocks = _interleaved_blocks(spec, tiling)
+    lanes, per_group, in_group = tiling.channel_block, spec.out_per_group, spec.in_per_group
+    data = te.placeholder(_i64(*spec.input_shape), "float32", name="data")
+    n, h, w, groups = spec.batch, spec.height, spec.width, spec.groups
+    pt, pl, pb, pr = spec.padding
+    nchw = spec.input_layout == "NCHW"
+
+    def read(i, y, x, c):
+        return data[i, c, y - pt, x - pl] if nchw else data[i, y - pt, x - pl, c]
+
+    def interleave(i, y, x, b, k, g):
+        value = read(i, y, x, (b * per_vector + g) * in_group + k)
+        if groups % per_vector:
+            # A vector short of groups: the missing groups' lanes read the last group's inputs. Their outputs
+            # are never written, so a NaN there reaches no real output, and no lane needs a test: a test
+            # per lane would leave the copy unvectorised.
+            last_group = tirx.min(b * per_vector + g, groups - 1) * in_group + k
+            value = tirx.if_then_else(b * per_vector + per_vector <= groups, value, read(i, y, x, last_group))
+        inside = tirx.all(*[tirx.likely(t) for t in (y >= pt, y < pt + h, x >= pl, x < pl + w)])
+        return tirx.if_then_else(inside, value, tirx.const(0.0, "float32"))
+
+    rows = _ceil_to(spec.out_height, tile_rows_and_columns(tiling.pixel_block, spec.out_width)[0])  # whole tiles
+    (sh, sw), (dh, dw) = spec.strides, spec.dilation
+    padded_height = max(h + pt + pb, (rows - 1) * sh + (spec.kernel[0] - 1) * dh + 1)
+    source = te.compute(_i64(n, padded_height, w + pl + pr, blocks, in_group, per_vector), interleave, name="pad")
+    kh, kw = spec.kernel
+    weight = te.placeholder(_i64(blocks, kh, kw, in_group, lanes), "float32", name="weight_packed")
+    lanes64, per_vector64, per_group64, in_group64 = _i64(lanes, per_vector, per_group, in_group)
+    rkh = te.reduce_axis(_i64(0, kh), name="rkh")
+    # A kernel row's taps and input channels as one reduction axis, as the dense conv's: in a task's copy
+    # (one vector of groups) and in the packed weight they are consecutive, so the innermost loop runs kw
+    # times longer (a loop of 4 channels alone, AVX2's groups of 4, LLVM unrolled and spilled).
+    rkwc = te.reduce_axis(_i64(0, kw * in_group), name="rkwc")
+
+    def accumulate(i, y, x, b, j, g):
+        rkw, ric = rkwc // in_group64, rkwc % in_group64
+        return te.sum(source[i, y * sh + rkh * dh, x * sw + rkw * dw, b, ric, g] * weight[b, rkh, rkw, ric, j * per_vector64 + g],
+                      axis=[rkh, rkwc])
+
+    attrs = {CONV_BLOCK_ATTR: tiling.annotation(), CONV_FLOPS_ATTR: spec.flops}
+    conv = te.compute(_i64(n, rows, spec.out_width, blocks, per_group, per_vector), accumulate,
+                      name="conv", attrs=attrs)
+
+    def in_order(i, y, x, o):
+        return conv[i, y, x, o // lanes64, o % per_group64, o % lanes64 // per_group64]
+
+    out = te.compute(_i64(*spec.output_shape), in_order, name="conv_out")
+    return te.create_prim_func([data, weight, out]).with_attr("op_pattern", OUT_EWISE_FUSABLE)
 
 
 class _as_image:

@@ -115,7 +115,7 @@ class _KernelRewriter(PyExprMutator):
         winograd = winograd_tiling(spec, self._isa) if self._winograd else None
         if winograd is not None and weights_allow_winograd(weights):
             return self._winograd_conv(call, spec, winograd, weights, wanted)
-        tiling = choose_tiling(spec, self._isa)
+        tiling = choose_tiling(spec, self._isa, batch_statistics=wanted is not None)
         if tiling is None:
             return None
         data = call.args[0]
