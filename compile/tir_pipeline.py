@@ -107,7 +107,7 @@ def _lane_constants(expr, lanes: int, resolve) -> list[int] | None:
         value = _constant(resolve(expr.value))
         return None if value is None else [value] * lanes
     operations = {tirx.Add: lambda x, y: x + y, tirx.Sub: lambda x, y: x - y, tirx.Mul: lambda x, y: x * y,
-                  tirx.FloorDiv: lambda x, y: x // y, tirx.FloorMod: lambda x, y: x % y}
+                  tirx.FloorDiv: lambda x, y: x // y, tirx.FloorMod: lambda x, y: x % y, tirx.Min: min, tirx.Max: max}
     operation = operations.get(type(expr))
     if operation is None:
         return None
@@ -116,32 +116,34 @@ def _lane_constants(expr, lanes: int, resolve) -> list[int] | None:
 
 
 def _window_index(index, lanes: int, bound) -> tuple[tirx.PrimExpr, list[int]] | None:
-    """(scalar base, constant lane offsets from it) of a vector index that is a sum of broadcast scalars and
-    constant lane patterns (`broadcast(b) + ramp % broadcast(2)`), looking through the variables
+    """(scalar base, constant lane offsets from it) of a vector index that is a sum or difference of broadcast
+    scalars and constant lane patterns (`broadcast(b) + ramp % broadcast(2)`), looking through the variables
     CommonSubexprElim bound to its parts; None for any other index."""
     def resolve(expr):
         if isinstance(expr, tirx.Var):
             return next((value for var, value in bound if var.same_as(expr)), expr)
         return expr
 
-    scalars, offsets, pending = [], [0] * lanes, [index]
+    scalars, offsets, pending = [], [0] * lanes, [(index, 1)]
     while pending:
-        term = resolve(pending.pop())
-        if isinstance(term, tirx.Add):
-            pending += [term.a, term.b]
+        term, sign = pending.pop()
+        term = resolve(term)
+        if isinstance(term, (tirx.Add, tirx.Sub)):
+            pending += [(term.a, sign), (term.b, sign if isinstance(term, tirx.Add) else -sign)]
             continue
         constant = _lane_constants(term, lanes, resolve)
         if constant is not None:
-            offsets = [x + y for x, y in zip(offsets, constant)]
+            offsets = [x + sign * y for x, y in zip(offsets, constant)]
         elif isinstance(term, tirx.Broadcast):
-            scalars.append(term.value)
+            scalars.append((term.value, sign))
         else:
             return None
-    if not scalars:
+    if not any(sign > 0 for _, sign in scalars):
         return None
-    base = scalars[0]
-    for scalar in scalars[1:]:
-        base = base + scalar
+    scalars.sort(key=lambda pair: -pair[1])  # a positive term first
+    base = scalars[0][0]
+    for scalar, sign in scalars[1:]:
+        base = base + scalar if sign > 0 else base - scalar
     low = min(offsets)
     return base + low, [offset - low for offset in offsets]
 

@@ -235,6 +235,7 @@ def test_a_grouped_convs_padding_buffer_is_each_tasks_own():
 @pytest.mark.parametrize("name, read, window_instruction", [
     ("repeating pair", lambda a, i, j: a[i, j % 2], "vbroadcastsd"),  # two groups' inputs, one broadcast
     ("interleaving copy", lambda a, i, j: a[i, j % 2 * 4 + j // 2], "vperm"),  # one load, one permute
+    ("pairs from the end", lambda a, i, j: a[i, 7 - j // 2], "vperm"),  # a difference: base minus lane pattern
 ])
 def test_window_loads_read_a_vector_of_nearby_lanes_with_one_load(name, read, window_instruction):
     """`window_loads`: a vector load whose lanes read constant offsets within the vector's width is one load
@@ -251,5 +252,7 @@ def test_window_loads_read_a_vector_of_nearby_lanes_with_one_load(name, read, wi
     out = tvm.runtime.tensor(np.zeros((64, 8), np.float32))
     lib["main"](tvm.runtime.tensor(x), out)
     columns = np.arange(8)
-    want = 2 * (x[:, columns % 2] if name == "repeating pair" else x[:, columns % 2 * 4 + columns // 2])
+    picked = {"repeating pair": columns % 2, "interleaving copy": columns % 2 * 4 + columns // 2,
+              "pairs from the end": 7 - columns // 2}[name]
+    want = 2 * x[:, picked]
     np.testing.assert_array_equal(out.numpy(), want)

@@ -613,10 +613,11 @@ def _interleaved_compute(spec: ConvSpec, tiling: Tiling):
     def interleave(i, y, x, b, k, g):
         value = read(i, y, x, (b * per_vector + g) * in_group + k)
         if groups % per_vector:
-            # A vector short of groups: the missing groups' lanes read the last group's inputs. Their outputs
-            # are never written, so a NaN there reaches no real output, and no lane needs a test: a test
-            # per lane would leave the copy unvectorised.
-            last_group = tirx.min(b * per_vector + g, groups - 1) * in_group + k
+            # The last vector, short of groups: the missing groups' lanes read the last group's inputs. Their
+            # outputs are never written, so a NaN there reaches no real output, and no lane needs a test (a
+            # test per lane would leave the copy unvectorised). The vector's index is a constant here, so
+            # each lane's channel is too, and the copy reads them with one load (tir_pipeline.window_loads).
+            last_group = tirx.min((blocks - 1) * per_vector + g, groups - 1) * in_group + k
             value = tirx.if_then_else(b * per_vector + per_vector <= groups, value, read(i, y, x, last_group))
         inside = tirx.all(*[tirx.likely(t) for t in (y >= pt, y < pt + h, x >= pl, x < pl + w)])
         return tirx.if_then_else(inside, value, tirx.const(0.0, "float32"))
