@@ -82,14 +82,11 @@ class Row:
         return f"{self.nbytes / seconds / 1e9:.1f} GB/s" if memory_bound else f"{self.flops / seconds / 1e9:.0f} GFLOP/s"
 
     def percent_of_bound(self, bounds: "MachineBounds", memory_bound: bool) -> float | None:
-        bound = bounds.bound_ms(0 if memory_bound else self.flops, self.nbytes)
-        return 100 * bound / self.ms["bndeploy"] if bound else None
+        return bounds.percent_of_bound(0 if memory_bound else self.flops, self.nbytes, self.ms["bndeploy"])
 
     def kernel_percent_of_bound(self, bounds: "MachineBounds", best: bool = False) -> float | None:
         kernel = self.main_kernel
-        ms = kernel.best_ms if best else kernel.ms
-        bound = bounds.bound_ms(kernel.flops, kernel.nbytes)
-        return 100 * bound / ms if bound and ms else None
+        return bounds.percent_of_bound(kernel.flops, kernel.nbytes, kernel.best_ms if best else kernel.ms)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,8 +339,6 @@ def format_table(rows: list[Row], cases: list[Case], context: dict) -> str:
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(text + ["", *summary_lines(rows, context)])
-
-
 
 
 def summary_lines(rows: list[Row], context: dict) -> list[str]:

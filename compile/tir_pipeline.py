@@ -91,10 +91,11 @@ def keep_tiles_on_stack(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
     return func if body.same_as(func.body) else func.with_body(body)
 
 
-def _let_values(body) -> list[tuple[tirx.Var, tirx.PrimExpr]]:
-    bound = []
-    tvm_ffi.structural_walk(body, ((tirx.LetStmt, tirx.Let), lambda let: bound.append((let.var, let.value))))
-    return bound
+def _let_resolver(body):
+    """expr -> the value a let-variable is bound to in `body` (CommonSubexprElim binds index parts), else expr."""
+    values = {}
+    tvm_ffi.structural_walk(body, ((tirx.LetStmt, tirx.Let), lambda let: values.__setitem__(let.var, let.value)))
+    return lambda expr: values.get(expr, expr) if isinstance(expr, tirx.Var) else expr
 
 
 def _lane_constants(expr, lanes: int, resolve) -> list[int] | None:
@@ -115,15 +116,10 @@ def _lane_constants(expr, lanes: int, resolve) -> list[int] | None:
     return None if a is None or b is None else [operation(x, y) for x, y in zip(a, b)]
 
 
-def _window_index(index, lanes: int, bound) -> tuple[tirx.PrimExpr, list[int]] | None:
+def _window_index(index, lanes: int, resolve) -> tuple[tirx.PrimExpr, list[int]] | None:
     """(scalar base, constant lane offsets from it) of a vector index that is a sum or difference of broadcast
-    scalars and constant lane patterns (`broadcast(b) + ramp % broadcast(2)`), looking through the variables
-    CommonSubexprElim bound to its parts; None for any other index."""
-    def resolve(expr):
-        if isinstance(expr, tirx.Var):
-            return next((value for var, value in bound if var.same_as(expr)), expr)
-        return expr
-
+    scalars and constant lane patterns (`broadcast(b) + ramp % broadcast(2)`), looking through let-variables
+    with `resolve`; None for any other index."""
     scalars, offsets, pending = [], [0] * lanes, [(index, 1)]
     while pending:
         term, sign = pending.pop()
@@ -156,13 +152,13 @@ def _constant(expr) -> int | None:
 def window_loads(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
     """A vector load whose lanes read constant offsets inside a window no wider than the vector (`x[b + lane
     % 2]`, `x[b + lane % 2 * 8 + lane // 2]`) -> one load of the window and a shuffle of its lanes."""
-    bound = _let_values(func.body)
+    resolve = _let_resolver(func.body)
 
     def rewrite(load):
         lanes = tvm.runtime.DataType(str(load.ty.dtype)).lanes
         if len(load.indices) != 1 or lanes < 2:
             return load
-        window = _window_index(load.indices[0], lanes, bound)
+        window = _window_index(load.indices[0], lanes, resolve)
         if window is None or max(window[1]) >= lanes or window[1] == list(range(lanes)):
             return load
         base, offsets = window

@@ -40,6 +40,11 @@ class MachineBounds:
             times.append(flops / self.peak_gflops / 1e6)
         return max(times)
 
+    def percent_of_bound(self, flops: int, nbytes: int, ms: float) -> float | None:
+        """How close work of `flops` and `nbytes` done in `ms` comes to this machine's bound for it."""
+        bound = self.bound_ms(flops, nbytes)
+        return 100 * bound / ms if bound and ms else None
+
 
 @dataclass
 class KernelProfile:
@@ -87,9 +92,7 @@ class Profile:
 
     def percent_of_bound(self, kernel: KernelProfile, best: bool = False) -> float | None:
         """The median round's (or with `best`, the fastest round's) time against the kernel's bound."""
-        ms = kernel.best_ms if best else kernel.ms
-        bound = self.bounds.bound_ms(kernel.flops, kernel.nbytes)
-        return 100 * bound / ms if bound and ms else None
+        return self.bounds.percent_of_bound(kernel.flops, kernel.nbytes, kernel.best_ms if best else kernel.ms)
 
     def table(self, top: int | None = None) -> str:
         header = ("kernel", "class", "calls", "ms", "share", "rate", "% of bound", "best round")

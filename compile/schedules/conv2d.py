@@ -446,22 +446,21 @@ def pack_weight(weight: np.ndarray, spec: ConvSpec, tiling: Tiling) -> np.ndarra
     """
     if tiling.kind == DEPTHWISE:
         return np.ascontiguousarray(weight[:, 0].transpose(1, 2, 0))
-    if tiling.kind == INTERLEAVED:
-        return _pack_interleaved(weight, spec, tiling)
     cb = tiling.channel_block
     out_channels, in_per_group, kh, kw = weight.shape
     padded = np.zeros((_ceil_to(out_channels, cb), in_per_group, kh, kw), weight.dtype)
     padded[:out_channels] = weight
+    if tiling.kind == INTERLEAVED:
+        padded = padded[_interleaved_channel_order(spec, tiling)]
     return np.ascontiguousarray(padded.reshape(-1, cb, in_per_group, kh, kw).transpose(0, 3, 4, 2, 1))
 
 
-def _pack_interleaved(weight: np.ndarray, spec: ConvSpec, tiling: Tiling) -> np.ndarray:
+def _interleaved_channel_order(spec: ConvSpec, tiling: Tiling) -> np.ndarray:
+    """The output channel each lane of an interleaved tiling holds: lane j * groups_per_vector + g of a
+    block, channel j of the block's group g."""
     per_vector, blocks = _interleaved_blocks(spec, tiling)
-    out_channels, in_per_group, kh, kw = weight.shape
-    padded = np.zeros((blocks * tiling.channel_block, in_per_group, kh, kw), weight.dtype)
-    padded[:out_channels] = weight
-    by_group = padded.reshape(blocks, per_vector, spec.out_per_group, in_per_group, kh, kw)
-    return np.ascontiguousarray(by_group.transpose(0, 4, 5, 3, 2, 1).reshape(blocks, kh, kw, in_per_group, -1))
+    channels = np.arange(blocks * tiling.channel_block).reshape(blocks, per_vector, spec.out_per_group)
+    return channels.transpose(0, 2, 1).reshape(-1)
 
 
 def _interleaved_blocks(spec: ConvSpec, tiling: Tiling) -> tuple[int, int]:
@@ -487,18 +486,26 @@ def _padded_input(data, spec: ConvSpec, extra_right: int = 0, extra_bottom: int 
         return data
     n, h, w, c = spec.batch, spec.height, spec.width, spec.in_channels
     pt, pl, pb, pr = spec.padding
-    zero = tirx.const(0.0, "float32")
-    nchw = spec.input_layout == "NCHW"
     return te.compute(
         _i64(n, h + pt + pb + extra_bottom, w + pl + pr + extra_right, c),
-        lambda i, y, x, j: tirx.if_then_else(
-            # likely: lets LoopPartition split a row of tiles into border and branch-free inner tiles (it
-            # partitions a loop on a likely condition linear in the loop's variable, not on a conjunction)
-            tirx.all(*[tirx.likely(inside) for inside in (y >= pt, y < pt + h, x >= pl, x < pl + w)]),
-            data[i, j, y - pt, x - pl] if nchw else data[i, y - pt, x - pl, j], zero
-        ),
+        lambda i, y, x, j: _zero_outside(spec, y, x, _read_unpadded(data, spec, i, y, x, j)),
         name=name,
     )
+
+
+def _zero_outside(spec: ConvSpec, y, x, value):
+    """`value` at padded input position (y, x) inside the input, zero on its border."""
+    pt, pl, _, _ = spec.padding
+    # likely: lets LoopPartition split a row of tiles into border and branch-free inner tiles (it
+    # partitions a loop on a likely condition linear in the loop's variable, not on a conjunction)
+    inside = tirx.all(*[tirx.likely(t) for t in (y >= pt, y < pt + spec.height, x >= pl, x < pl + spec.width)])
+    return tirx.if_then_else(inside, value, tirx.const(0.0, "float32"))
+
+
+def _read_unpadded(data, spec: ConvSpec, i, y, x, c):
+    """The input's channel c at padded position (y, x), in its layout (NHWC, or a network's NCHW input)."""
+    pt, pl, _, _ = spec.padding
+    return data[i, c, y - pt, x - pl] if spec.input_layout == "NCHW" else data[i, y - pt, x - pl, c]
 
 
 def _input_position(spec: ConvSpec, p, rkh, rkw):
@@ -605,10 +612,9 @@ def _interleaved_compute(spec: ConvSpec, tiling: Tiling):
     data = te.placeholder(_i64(*spec.input_shape), "float32", name="data")
     n, h, w, groups = spec.batch, spec.height, spec.width, spec.groups
     pt, pl, pb, pr = spec.padding
-    nchw = spec.input_layout == "NCHW"
 
     def read(i, y, x, c):
-        return data[i, c, y - pt, x - pl] if nchw else data[i, y - pt, x - pl, c]
+        return _read_unpadded(data, spec, i, y, x, c)
 
     def interleave(i, y, x, b, k, g):
         value = read(i, y, x, (b * per_vector + g) * in_group + k)
@@ -619,8 +625,7 @@ def _interleaved_compute(spec: ConvSpec, tiling: Tiling):
             # each lane's channel is too, and the copy reads them with one load (tir_pipeline.window_loads).
             last_group = tirx.min((blocks - 1) * per_vector + g, groups - 1) * in_group + k
             value = tirx.if_then_else(b * per_vector + per_vector <= groups, value, read(i, y, x, last_group))
-        inside = tirx.all(*[tirx.likely(t) for t in (y >= pt, y < pt + h, x >= pl, x < pl + w)])
-        return tirx.if_then_else(inside, value, tirx.const(0.0, "float32"))
+        return _zero_outside(spec, y, x, value)
 
     rows = _ceil_to(spec.out_height, tile_rows_and_columns(tiling.pixel_block, spec.out_width)[0])  # whole tiles
     (sh, sw), (dh, dw) = spec.strides, spec.dilation

@@ -182,9 +182,7 @@ def _tile_interleaved(sch: s_tir.Schedule, conv, writer, pad, tiling: Tiling) ->
     tile_rows, tile_columns = tile_rows_and_columns(tiling.pixel_block, _output_shape(sch, writer)[2])
     tiles, columns = sch.split(x, [None, tile_columns])
     row_tiles, rows = sch.split(y, [None, tile_rows])
-    images_blocks = int(sch.get(n).extent) * int(sch.get(block).extent)
-    chunks = min(-(-MIN_GROUP_TASKS // images_blocks), int(sch.get(row_tiles).extent))
-    chunk, row_tiles = sch.split(row_tiles, [chunks, None])
+    chunk, row_tiles = _split_into_chunks(sch, row_tiles, int(sch.get(n).extent) * int(sch.get(block).extent))
     outer = [n, block, chunk, row_tiles, tiles]
     sch.reorder(*outer, *reduction, rows, columns, lanes)
     pixels = sch.fuse(rows, columns)
@@ -199,6 +197,13 @@ def _tile_interleaved(sch: s_tir.Schedule, conv, writer, pad, tiling: Tiling) ->
 MIN_GROUP_TASKS = 16
 
 
+def _split_into_chunks(sch: s_tir.Schedule, loop, outer_tasks: int):
+    """`loop` split in (chunks, rest), as many chunks as make `outer_tasks` x chunks at least MIN_GROUP_TASKS
+    parallel tasks (at most one per iteration)."""
+    chunks = min(-(-MIN_GROUP_TASKS // outer_tasks), int(sch.get(loop).extent))
+    return sch.split(loop, [chunks, None])
+
+
 def _tile_by_group(sch: s_tir.Schedule, conv, writer, pad, tiling: Tiling) -> None:
     """Tasks of (image, group, chunk of the group's pixel tiles), each padding the input rows and group
     channels its tiles read into a buffer of its own, then computing the tiles (every channel block of
@@ -211,9 +216,7 @@ def _tile_by_group(sch: s_tir.Schedule, conv, writer, pad, tiling: Tiling) -> No
     n, p_outer, o_outer, reduction, p_inner, o_inner = split_direct_tiles(sch, conv, writer, tiling)
     per_group = _output_shape(sch, writer)[-1] * _channels_read(sch, conv) // _channels_padded(sch, pad)
     group, block = sch.split(o_outer, [None, per_group // tiling.channel_block])
-    images_groups = int(sch.get(n).extent) * int(sch.get(group).extent)
-    chunks = min(-(-MIN_GROUP_TASKS // images_groups), int(sch.get(p_outer).extent))
-    chunk, tile = sch.split(p_outer, [chunks, None])
+    chunk, tile = _split_into_chunks(sch, p_outer, int(sch.get(n).extent) * int(sch.get(group).extent))
     outer = [n, group, chunk, block, tile]
     sch.reorder(*outer, *reduction, p_inner, o_inner)
     register_tile(sch, conv, writer, outer, reduction, p_inner, o_inner, tiling, parallel_loops=3)
