@@ -21,7 +21,7 @@ from tvm import relax, s_tir, te, tirx, topi
 from bndeploy.compile.cpu import build_cpu, schedule_module
 from bndeploy.compile.onnx_import import import_onnx
 from bndeploy.compile.schedules import SCHEDULED_ATTR, BatchStatsSpec, ConvSpec, build_batch_stats_primfunc, choose_tiling
-from bndeploy.compile.schedules import conv2d
+from bndeploy.compile.schedules import conv2d, convert_to_channels_last, interleave_grouped_inputs, rewrite_to_kernels
 from bndeploy.compile.schedules.conv2d import DEPTHWISE, DIRECT, INTERLEAVED, conv2d_compute, direct_tiling
 from bndeploy.compile.schedules.conv_schedule import schedule_conv
 from bndeploy.compile.schedules.isa import (AVX2, AVX512, AVX512_HALF_WIDTH_PIPES, NEON32, NEON64, NEON64_CARMEL,
@@ -344,6 +344,81 @@ def test_interleaved_groups_match_onnxruntime(target, size, channels, groups, st
     executable = build_cpu(import_onnx(model), resolve_target(target).tvm_target())
     got, want = run_vm(executable, x)[0], onnxruntime_run(model, x)
     assert np.isnan(want).any() == (not inner)
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
+
+
+# A 1x1 conv + ReLU feeding a grouped conv (RegNet's, ResNeXt's): the 1x1 writes its channels in the order
+# the grouped conv's interleaved tile reads, which then reads them in place (interleave_inputs.py).
+IN_PLACE_CASES = [  # (size, channels, groups, stride)
+    (28, 104, 13, 1),  # odd groups: the 1x1 writes 112 channels, the last 8 zero-weight ones
+    (24, 48, 6, 2),  # stride 2
+    (20, 64, 16, 1),  # groups of 4: four per zmm
+]
+
+
+def _relax_ops(mod: tvm.IRModule) -> list[str]:
+    return re.findall(r"R\.(take|nn\.conv2d)\(", mod["main"].script(show_meta=False))
+
+
+def _interleaved_module(model, target: str) -> tvm.IRModule:
+    with resolve_target(target).tvm_target():
+        return interleave_grouped_inputs(convert_to_channels_last(import_onnx(model)))
+
+
+@pytest.mark.parametrize("size, channels, groups, stride", IN_PLACE_CASES)
+def test_a_producing_conv_writes_the_interleaved_order(size, channels, groups, stride):
+    """The pass permutes the 1x1 conv's output channels (padding a short last vector with zero channels) and
+    restores the order with a take, which the kernel rewrite then reads in place: no take is left."""
+    rng = np.random.default_rng(7)
+    model = conv_onnx((1, channels, size, size), [(channels, 1, 1, 0, 1, True), (channels, 3, stride, 1, groups, True)], rng)
+    mod = _interleaved_module(model, "x86-64-avx512")
+    assert _relax_ops(mod) == ["nn.conv2d", "take", "nn.conv2d"]
+    per_vector = conv2d.groups_per_vector(ConvSpec(1, size, size, channels, channels, (3, 3), groups=groups), AVX512)
+    producer = next(b.value for b in mod["main"].body.blocks[0].bindings if "conv2d" in str(getattr(b.value, "op", "")))
+    assert producer.args[1].value.shape[0] == -(-groups // per_vector) * per_vector * (channels // groups)
+    with resolve_target("x86-64-avx512").tvm_target():
+        assert "take" not in _relax_ops(rewrite_to_kernels(mod))
+
+
+def test_a_producing_conv_whose_output_is_used_elsewhere_keeps_its_order():
+    """The permuted tensor may feed only the grouped conv: a second use (here a graph output) keeps the copy."""
+    rng = np.random.default_rng(7)
+    model = conv_onnx((1, 104, 28, 28), [(104, 1, 1, 0, 1, True), (104, 3, 1, 1, 13, True)], rng)
+    model.graph.output.append(helper.make_tensor_value_info("r0", TensorProto.FLOAT, None))
+    assert "take" not in _relax_ops(_interleaved_module(model, "x86-64-avx512"))
+
+
+@pytest.mark.parametrize("spec, isa", [
+    (ConvSpec(1, 56, 56, 128, 128, (3, 3), padding=(1, 1, 1, 1), groups=32), AVX2),  # the border register shrinks the tile
+    (ConvSpec(1, 7, 7, 440, 440, (3, 3), padding=(1, 1, 1, 1), groups=55), AVX512),  # half its pixels read the border
+    (ConvSpec(8, 56, 56, 104, 104, (3, 3), strides=(2, 2), padding=(1, 1, 1, 1), groups=13), AVX512),  # 11 MB input
+    (ConvSpec(1, 28, 28, 104, 104, (3, 3), padding=(1, 1, 1, 1), groups=13), AVX512_HALF_WIDTH_PIPES),  # direct tile
+])
+def test_convs_that_read_a_copy_faster_are_not_fed_in_place(spec, isa):
+    assert conv2d.in_place_groups_per_vector(spec, isa) == 1
+
+
+def _in_place_runs():
+    for target in runnable_x86_targets():
+        isa = isa_for_target(resolve_target(target).tvm_target())
+        for size, channels, groups, stride in IN_PLACE_CASES:
+            spec = ConvSpec(2, size, size, channels, channels, (3, 3), strides=(stride, stride), padding=(1, 1, 1, 1),
+                            groups=groups)
+            if conv2d.in_place_groups_per_vector(spec, isa) > 1:
+                yield pytest.param(target, size, channels, groups, stride, id=f"{target}-{size}x{size}-{channels}/{groups}-s{stride}")
+
+
+@pytest.mark.parametrize("target, size, channels, groups, stride", list(_in_place_runs()))
+def test_in_place_interleaved_groups_match_onnxruntime(target, size, channels, groups, stride):
+    """Read in place, batch 2: against ONNX Runtime, a NaN and an Inf in the network's input (each reaches
+    every channel of its pixel's neighbourhood through the 1x1 conv, the zero channels of a short last vector
+    too: 0 * Inf is NaN there, and must reach no output) and values near the border."""
+    rng = np.random.default_rng(11)
+    model = conv_onnx((2, channels, size, size), [(channels, 1, 1, 0, 1, True), (channels, 3, stride, 1, groups, True)], rng)
+    x = rng.standard_normal((2, channels, size, size)).astype(np.float32)
+    x[0, 3, size // 2, size // 2], x[1, 0, size - 1, 0] = np.nan, np.inf
+    got, want = run_vm(build_cpu(import_onnx(model), resolve_target(target).tvm_target()), x)[0], onnxruntime_run(model, x)
+    assert np.isnan(want).any()
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
 
 

@@ -227,3 +227,37 @@ def test_x29_is_the_stack_only_where_it_is_the_frame_pointer():
     assert leaf.vector_stack_accesses == 0 and framed.vector_stack_accesses == 1
     (both_leaf, both_framed) = sorted(fma_loops(LEAF_USING_X29 + FRAMED, "aarch64"), key=lambda loop: loop.label)
     assert (both_leaf.vector_stack_accesses, both_framed.vector_stack_accesses) == (0, 1)
+
+
+def pointwise_then_grouped(channels: int, size: int, groups: int):
+    """A 1x1 conv + ReLU feeding a grouped 3x3 + ReLU: the grouped conv reads its input in place where the
+    1x1 writes it interleaved (compile/schedules/interleave_inputs.py)."""
+    rng = np.random.default_rng(0)
+    inits, nodes, current = [], [], "x"
+    for i, (kernel, group) in enumerate([(1, 1), (3, groups)]):
+        weight = rng.standard_normal((channels, channels // group, kernel, kernel)).astype(np.float32)
+        inits += [numpy_helper.from_array(weight, f"w{i}"), numpy_helper.from_array(np.ones(channels, np.float32), f"b{i}")]
+        nodes += [helper.make_node("Conv", [current, f"w{i}", f"b{i}"], [f"c{i}"], pads=[kernel // 2] * 4, group=group),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        current = f"r{i}"
+    graph = helper.make_graph(nodes, "pointwise_grouped",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])],
+                              [helper.make_tensor_value_info(current, TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("groups", [8, 16])  # 8 and 4 channels per group: 2 and 4 groups per zmm
+def test_in_place_interleaved_tile_reads_its_input_with_broadcasts_and_copies_nothing(groups):
+    """AVX-512, the grouped conv after a 1x1: its register tile loads each pixel's groups with one broadcast
+    straight from the 1x1's output, never lane by lane and with no vector register on the stack, and its
+    tasks allocate no buffer to copy into (the copy is gone)."""
+    target = resolve_target("x86-64-avx512").tvm_target()
+    executable = build_lowered(lower_cpu(import_onnx(pointwise_then_grouped(64, 28, groups)), target), target)
+    kernels = kernel_assembly(executable.mod.imports[0].inspect_source("asm"))
+    (grouped,) = [text for name, text in kernels.items() if "bndeploy_" in name and WIDE_BROADCAST.search(text)]
+    loops = [loop for loop in fma_loops(grouped, "x86_64") if loop.innermost and loop.own_fmas >= 8]
+    bodies = ["\n".join(loop.own_body) for loop in loops]
+    # the inner tiles' loop; loops of border tiles, whose rows lie in the zero border, multiply zeros instead
+    assert any(len(WIDE_BROADCAST.findall(body)) >= loop.own_fmas // 2 for loop, body in zip(loops, bodies)), bodies
+    assert not any(PER_LANE_LOAD.search(body) or loop.own_vector_stack_accesses for loop, body in zip(loops, bodies))
+    assert "TVMBackendAllocWorkspace" not in grouped

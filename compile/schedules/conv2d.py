@@ -15,7 +15,8 @@ wastes no lanes on row ends) by `channel_block` output channels:
 - interleaved (grouped, fewer output channels per group than a vector has lanes): the outputs of
   several groups share each vector, channel j of group g in lane j * groups_per_vector + g, and a padding
   copy stores each group's input channels interleaved the same way, so the inputs one step needs are
-  consecutive floats read with one wide broadcast (64 bits for two groups).
+  consecutive floats read with one wide broadcast (64 bits for two groups). Where the conv producing the
+  input writes it in that order already (interleave_inputs.py), the kernel reads it in place.
 - depthwise: vectors over channels, one FMA per tap and pixel, accumulators in registers.
 """
 
@@ -60,12 +61,18 @@ class ConvSpec(ConvGeometry):
     # which would otherwise be transposed by a kernel of its own first). "NC": a dense layer (matmul),
     # (width rows, in_channels) in and (width rows, out_channels) out: a 1x1 conv over a 1 x rows image.
     input_layout: str = "NHWC"
+    # > 1: the NHWC input holds its channels in the order an interleaved tile of this many groups per vector
+    # reads them (`interleaved_input_order`; its producer wrote them so), the last vector's missing groups
+    # as padding channels; the kernel then reads its input in place, with no copy.
+    input_groups_interleaved: int = 1
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         n, h, w, c = self.batch, self.height, self.width, self.in_channels
         if self.input_layout == "NC":
             return (w, c)
+        if self.input_groups_interleaved > 1:
+            c = _ceil_to(self.groups, self.input_groups_interleaved) * self.in_per_group
         return (n, c, h, w) if self.input_layout == "NCHW" else (n, h, w, c)
 
     @property
@@ -399,7 +406,9 @@ def interleaved_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
         return None
     useful_groups = spec.groups / _ceil_to(spec.groups, per_vector)
     width, candidates = spec.out_width, []
-    for pixels in range(1, isa.tile_budget - 2 * isa.broadcast_registers + 1):
+    # Read in place, the tile's loads test the border (BORDER_TEST_REGISTERS).
+    registers = isa.tile_budget - (BORDER_TEST_REGISTERS if spec.input_groups_interleaved > 1 else 0)
+    for pixels in range(1, registers - 2 * isa.broadcast_registers + 1):
         within_row = pixels <= width and width % pixels == 0
         if not (within_row or pixels % width == 0):
             continue
@@ -408,6 +417,51 @@ def interleaved_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
         cost = TileCost(pixels, pixels, pixels + 1, spec.reduction_steps, useful)
         candidates.append((Tiling(INTERLEAVED, pixels, isa.lanes, isa.lanes), cost))
     return best_tiling(candidates, isa)
+
+
+# An interleaved conv reads an input already stored in interleaved order (ConvSpec.input_groups_interleaved)
+# in place, its zero border through conditions in the tile's loads, where at most this share of its output
+# pixels read the border; elsewhere the conditions cost more than a task's copy. Measured (AMD EPYC Zen 5,
+# AVX-512 code, 2 threads, groups of 8), in place against the copy: 104 channels 28x28 -> 14x14 (14% of
+# the pixels on the border) 75% of the FMA peak against 51%, 208 channels on 14x14 (27%) 84% against 80%,
+# 440 channels 14x14 -> 7x7 (27%) 63% against 54%, 440 channels on 7x7 (49%) 28% against 64%.
+MAX_IN_PLACE_BORDER_SHARE = 1 / 3
+# ... and where its producer's output is still in cache: a tile reading in place waits on each line it first
+# touches, where the copy streams them. Measured in RegNetY-400MF at batch 8 (same CPU), in place against the
+# copy: 104 channels 28x28 (a 2.8 MB input) 0.46 ms against 0.51; 104 channels 56x56 -> 28x28 (11 MB)
+# 0.72 ms against 0.45; 48 channels 112x112 -> 56x56 (19 MB) 2.16 ms against 1.47.
+MAX_IN_PLACE_INPUT_BYTES = 4 * 1024 * 1024
+
+
+def border_share(spec: ConvSpec) -> float:
+    """The share of output pixels whose window reaches into the zero border."""
+    (sh, sw), (dh, dw) = spec.strides, spec.dilation
+    pt, pl, _, _ = spec.padding
+
+    def inner(count, stride, dilation, pad, kernel, size):
+        return sum(1 for o in range(count) if o * stride - pad >= 0 and o * stride - pad + (kernel - 1) * dilation < size)
+
+    rows = inner(spec.out_height, sh, dh, pt, spec.kernel[0], spec.height)
+    columns = inner(spec.out_width, sw, dw, pl, spec.kernel[1], spec.width)
+    return 1 - rows * columns / spec.pixels
+
+
+def in_place_groups_per_vector(spec: ConvSpec, isa: VectorISA) -> int:
+    """Groups per vector of the interleaved order this conv reads its input in place in, when its producer
+    stores it so (compile/schedules/interleave_inputs.py); 1: it reads its input as it is.
+
+    Read in place, a tile's loads test the border, which takes a register: where that shrinks the tile, the
+    copy is the faster (AVX2, groups of 4 on 56x56: 8-pixel tiles in place at 68% of the FMA peak, 14-pixel
+    tiles reading the copy at 71%; AMD EPYC Zen 5, 2 threads)."""
+    input_bytes = 4 * spec.batch * spec.height * spec.width * spec.in_channels
+    if spec.input_layout != "NHWC" or border_share(spec) > MAX_IN_PLACE_BORDER_SHARE or input_bytes > MAX_IN_PLACE_INPUT_BYTES:
+        return 1
+    copying = choose_tiling(spec, isa)
+    if copying is None or copying.kind != INTERLEAVED:
+        return 1
+    per_vector = groups_per_vector(spec, isa)
+    in_place = interleaved_tiling(replace(spec, input_groups_interleaved=per_vector), isa)
+    return per_vector if in_place.pixel_block >= copying.pixel_block else 1
 
 
 def tile_rows_and_columns(pixel_block: int, out_width: int) -> tuple[int, int]:
@@ -451,16 +505,28 @@ def pack_weight(weight: np.ndarray, spec: ConvSpec, tiling: Tiling) -> np.ndarra
     padded = np.zeros((_ceil_to(out_channels, cb), in_per_group, kh, kw), weight.dtype)
     padded[:out_channels] = weight
     if tiling.kind == INTERLEAVED:
-        padded = padded[_interleaved_channel_order(spec, tiling)]
+        per_vector, blocks = _interleaved_blocks(spec, tiling)
+        padded = padded[interleaved_order(blocks, per_vector, spec.out_per_group)]
     return np.ascontiguousarray(padded.reshape(-1, cb, in_per_group, kh, kw).transpose(0, 3, 4, 2, 1))
 
 
-def _interleaved_channel_order(spec: ConvSpec, tiling: Tiling) -> np.ndarray:
-    """The output channel each lane of an interleaved tiling holds: lane j * groups_per_vector + g of a
-    block, channel j of the block's group g."""
-    per_vector, blocks = _interleaved_blocks(spec, tiling)
-    channels = np.arange(blocks * tiling.channel_block).reshape(blocks, per_vector, spec.out_per_group)
+def interleaved_order(vectors: int, per_vector: int, per_group: int) -> np.ndarray:
+    """Channel j of group g of vector b at position (b * per_group + j) * per_vector + g: the value at each
+    position is the channel's index in group order (indices past the real channels: the missing groups of
+    the last vector). An interleaved tile's lanes hold its output channels so, and read input channels so."""
+    channels = np.arange(vectors * per_vector * per_group).reshape(vectors, per_vector, per_group)
     return channels.transpose(0, 2, 1).reshape(-1)
+
+
+def interleaved_input_order(spec: ConvSpec, per_vector: int) -> np.ndarray:
+    """The input channel at each position of an input stored for an interleaved tile of `per_vector`
+    groups per vector (ConvSpec.input_groups_interleaved); positions of missing groups hold >= in_channels."""
+    return interleaved_order(-(-spec.groups // per_vector), per_vector, spec.in_per_group)
+
+
+def interleaved_input_positions(spec: ConvSpec, per_vector: int) -> np.ndarray:
+    """The position of each input channel in an input stored in `interleaved_input_order`."""
+    return np.argsort(interleaved_input_order(spec, per_vector))[:spec.in_channels]
 
 
 def _interleaved_blocks(spec: ConvSpec, tiling: Tiling) -> tuple[int, int]:
@@ -610,7 +676,47 @@ def _interleaved_compute(spec: ConvSpec, tiling: Tiling):
     per_vector, blocks = _interleaved_blocks(spec, tiling)
     lanes, per_group, in_group = tiling.channel_block, spec.out_per_group, spec.in_per_group
     data = te.placeholder(_i64(*spec.input_shape), "float32", name="data")
-    n, h, w, groups = spec.batch, spec.height, spec.width, spec.groups
+    kh, kw = spec.kernel
+    rows = _ceil_to(spec.out_height, tile_rows_and_columns(tiling.pixel_block, spec.out_width)[0])  # whole tiles
+    if spec.input_groups_interleaved > 1:
+        assert spec.input_groups_interleaved == per_vector, "the input is interleaved for another tile"
+        source = _InterleavedInPlace(data, spec, in_group, per_vector)
+    else:
+        source = _interleaving_copy(data, spec, blocks, per_vector, rows)
+    weight = te.placeholder(_i64(blocks, kh, kw, in_group, lanes), "float32", name="weight_packed")
+    lanes64, per_vector64, per_group64, in_group64 = _i64(lanes, per_vector, per_group, in_group)
+    rkh = te.reduce_axis(_i64(0, kh), name="rkh")
+    # A kernel row's taps and input channels as one reduction axis, as the dense conv's: in a task's copy
+    # (one vector of groups) and in the packed weight they are consecutive, so the innermost loop runs kw
+    # times longer (a loop of 4 channels alone, AVX2's groups of 4, LLVM unrolled and spilled).
+    (sh, sw), (dh, dw) = spec.strides, spec.dilation
+    if spec.input_groups_interleaved > 1:
+        rkw, ric = te.reduce_axis(_i64(0, kw), name="rkw"), te.reduce_axis(_i64(0, in_group), name="ric")
+        axes = [rkh, rkw, ric]
+    else:
+        rkwc = te.reduce_axis(_i64(0, kw * in_group), name="rkwc")
+        rkw, ric = rkwc // in_group64, rkwc % in_group64
+        axes = [rkh, rkwc]
+
+    def accumulate(i, y, x, b, j, g):
+        return te.sum(source[i, y * sh + rkh * dh, x * sw + rkw * dw, b, ric, g] * weight[b, rkh, rkw, ric, j * per_vector64 + g],
+                      axis=axes)
+
+    attrs = {CONV_BLOCK_ATTR: tiling.annotation(), CONV_FLOPS_ATTR: spec.flops}
+    conv = te.compute(_i64(spec.batch, rows, spec.out_width, blocks, per_group, per_vector), accumulate,
+                      name="conv", attrs=attrs)
+
+    def in_order(i, y, x, o):
+        return conv[i, y, x, o // lanes64, o % per_group64, o % lanes64 // per_group64]
+
+    out = te.compute(_i64(*spec.output_shape), in_order, name="conv_out")
+    return te.create_prim_func([data, weight, out]).with_attr("op_pattern", OUT_EWISE_FUSABLE)
+
+
+def _interleaving_copy(data, spec: ConvSpec, blocks: int, per_vector: int, rows: int):
+    """The padding copy ("pad") of an interleaved conv's input, (n, y, x, vector, input channel of the
+    group, group of the vector)."""
+    n, h, w, groups, in_group = spec.batch, spec.height, spec.width, spec.groups, spec.in_per_group
     pt, pl, pb, pr = spec.padding
 
     def read(i, y, x, c):
@@ -627,33 +733,23 @@ def _interleaved_compute(spec: ConvSpec, tiling: Tiling):
             value = tirx.if_then_else(b * per_vector + per_vector <= groups, value, read(i, y, x, last_group))
         return _zero_outside(spec, y, x, value)
 
-    rows = _ceil_to(spec.out_height, tile_rows_and_columns(tiling.pixel_block, spec.out_width)[0])  # whole tiles
-    (sh, sw), (dh, dw) = spec.strides, spec.dilation
+    (sh, _), (dh, _) = spec.strides, spec.dilation
     padded_height = max(h + pt + pb, (rows - 1) * sh + (spec.kernel[0] - 1) * dh + 1)
-    source = te.compute(_i64(n, padded_height, w + pl + pr, blocks, in_group, per_vector), interleave, name="pad")
-    kh, kw = spec.kernel
-    weight = te.placeholder(_i64(blocks, kh, kw, in_group, lanes), "float32", name="weight_packed")
-    lanes64, per_vector64, per_group64, in_group64 = _i64(lanes, per_vector, per_group, in_group)
-    rkh = te.reduce_axis(_i64(0, kh), name="rkh")
-    # A kernel row's taps and input channels as one reduction axis, as the dense conv's: in a task's copy
-    # (one vector of groups) and in the packed weight they are consecutive, so the innermost loop runs kw
-    # times longer (a loop of 4 channels alone, AVX2's groups of 4, LLVM unrolled and spilled).
-    rkwc = te.reduce_axis(_i64(0, kw * in_group), name="rkwc")
+    return te.compute(_i64(n, padded_height, w + pl + pr, blocks, in_group, per_vector), interleave, name="pad")
 
-    def accumulate(i, y, x, b, j, g):
-        rkw, ric = rkwc // in_group64, rkwc % in_group64
-        return te.sum(source[i, y * sh + rkh * dh, x * sw + rkw * dw, b, ric, g] * weight[b, rkh, rkw, ric, j * per_vector64 + g],
-                      axis=[rkh, rkwc])
 
-    attrs = {CONV_BLOCK_ATTR: tiling.annotation(), CONV_FLOPS_ATTR: spec.flops}
-    conv = te.compute(_i64(n, rows, spec.out_width, blocks, per_group, per_vector), accumulate,
-                      name="conv", attrs=attrs)
+class _InterleavedInPlace:
+    """An input stored in interleaved order read as the interleaving copy's (n, y, x, vector, input channel
+    of the group, group of the vector), the zero border through a condition (no copy)."""
 
-    def in_order(i, y, x, o):
-        return conv[i, y, x, o // lanes64, o % per_group64, o % lanes64 // per_group64]
+    def __init__(self, data, spec: ConvSpec, in_group: int, per_vector: int):
+        self._data, self._spec, self._in_group, self._per_vector = data, spec, in_group, per_vector
 
-    out = te.compute(_i64(*spec.output_shape), in_order, name="conv_out")
-    return te.create_prim_func([data, weight, out]).with_attr("op_pattern", OUT_EWISE_FUSABLE)
+    def __getitem__(self, index):
+        i, y, x, b, k, g = index
+        in_group64, per_vector64 = _i64(self._in_group, self._per_vector)
+        channel = (b * in_group64 + k) * per_vector64 + g
+        return _zero_outside(self._spec, y, x, _read_unpadded(self._data, self._spec, i, y, x, channel))
 
 
 class _as_image:

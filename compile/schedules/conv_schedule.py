@@ -178,18 +178,40 @@ def _tile_interleaved(sch: s_tir.Schedule, conv, writer, pad, tiling: Tiling) ->
     row copied each input row three times over (a 3x3 kernel's rows) and the copy cost a quarter of the
     FMAs' time on 14x14 maps; a copy as a pass of its own took a second parallel region."""
     n, y, x, block, channel, group, *reduction = sch.get_loops(conv)
+    per_vector = int(sch.get(group).extent)
     lanes = sch.fuse(channel, group)
     tile_rows, tile_columns = tile_rows_and_columns(tiling.pixel_block, _output_shape(sch, writer)[2])
     tiles, columns = sch.split(x, [None, tile_columns])
     row_tiles, rows = sch.split(y, [None, tile_rows])
-    chunk, row_tiles = _split_into_chunks(sch, row_tiles, int(sch.get(n).extent) * int(sch.get(block).extent))
-    outer = [n, block, chunk, row_tiles, tiles]
+    if pad is None:  # the input is stored interleaved: tasks of (image, vector, row of tiles), read in place
+        outer = [n, block, row_tiles, tiles]
+        sch.annotate(tiles, PARTITION_HINT, 1)  # only a row's first and last tiles test columns
+    else:
+        chunk, row_tiles = _split_into_chunks(sch, row_tiles, int(sch.get(n).extent) * int(sch.get(block).extent))
+        outer = [n, block, chunk, row_tiles, tiles]
     sch.reorder(*outer, *reduction, rows, columns, lanes)
     pixels = sch.fuse(rows, columns)
-    register_tile(sch, conv, writer, outer, reduction, pixels, lanes, tiling, parallel_loops=3)
-    sch.compute_at(pad, sch.get_loops(conv)[0])
-    *_, channel, group = sch.get_loops(pad)
-    _vectorize_channels(sch, sch.fuse(channel, group))
+    if _output_shape(sch, writer)[-1] % tiling.channel_block:
+        _write_by_group(sch, writer, outer[-1], per_vector)
+        register_tile(sch, conv, writer, outer, reduction, pixels, lanes, tiling, parallel_loops=3, writer_placed=True)
+        for loop in loops_below(sch, writer, outer[-1])[:-3]:  # the tile's pixels: registers, not the stack
+            sch.unroll(loop)
+    else:
+        register_tile(sch, conv, writer, outer, reduction, pixels, lanes, tiling, parallel_loops=3)
+    if pad is not None:
+        sch.compute_at(pad, sch.get_loops(conv)[0])
+        *_, channel, group = sch.get_loops(pad)
+        _vectorize_channels(sch, sch.fuse(channel, group))
+
+
+def _write_by_group(sch: s_tir.Schedule, writer, tile, per_vector: int) -> None:
+    """The writer under `tile`, a vector's output channels as (group, channel of the group): the last vector,
+    short of groups, skips the missing ones a group at a time, the group's channels still written as one
+    vector. (Tested per channel, the writer was left scalar: 13 groups of 8 at stride 2 to 14x14, AVX-512
+    code, ran at half the speed of 14 groups.)"""
+    sch.reverse_compute_at(writer, tile)
+    *_, channels = sch.get_loops(writer)
+    sch.split(channels, [per_vector, None])
 
 
 # Parallel tasks a grouped conv's copy-reading tiles are cut into at least (a group's tiles in chunks):

@@ -12,7 +12,8 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..passes import bindings
 from .bn_stats import BatchStatsSpec, build_batch_stats_primfunc
-from .conv2d import (DEPTHWISE, DIRECT, ConvSpec, Tiling, choose_tiling, conv2d_compute, pack_weight,
+from .conv2d import (DEPTHWISE, DIRECT, INTERLEAVED, ConvSpec, Tiling, choose_tiling, conv2d_compute,
+                     groups_per_vector, in_place_groups_per_vector, interleaved_input_positions, pack_weight,
                      padded_channels)
 from .conv_stats import build_conv2d_stats_primfunc, pixel_chunks, shift_primfunc, stats_combine_primfunc
 from .conv_transpose import ConvTransposeSpec, col2im_primfunc, gemm_weight
@@ -120,6 +121,10 @@ class _KernelRewriter(PyExprMutator):
             return None
         data = call.args[0]
         source = self._value_of(data)
+        interleaved = _interleaved_source(source, spec, tiling, self._isa)
+        if interleaved is not None:
+            data, spec = interleaved, replace(spec, input_groups_interleaved=groups_per_vector(spec, self._isa))
+            tiling = choose_tiling(spec, self._isa)
         # A network's NCHW input: a direct conv's padding copy can transpose it on the way (one pass instead
         # of two). Not a depthwise conv's: it reads its input in place, and strided NCHW reads per tap were
         # 4-6x slower than transposing first.
@@ -347,6 +352,20 @@ def _centered_square_source(expr, value_of):
     if op_name(mean) != "relax.mean" or not mean.args[0].same_as(x):
         return None
     return x
+
+
+def _interleaved_source(source, spec: ConvSpec, tiling: Tiling, isa) -> relax.Expr | None:
+    """x when `source`, a conv's input, is take(x, positions, axis=3) restoring the channel order of an x stored
+    interleaved for this conv's tile (interleave_inputs.py), which the kernel can read in place."""
+    if op_name(source) != "relax.take" or tiling.kind != INTERLEAVED or int(source.attrs.axis) != 3:
+        return None
+    per_vector = in_place_groups_per_vector(spec, isa)
+    indices = source.args[1]
+    if per_vector == 1 or not isinstance(indices, Constant):
+        return None
+    if not np.array_equal(indices.value.numpy(), interleaved_input_positions(spec, per_vector)):
+        return None
+    return source.args[0]
 
 
 def _is_nchw_to_nhwc(permute: relax.Call) -> bool:
