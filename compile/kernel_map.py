@@ -14,7 +14,8 @@ map is built from the Relax module itself, in these steps:
 
 A folded Conv+BatchNorm kernel therefore writes the BatchNorm's output, a fused epilogue its last op's.
 Each output also records how its layout relates to the ONNX tensor (``axes``: kernel output =
-onnx_tensor.transpose(axes)), or why it cannot be compared.
+onnx_tensor.transpose(axes); ``channel_positions``: where each channel went in a tensor stored with its
+channels permuted, see PERMUTED_CHANNELS_ATTR), or why it cannot be compared.
 """
 
 from __future__ import annotations
@@ -34,9 +35,26 @@ ONNX_NAME_PREFIX = "onnx:"
 CHANNELS_LAST = {4: (0, 2, 3, 1)}
 
 
+# A pass that stores a tensor with its channels permuted (schedules/interleave_inputs.py) names its variable
+# PERMUTED_NAME_PREFIX + the ONNX tensor's name and records where each ONNX channel went in the module
+# attribute PERMUTED_CHANNELS_ATTR, {tensor: position of each channel}; the map records them with the tensor.
+PERMUTED_NAME_PREFIX = "permuted:"
+PERMUTED_CHANNELS_ATTR = "bndeploy.permuted_channels"
+
+
 def onnx_tensor_of(var: relax.Var) -> str | None:
     name = var.name
     return name[len(ONNX_NAME_PREFIX):] if name.startswith(ONNX_NAME_PREFIX) else None
+
+
+def permuted_tensor_of(var: relax.Var) -> str | None:
+    name = var.name
+    return name[len(PERMUTED_NAME_PREFIX):] if name.startswith(PERMUTED_NAME_PREFIX) else None
+
+
+def permuted_channels(mod: tvm.IRModule) -> dict[str, list[int]]:
+    recorded = (mod.attrs or {}).get(PERMUTED_CHANNELS_ATTR, {})
+    return {str(tensor): [int(p) for p in positions] for tensor, positions in recorded.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,7 +230,9 @@ def _match_groups(before: tvm.IRModule, after: tvm.IRModule, onnx_shapes: dict, 
     """One record per kernel call in ``after``'s main: the pre-fusion variables it ends with and contains."""
     index = _pre_fusion_index(before)
     names = returned_tensors(before, graph_outputs)
-    tensor_of = lambda var: onnx_tensor_of(var) or names.get(var)  # noqa: E731
+    positions = permuted_channels(before)
+    tensor_of = lambda var: onnx_tensor_of(var) or names.get(var) or permuted_tensor_of(var)  # noqa: E731
+    record_of = lambda pre: _output_record(pre, onnx_shapes, tensor_of, positions)  # noqa: E731
     to_pre: dict = {}
     translate = lambda expr: to_pre.get(expr, expr)  # noqa: E731
     calls = []
@@ -221,12 +241,12 @@ def _match_groups(before: tvm.IRModule, after: tvm.IRModule, onnx_shapes: dict, 
         if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.GlobalVar) \
                 and isinstance(after[value.op], relax.Function):
             outputs, inside = _match_fused(after[value.op], [translate(a) for a in value.args], index)
-            calls.append(_call_record(binding.var, outputs, inside, onnx_shapes, tensor_of))
+            calls.append(_call_record(binding.var, outputs, inside, record_of, tensor_of))
             if len(outputs) == 1:
                 to_pre[binding.var] = outputs[0] if outputs[0] is not None else binding.var
         elif _kernel_call(value) is not None:
             pre = index.get(_key(value, translate))
-            calls.append(_call_record(binding.var, _kernel_outputs(binding.var, pre, index), [], onnx_shapes, tensor_of))
+            calls.append(_call_record(binding.var, _kernel_outputs(binding.var, pre, index), [], record_of, tensor_of))
             if pre is not None:
                 to_pre[binding.var] = pre
         else:
@@ -260,21 +280,27 @@ def _match_fused(func: relax.Function, args: list, index: dict) -> tuple[list, l
     return outputs, [v for v in inside if not any(v.same_as(o) for o in outputs if o is not None)]
 
 
-def _call_record(var, outputs: list, inside: list, onnx_shapes: dict, tensor_of) -> dict:
+def _call_record(var, outputs: list, inside: list, record_of, tensor_of) -> dict:
     return {
         "var": var,
-        "outputs": [_output_record(pre, onnx_shapes, tensor_of) for pre in outputs],
+        "outputs": [record_of(pre) for pre in outputs],
         "inside": [t for t in (tensor_of(v) for v in inside) if t is not None],
     }
 
 
-def _output_record(pre, onnx_shapes: dict, tensor_of) -> dict:
+def _output_record(pre, onnx_shapes: dict, tensor_of, permuted: dict[str, list[int]]) -> dict:
+    """The tensor a kernel output holds and its layout: kernel output == onnx_tensor.transpose(axes), the
+    channels (last axis) at `channel_positions` where a pass permuted them."""
     tensor = tensor_of(pre) if pre is not None else None
     if tensor is None:
         return {"tensor": None}
     shape = _static_shape(pre)
-    axes, why = layout_axes(onnx_shapes.get(tensor), shape)
+    positions = permuted.get(tensor) if permuted_tensor_of(pre) else None
+    layout_shape = shape[:-1] + [len(positions)] if positions and shape else shape
+    axes, why = layout_axes(onnx_shapes.get(tensor), layout_shape)
     record = {"tensor": tensor, "shape": shape, "axes": axes}
+    if positions:
+        record["channel_positions"] = positions
     if why:
         record["not_comparable"] = why
     return record

@@ -392,6 +392,8 @@ class _Capture:
             if expected is None:
                 continue
             actual = np.transpose(value.numpy(), np.argsort(output["axes"]))
+            if "channel_positions" in output:  # stored permuted (and padded): ONNX's channel order back
+                actual = np.take(actual, output["channel_positions"], axis=1)
             self.comparisons[tensor] = compare(actual, expected, self.tolerance, tensor, ONNXRUNTIME, ONNXRUNTIME)
 
     def check_complete(self) -> None:

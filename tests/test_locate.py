@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from bndeploy.cli import main
 from bndeploy.errors import EXIT_ERROR, BndeployError
@@ -126,3 +127,47 @@ def test_unnamed_nodes_are_named_deterministically(exported, tmp_path):
     assert [n.name for n in location.nodes] == names
     assert any("have no name" in note for note in location.notes)
     assert np.isfinite([c.max_abs_error for n in location.nodes for c in n.comparisons]).all()
+
+
+class _PointwiseThenGrouped(torch.nn.Module):
+    """1x1 conv + BN + ReLU feeding a grouped 3x3 + BN + ReLU, 13 groups of 4 channels: the 1x1 stores its output
+    with its channels permuted for the grouped conv (on AVX2 and AVX-512 hosts alike), padded to whole vectors."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pointwise = torch.nn.Sequential(torch.nn.Conv2d(52, 52, 1, bias=False), torch.nn.BatchNorm2d(52), torch.nn.ReLU())
+        self.grouped = torch.nn.Sequential(torch.nn.Conv2d(52, 52, 3, padding=1, groups=13, bias=False),
+                                           torch.nn.BatchNorm2d(52), torch.nn.ReLU())
+        for bn in (self.pointwise[1], self.grouped[1]):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+        self.eval()
+
+    def forward(self, x):
+        return self.grouped(self.pointwise(x))
+
+
+@pytest.fixture(scope="module")
+def permuting(tmp_path_factory):
+    from bndeploy.export import ExportSettings, export
+    from bndeploy.export.loader import LoadedModel
+
+    model = LoadedModel("pointwise-grouped", _PointwiseThenGrouped(), (torch.randn(1, 52, 20, 20),))
+    return export(model, tmp_path_factory.mktemp("permuted") / "export", ExportSettings(modes=("inference",)))["inference"]
+
+
+def test_a_tensor_stored_permuted_is_compared_in_onnx_order(permuting, tmp_path):
+    """The 1x1 conv's output is stored with its channels permuted (compile/schedules/interleave_inputs.py): the
+    kernel map records each channel's position, locate compares it in ONNX's order, and a fault in its channel 0
+    is found in channel 0."""
+    clean = compile_cpu(permuting / "model.onnx", tmp_path / "clean")
+    kernel_map = json.loads((clean / "artifact.json").read_text())["kernel_map"]
+    permuted = [o for e in kernel_map for o in e["outputs"] if "channel_positions" in o]
+    assert len(permuted) == 1 and sorted(permuted[0]["channel_positions"]) != list(range(52))
+    location = locate(clean)
+    node = next(n for n in location.nodes if any(c.output == permuted[0]["tensor"] for c in n.comparisons))
+    assert node.status == COMPARED and location.first_failure is None
+    pointwise_bn = next(n.name for n in onnx.load(permuting / "model.onnx").graph.node if n.op_type == "BatchNormalization")
+    failure = locate(with_faulty_batchnorm(permuting, pointwise_bn, tmp_path / "faulty")).first_failure
+    assert failure is not None and failure.index == node.index and failure.worst().bad_channels() == [0]

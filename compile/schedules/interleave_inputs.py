@@ -9,8 +9,8 @@ missing groups of a last, short vector become zero channels. The grouped conv th
 
 The rewrite keeps the Relax program's meaning: the grouped conv's input becomes `take(interleaved, positions,
 axis=3)`, the original channel order, which `rewrite_to_kernels` recognises and drops, reading `interleaved`
-in place (`ConvSpec.input_groups_interleaved`). The permuted tensors get new names, so the kernel map never
-pairs them with the ONNX tensors they hold permuted.
+in place (`ConvSpec.input_groups_interleaved`). A permuted tensor's variable is renamed and the position of
+each of its ONNX channels recorded (kernel_map.py), so `check --locate` compares it in ONNX's order.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ..kernel_map import PERMUTED_CHANNELS_ATTR, PERMUTED_NAME_PREFIX, onnx_tensor_of, permuted_channels
 from ..passes import bindings
 from .conv2d import in_place_groups_per_vector, interleaved_input_order, interleaved_input_positions
 from .isa import VectorISA, isa_for_target
@@ -42,7 +43,9 @@ def interleave_grouped_inputs(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gv, rewriter.rewrite(func))
-    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+    mod = relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+    permuted = {**permuted_channels(mod), **rewriter.permuted_tensors}
+    return mod.with_attr(PERMUTED_CHANNELS_ATTR, permuted) if permuted else mod
 
 
 class _Chain:
@@ -150,18 +153,23 @@ class _Interleaver(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, isa: VectorISA):
         super().__init__(mod)
         self._isa = isa
+        self.permuted_tensors: dict[str, list[int]] = {}  # ONNX tensor -> position of each of its channels
 
     def rewrite(self, func: relax.Function) -> relax.Function:
         self._chains = find_chains(func, self._isa)
-        self._order_of = {var: chain.order for chain in self._chains.values() for var in [chain.producer, *chain.steps]}
+        self._chain_of = {var: chain for chain in self._chains.values() for var in [chain.producer, *chain.steps]}
         return self.visit_expr(func)
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        order = self._order_of.get(binding.var)
-        if order is None:
+        chain = self._chain_of.get(binding.var)
+        if chain is None:
             return super().visit_var_binding_(binding)
-        value = self._permute(binding.value, order)
-        self.set_var_remap(binding.var, self.builder_.emit(value, name_hint=INTERLEAVED_NAME))
+        tensor = onnx_tensor_of(binding.var)
+        name = INTERLEAVED_NAME
+        if tensor is not None:
+            name = PERMUTED_NAME_PREFIX + tensor
+            self.permuted_tensors[tensor] = [int(p) for p in chain.positions]
+        self.set_var_remap(binding.var, self.builder_.emit(self._permute(binding.value, chain.order), name_hint=name))
 
     def visit_call_(self, call: relax.Call):
         chain = self._chains.get(call)
