@@ -318,16 +318,22 @@ INTERLEAVED_CASES = [  # (size, channels, groups, stride)
 ]
 
 
-def _interleaved_runs():
+def _grouped_runs(cases, taken, batch: int = 1):
+    """(target, size, channels, groups, stride, id) of the grouped 3x3 `cases` for which `taken(spec, isa)`
+    holds on each x86 target this CPU runs."""
     for target in runnable_x86_targets():
         isa = isa_for_target(resolve_target(target).tvm_target())
-        for size, channels, groups, stride in INTERLEAVED_CASES:
-            spec = ConvSpec(1, size, size, channels, channels, (3, 3), strides=(stride, stride), padding=(1, 1, 1, 1),
+        for size, channels, groups, stride in cases:
+            spec = ConvSpec(batch, size, size, channels, channels, (3, 3), strides=(stride, stride), padding=(1, 1, 1, 1),
                             groups=groups)
-            if conv2d.groups_per_vector(spec, isa) > 1:
-                for inner in (False, True):
-                    yield pytest.param(target, size, channels, groups, stride, inner,
-                                       id=f"{target}-{size}x{size}-{channels}/{groups}-s{stride}-{'inner' if inner else 'first'}")
+            if taken(spec, isa):
+                yield target, size, channels, groups, stride, f"{target}-{size}x{size}-{channels}/{groups}-s{stride}"
+
+
+def _interleaved_runs():
+    for *case, name in _grouped_runs(INTERLEAVED_CASES, lambda spec, isa: conv2d.groups_per_vector(spec, isa) > 1):
+        for inner in (False, True):
+            yield pytest.param(*case, inner, id=f"{name}-{'inner' if inner else 'first'}")
 
 
 @pytest.mark.parametrize("target, size, channels, groups, stride, inner", list(_interleaved_runs()))
@@ -399,13 +405,8 @@ def test_convs_that_read_a_copy_faster_are_not_fed_in_place(spec, isa):
 
 
 def _in_place_runs():
-    for target in runnable_x86_targets():
-        isa = isa_for_target(resolve_target(target).tvm_target())
-        for size, channels, groups, stride in IN_PLACE_CASES:
-            spec = ConvSpec(2, size, size, channels, channels, (3, 3), strides=(stride, stride), padding=(1, 1, 1, 1),
-                            groups=groups)
-            if conv2d.in_place_groups_per_vector(spec, isa) > 1:
-                yield pytest.param(target, size, channels, groups, stride, id=f"{target}-{size}x{size}-{channels}/{groups}-s{stride}")
+    for *case, name in _grouped_runs(IN_PLACE_CASES, lambda spec, isa: conv2d.in_place_groups_per_vector(spec, isa) > 1, batch=2):
+        yield pytest.param(*case, id=name)
 
 
 @pytest.mark.parametrize("target, size, channels, groups, stride", list(_in_place_runs()))
