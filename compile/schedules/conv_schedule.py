@@ -176,16 +176,18 @@ def _tile_interleaved(sch: s_tir.Schedule, conv, writer, pad, tiling: Tiling) ->
     """Tasks of (image, vector of groups, chunk of output rows), each first writing the interleaved input
     rows its tiles read into a buffer of its own (in its core's cache), then its rows' tiles. A task per
     row copied each input row three times over (a 3x3 kernel's rows) and the copy cost a quarter of the
-    FMAs' time on 14x14 maps; a copy as a pass of its own took a second parallel region."""
+    FMAs' time on 14x14 maps; a copy as a pass of its own took a second parallel region. An input stored
+    interleaved (no "pad" block) is read in place, a task per row of tiles, the border tested in the loads
+    and only a row's first and last tiles testing columns."""
     n, y, x, block, channel, group, *reduction = sch.get_loops(conv)
     per_vector = int(sch.get(group).extent)
     lanes = sch.fuse(channel, group)
     tile_rows, tile_columns = tile_rows_and_columns(tiling.pixel_block, _output_shape(sch, writer)[2])
     tiles, columns = sch.split(x, [None, tile_columns])
     row_tiles, rows = sch.split(y, [None, tile_rows])
-    if pad is None:  # the input is stored interleaved: tasks of (image, vector, row of tiles), read in place
+    if pad is None:
         outer = [n, block, row_tiles, tiles]
-        sch.annotate(tiles, PARTITION_HINT, 1)  # only a row's first and last tiles test columns
+        sch.annotate(tiles, PARTITION_HINT, 1)
     else:
         chunk, row_tiles = _split_into_chunks(sch, row_tiles, int(sch.get(n).extent) * int(sch.get(block).extent))
         outer = [n, block, chunk, row_tiles, tiles]

@@ -25,13 +25,13 @@ from ..kernel_map import PERMUTED_CHANNELS_ATTR, PERMUTED_NAME_PREFIX, onnx_tens
 from ..passes import bindings
 from .conv2d import in_place_groups_per_vector, interleaved_input_order, interleaved_input_positions
 from .isa import VectorISA, isa_for_target
-from .relax_rewrite import _channel_vector, bound_values, conv_spec, conv_stats_source, op_name
+from .relax_rewrite import CHANNEL_AXIS, bound_values, channel_vector, conv_spec, conv_stats_source, op_name
 
 # Per-channel ops a permutation of the channels passes through: (op, whether a constant operand may be a
 # per-channel vector, which is then permuted too; else only a scalar).
 CHANNELWISE_OPS = {"relax.nn.relu": False, "relax.add": True, "relax.subtract": True, "relax.multiply": True,
                    "relax.maximum": True, "relax.minimum": True}
-CHANNEL_AXIS = 3  # NHWC
+NHWC_CHANNELS = CHANNEL_AXIS["NHWC"]
 INTERLEAVED_NAME = "interleaved_channels"
 
 
@@ -111,7 +111,7 @@ def _chain_operand(call, channels: int):
     constants = [a for a in call.args if isinstance(a, Constant)]
     if len(tensors) != 1 or len(constants) != 1:
         return None
-    if _channel_vector(constants[0], channels, CHANNEL_AXIS) is None:
+    if channel_vector(constants[0], channels, NHWC_CHANNELS) is None:
         return None
     if not CHANNELWISE_OPS[name] and constants[0].value.numpy().size != 1:
         return None
@@ -177,7 +177,7 @@ class _Interleaver(PyExprMutator):
             return super().visit_call_(call)
         interleaved = self.visit_expr(call.args[0])
         positions = relax.const(chain.positions.astype("int64"))
-        data = self.builder_.emit(relax.op.take(interleaved, positions, axis=CHANNEL_AXIS, mode="clip"))
+        data = self.builder_.emit(relax.op.take(interleaved, positions, axis=NHWC_CHANNELS, mode="clip"))
         return relax.Call(call.op, [data, call.args[1]], call.attrs)
 
     def _permute(self, call: relax.Call, order: np.ndarray) -> relax.Call:

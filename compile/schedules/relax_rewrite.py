@@ -311,7 +311,7 @@ def conv_stats_source(call, value_of, layout: str = "NHWC") -> StatsSource | Non
     producer, bias = value_of(x), None
     if op_name(producer) == "relax.add":
         for operand, other in (producer.args, reversed(producer.args)):
-            bias = _channel_vector(other, shape[channel_axis], channel_axis)
+            bias = channel_vector(other, shape[channel_axis], channel_axis)
             if bias is not None and op_name(value_of(operand)) == "relax.nn.conv2d":
                 producer = value_of(operand)
                 break
@@ -322,7 +322,7 @@ def conv_stats_source(call, value_of, layout: str = "NHWC") -> StatsSource | Non
     return StatsSource(x, producer, bias)
 
 
-def _channel_vector(expr, channels: int, channel_axis: int) -> np.ndarray | None:
+def channel_vector(expr, channels: int, channel_axis: int) -> np.ndarray | None:
     """A constant broadcast along the channel axis only, as a (channels,) float32 vector."""
     if not isinstance(expr, Constant):
         return None
@@ -357,7 +357,7 @@ def _centered_square_source(expr, value_of):
 def _interleaved_source(source, spec: ConvSpec, tiling: Tiling, isa) -> relax.Expr | None:
     """x when `source`, a conv's input, is take(x, positions, axis=3) restoring the channel order of an x stored
     interleaved for this conv's tile (interleave_inputs.py), which the kernel can read in place."""
-    if op_name(source) != "relax.take" or tiling.kind != INTERLEAVED or int(source.attrs.axis) != 3:
+    if op_name(source) != "relax.take" or tiling.kind != INTERLEAVED or int(source.attrs.axis) != CHANNEL_AXIS["NHWC"]:
         return None
     per_vector = in_place_groups_per_vector(spec, isa)
     indices = source.args[1]
