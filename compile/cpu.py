@@ -28,7 +28,7 @@ def fusion_passes(target: tvm.target.Target, kernel_map: KernelMapRecorder | Non
     if kernel_map is not None:
         fuse = [kernel_map.before_fusion(), fuse[0], kernel_map.after_fusion(), fuse[1], kernel_map.after_fuse_tir()]
     return (
-        [convert_to_channels_last, interleave_grouped_inputs, rewrite_to_kernels]
+        [convert_to_channels_last, relax.transform.FoldConstant(), interleave_grouped_inputs, rewrite_to_kernels]
         + cpu_generic.library_dispatch_passes(target)
         + [legalize_ops(cpu=True), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), *fuse]
     )

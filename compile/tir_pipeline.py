@@ -98,6 +98,10 @@ def _let_resolver(body):
     return lambda expr: values.get(expr, expr) if isinstance(expr, tirx.Var) else expr
 
 
+_LANE_OPERATIONS = {tirx.Add: lambda x, y: x + y, tirx.Sub: lambda x, y: x - y, tirx.Mul: lambda x, y: x * y,
+                    tirx.FloorDiv: lambda x, y: x // y, tirx.FloorMod: lambda x, y: x % y, tirx.Min: min, tirx.Max: max}
+
+
 def _lane_constants(expr, lanes: int, resolve) -> list[int] | None:
     """The lanes of an integer vector expression built from constant ramps and broadcasts, or None."""
     expr = resolve(expr)
@@ -107,9 +111,7 @@ def _lane_constants(expr, lanes: int, resolve) -> list[int] | None:
     if isinstance(expr, tirx.Broadcast):
         value = _constant(resolve(expr.value))
         return None if value is None else [value] * lanes
-    operations = {tirx.Add: lambda x, y: x + y, tirx.Sub: lambda x, y: x - y, tirx.Mul: lambda x, y: x * y,
-                  tirx.FloorDiv: lambda x, y: x // y, tirx.FloorMod: lambda x, y: x % y, tirx.Min: min, tirx.Max: max}
-    operation = operations.get(type(expr))
+    operation = _LANE_OPERATIONS.get(type(expr))
     if operation is None:
         return None
     a, b = _lane_constants(expr.a, lanes, resolve), _lane_constants(expr.b, lanes, resolve)

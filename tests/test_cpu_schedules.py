@@ -368,7 +368,7 @@ def _relax_ops(mod: tvm.IRModule) -> list[str]:
 
 def _interleaved_module(model, target: str) -> tvm.IRModule:
     with resolve_target(target).tvm_target():
-        return interleave_grouped_inputs(convert_to_channels_last(import_onnx(model)))
+        return interleave_grouped_inputs(relax.transform.FoldConstant()(convert_to_channels_last(import_onnx(model))))
 
 
 @pytest.mark.parametrize("size, channels, groups, stride", IN_PLACE_CASES)

@@ -121,6 +121,11 @@ class ConvSpec(ConvGeometry):
         return self.kernel[0] * self.kernel[1] * self.in_per_group
 
     @property
+    def input_bytes(self) -> int:
+        """The float32 input's size, as the network holds it."""
+        return 4 * self.batch * self.height * self.width * self.in_channels
+
+    @property
     def flops(self) -> int:
         return 2 * self.batch * self.pixels * self.out_channels * self.reduction_steps
 
@@ -344,7 +349,7 @@ def pixels_outer(spec: ConvSpec, channel_block: int, pixel_block: int) -> bool:
     batch 8, a 6.4 MB input and 6 KB of weights) wants pixels outer; a 3x3 conv of a small image with
     MBs of weights wants channels outer."""
     weights = 4 * spec.reduction_steps * spec.out_channels
-    inputs = 4 * spec.batch * spec.height * spec.width * spec.in_channels
+    inputs = spec.input_bytes
     blocks, tiles = -(-spec.out_channels // channel_block), -(-spec.pixels // pixel_block) * spec.batch
     channels_first = weights + inputs * (1 if inputs <= REUSE_CACHE_BYTES else blocks)
     pixels_first = inputs + weights * (1 if weights <= REUSE_CACHE_BYTES else tiles)
@@ -453,8 +458,8 @@ def in_place_groups_per_vector(spec: ConvSpec, isa: VectorISA) -> int:
     Read in place, a tile's loads test the border, which takes a register: where that shrinks the tile, the
     copy is the faster (AVX2, groups of 4 on 56x56: 8-pixel tiles in place at 68% of the FMA peak, 14-pixel
     tiles reading the copy at 71%; AMD EPYC Zen 5, 2 threads)."""
-    input_bytes = 4 * spec.batch * spec.height * spec.width * spec.in_channels
-    if spec.input_layout != "NHWC" or border_share(spec) > MAX_IN_PLACE_BORDER_SHARE or input_bytes > MAX_IN_PLACE_INPUT_BYTES:
+    if (spec.input_layout != "NHWC" or border_share(spec) > MAX_IN_PLACE_BORDER_SHARE
+            or spec.input_bytes > MAX_IN_PLACE_INPUT_BYTES):
         return 1
     copying = choose_tiling(spec, isa)
     if copying is None or copying.kind != INTERLEAVED:

@@ -21,11 +21,12 @@ from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..kernel_map import PERMUTED_CHANNELS_ATTR, PERMUTED_NAME_PREFIX, onnx_tensor_of, permuted_channels
+from ..kernel_map import PERMUTED_CHANNELS_ATTR, PERMUTED_NAME_PREFIX, onnx_tensor_of
 from ..passes import bindings
 from .conv2d import in_place_groups_per_vector, interleaved_input_order, interleaved_input_positions
 from .isa import VectorISA, isa_for_target
-from .relax_rewrite import CHANNEL_AXIS, bound_values, channel_vector, conv_spec, conv_stats_source, op_name
+from .relax_rewrite import (CHANNEL_AXIS, bound_values, channel_vector, conv_spec, conv_stats_source, op_name,
+                            rewrite_functions)
 
 # Per-channel ops a permutation of the channels passes through: (op, whether a constant operand may be a
 # per-channel vector, which is then permuted too; else only a scalar).
@@ -37,15 +38,13 @@ INTERLEAVED_NAME = "interleaved_channels"
 
 @tvm.transform.module_pass(opt_level=0, name="bndeploy.InterleaveGroupedInputs")
 def interleave_grouped_inputs(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Expects the module's constants folded (the per-channel constants it permutes)."""
     isa = isa_for_target(tvm.target.Target.current())
-    mod = relax.transform.FoldConstant()(mod)
-    rewriter = _Interleaver(mod, isa)
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.rewrite(func))
-    mod = relax.transform.DeadCodeElimination()(rewriter.builder_.get())
-    permuted = {**permuted_channels(mod), **rewriter.permuted_tensors}
-    return mod.with_attr(PERMUTED_CHANNELS_ATTR, permuted) if permuted else mod
+    return rewrite_functions(mod, lambda folded: _Interleaver(folded, isa), fold=False, attrs=_permuted_attrs)
+
+
+def _permuted_attrs(rewriter: "_Interleaver") -> dict:
+    return {PERMUTED_CHANNELS_ATTR: rewriter.permuted_tensors} if rewriter.permuted_tensors else {}
 
 
 class _Chain:

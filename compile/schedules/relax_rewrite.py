@@ -13,8 +13,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from ..passes import bindings
 from .bn_stats import BatchStatsSpec, build_batch_stats_primfunc
 from .conv2d import (DEPTHWISE, DIRECT, INTERLEAVED, ConvSpec, Tiling, choose_tiling, conv2d_compute,
-                     groups_per_vector, in_place_groups_per_vector, interleaved_input_positions, pack_weight,
-                     padded_channels)
+                     in_place_groups_per_vector, interleaved_input_positions, pack_weight, padded_channels)
 from .conv_stats import build_conv2d_stats_primfunc, pixel_chunks, shift_primfunc, stats_combine_primfunc
 from .conv_transpose import ConvTransposeSpec, col2im_primfunc, gemm_weight
 from .isa import isa_for_target
@@ -123,7 +122,8 @@ class _KernelRewriter(PyExprMutator):
         source = self._value_of(data)
         interleaved = _interleaved_source(source, spec, tiling, self._isa)
         if interleaved is not None:
-            data, spec = interleaved, replace(spec, input_groups_interleaved=groups_per_vector(spec, self._isa))
+            data, per_vector = interleaved
+            spec = replace(spec, input_groups_interleaved=per_vector)
             tiling = choose_tiling(spec, self._isa)
         # A network's NCHW input: a direct conv's padding copy can transpose it on the way (one pass instead
         # of two). Not a depthwise conv's: it reads its input in place, and strided NCHW reads per tap were
@@ -354,9 +354,10 @@ def _centered_square_source(expr, value_of):
     return x
 
 
-def _interleaved_source(source, spec: ConvSpec, tiling: Tiling, isa) -> relax.Expr | None:
-    """x when `source`, a conv's input, is take(x, positions, axis=3) restoring the channel order of an x stored
-    interleaved for this conv's tile (interleave_inputs.py), which the kernel can read in place."""
+def _interleaved_source(source, spec: ConvSpec, tiling: Tiling, isa) -> tuple[relax.Expr, int] | None:
+    """(x, groups per vector) when `source`, a conv's input, is take(x, positions, axis=3) restoring the
+    channel order of an x stored interleaved for this conv's tile (interleave_inputs.py), which the kernel
+    can read in place."""
     if op_name(source) != "relax.take" or tiling.kind != INTERLEAVED or int(source.attrs.axis) != CHANNEL_AXIS["NHWC"]:
         return None
     per_vector = in_place_groups_per_vector(spec, isa)
@@ -365,7 +366,7 @@ def _interleaved_source(source, spec: ConvSpec, tiling: Tiling, isa) -> relax.Ex
         return None
     if not np.array_equal(indices.value.numpy(), interleaved_input_positions(spec, per_vector)):
         return None
-    return source.args[0]
+    return source.args[0], per_vector
 
 
 def _is_nchw_to_nhwc(permute: relax.Call) -> bool:
@@ -469,20 +470,31 @@ def clip_to_bounds(mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
     return mod
 
 
-def rewrite_functions(mod: tvm.IRModule, make_rewriter) -> tvm.IRModule:
+def statistics_fused_attrs(rewriter) -> dict:
+    """The ordinals of the convs that sum BatchNorm statistics in their epilogue (the rewriter's
+    `statistics_fused`), as STATISTICS_FUSED_ATTR."""
+    return {STATISTICS_FUSED_ATTR: sorted(rewriter.statistics_fused)}
+
+
+def rewrite_functions(mod: tvm.IRModule, make_rewriter, fold: bool = True, attrs=statistics_fused_attrs) -> tvm.IRModule:
     """`make_rewriter(mod)`'s `rewrite` on every Relax function of `mod` (constants folded first, e.g. the
-    reshape of an ONNX Conv bias), dead code removed after; the ordinals of the convs that sum BatchNorm
-    statistics in their epilogue (the rewriter's `statistics_fused`) go to STATISTICS_FUSED_ATTR."""
-    mod = relax.transform.FoldConstant()(mod)
+    reshape of an ONNX Conv bias, unless `fold` is False: the caller folded them), dead code removed after;
+    `attrs(rewriter)`: the module attributes the rewrite records."""
+    if fold:
+        mod = relax.transform.FoldConstant()(mod)
     rewriter = make_rewriter(mod)
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gv, rewriter.rewrite(func))
     mod = relax.transform.DeadCodeElimination()(rewriter.builder_.get())
-    return mod.with_attr(STATISTICS_FUSED_ATTR, sorted(rewriter.statistics_fused))
+    for key, value in attrs(rewriter).items():
+        mod = mod.with_attr(key, value)
+    return mod
 
 
 @tvm.transform.module_pass(opt_level=0, name="bndeploy.RewriteToKernels")
 def rewrite_to_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Expects the module's constants folded (cpu.fusion_passes folds them after the channels-last layout)."""
     winograd = str((mod.attrs or {}).get(CONV_ALGORITHM_ATTR, "auto")) == "auto"
-    return rewrite_functions(mod, lambda folded: _KernelRewriter(folded, tvm.target.Target.current(), winograd))
+    return rewrite_functions(mod, lambda folded: _KernelRewriter(folded, tvm.target.Target.current(), winograd),
+                             fold=False)
