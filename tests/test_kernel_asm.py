@@ -153,15 +153,22 @@ PER_LANE_LOAD = re.compile(r"\b(vinsertps|vpinsrd|vpextrd|vgatherdps|vgatherqps)
     ("grouped 8 per group", "x86-64-avx512"), ("grouped 4 per group", "x86-64-avx512"),
     ("grouped 4 per group", "x86-64-avx2"),  # AVX2's groups of 8 fill a ymm: the direct tile
 ])
-def test_interleaved_tile_loads_each_pixels_groups_with_one_broadcast(case, target_name):
-    """Groups sharing a vector: per pixel and step the register tile loads the inputs of all its groups with
-    one broadcast from memory (compile/tir_pipeline.py: window_loads), never lane by lane."""
+def test_interleaved_tile_broadcasts_each_input_pixel_once_per_step(case, target_name):
+    """Groups sharing a vector: per input pixel and step (kernel row, input channel) the register tile loads
+    the inputs of all its groups with one broadcast from memory (compile/tir_pipeline.py: window_loads), never
+    lane by lane, and that broadcast feeds the FMAs of every tap that reads the pixel (conv2d.interleaved_tiling):
+    a row of P pixels takes P + 2 broadcasts for its 3P FMAs, not one broadcast per FMA."""
     assert interleaved(case, target_name)
     loops = fma_loops(conv_kernel_assembly(case, target_name), "x86_64")
     tile = max((loop for loop in loops if loop.innermost), key=lambda loop: loop.own_fmas)
     body = "\n".join(tile.own_body)
-    assert len(WIDE_BROADCAST.findall(body)) >= tile.own_fmas // 2, body
+    assert reuses_broadcasts_across_taps(len(WIDE_BROADCAST.findall(body)), tile.own_fmas, taps=3), body
     assert not PER_LANE_LOAD.search(body), body
+
+
+def reuses_broadcasts_across_taps(broadcasts: int, fmas: int, taps: int) -> bool:
+    """Every FMA's input comes from a broadcast shared by at most `taps` FMAs, and on average by more than 2."""
+    return fmas // taps <= broadcasts < fmas / 2
 
 
 @pytest.mark.parametrize("case", CLASSES)
@@ -258,6 +265,7 @@ def test_in_place_interleaved_tile_reads_its_input_with_broadcasts_and_copies_no
     loops = [loop for loop in fma_loops(grouped, "x86_64") if loop.innermost and loop.own_fmas >= 8]
     bodies = ["\n".join(loop.own_body) for loop in loops]
     # the inner tiles' loop; loops of border tiles, whose rows lie in the zero border, multiply zeros instead
-    assert any(len(WIDE_BROADCAST.findall(body)) >= loop.own_fmas // 2 for loop, body in zip(loops, bodies)), bodies
+    assert any(reuses_broadcasts_across_taps(len(WIDE_BROADCAST.findall(body)), loop.own_fmas, taps=3)
+               for loop, body in zip(loops, bodies)), bodies
     assert not any(PER_LANE_LOAD.search(body) or loop.own_vector_stack_accesses for loop, body in zip(loops, bodies))
     assert "TVMBackendAllocWorkspace" not in grouped

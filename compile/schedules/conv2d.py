@@ -188,9 +188,10 @@ class TileCost:
     loads: int  # per step
     steps: int
     useful: float  # share of the tile's lanes that compute real outputs (padded pixels and channels waste)
+    chain: int = 1  # FMAs each accumulator takes one after the other per step (a kernel row's taps)
 
     def cycles(self, isa: VectorISA) -> float:
-        step = max(self.fmas / isa.fma_pipes, self.loads / isa.load_ports, isa.fma_latency)
+        step = max(self.fmas / isa.fma_pipes, self.loads / isa.load_ports, self.chain * isa.fma_latency)
         return self.steps * step + TILE_SETUP_CYCLES + EPILOGUE_CYCLES_PER_ACCUMULATOR * self.accumulators
 
     def efficiency(self, isa: VectorISA) -> float:
@@ -403,52 +404,51 @@ def groups_per_vector(spec: ConvSpec, isa: VectorISA) -> int:
 
 def interleaved_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
     """Tiles of one vector (`groups_per_vector` groups) by pixels: part of an output row (a divisor of its
-    width) or whole rows (the last tile's missing rows computed on zeros and not written), up to all the
-    registers but the weight vector and the broadcast. Per step a tile issues one FMA per pixel and loads
-    one broadcast per pixel and the weight vector."""
+    width) or whole rows (the last tile's missing rows computed on zeros and not written). A reduction step
+    is one kernel row and input channel: its kw weight vectors stay in registers while the tile's input
+    pixels are broadcast one after the other, each feeding the FMAs of every tap that reads it
+    (conv_schedule.py). So the tile takes the registers but the kw weights and two broadcasts (one loading
+    while the other feeds its FMAs), and per step issues kw FMAs per pixel and loads kw weight vectors and
+    each input pixel of its rows once.
+
+    Broadcast once per tap instead (a step per tap and channel), the tile issued a broadcast per FMA, and
+    four groups' inputs are a 128-bit broadcast, which Zen 5 runs through an FP pipe beside the FMAs
+    (28 FMAs each with such a broadcast: 5.6 FMAs/ns on one core, against 7.8 with 64-bit broadcasts).
+    Measured, AVX-512 code on 2 threads of an AMD EPYC Zen 5, kernels alone reading in place: 128 channels
+    in groups of 4 on 56x56 59% of the FMA peak -> 76-78%, on 28x28 61% -> 81-83%; 104 channels in groups of
+    8 on 28x28 80% -> 85%."""
     per_vector = groups_per_vector(spec, isa)
     if per_vector == 1:
         return None
     useful_groups = spec.groups / _ceil_to(spec.groups, per_vector)
+    (kh, kw), (_, stride), (_, dilation) = spec.kernel, spec.strides, spec.dilation
     width, candidates = spec.out_width, []
     # Read in place, the tile's loads test the border (BORDER_TEST_REGISTERS).
-    registers = isa.tile_budget - (BORDER_TEST_REGISTERS if spec.input_groups_interleaved > 1 else 0)
-    for pixels in range(1, registers - 2 * isa.broadcast_registers + 1):
+    registers = isa.tile_budget - kw - 2 * isa.broadcast_registers
+    registers -= BORDER_TEST_REGISTERS if spec.input_groups_interleaved > 1 else 0
+    for pixels in range(1, registers + 1):
         within_row = pixels <= width and width % pixels == 0
         if not (within_row or pixels % width == 0):
             continue
-        rows, _ = tile_rows_and_columns(pixels, width)
+        rows, columns = tile_rows_and_columns(pixels, width)
+        inputs = rows * ((columns - 1) * stride + (kw - 1) * dilation + 1)
         useful = useful_groups * spec.out_height / _ceil_to(spec.out_height, rows)
-        cost = TileCost(pixels, pixels, pixels + 1, spec.reduction_steps, useful)
+        cost = TileCost(pixels, pixels * kw, inputs + kw, kh * spec.in_per_group, useful, chain=kw)
         candidates.append((Tiling(INTERLEAVED, pixels, isa.lanes, isa.lanes), cost))
     return best_tiling(candidates, isa)
 
 
 # An interleaved conv reads an input already stored in interleaved order (ConvSpec.input_groups_interleaved)
-# in place, its zero border through conditions in the tile's loads, where at most this share of its output
-# pixels read the border; elsewhere the conditions cost more than a task's copy. Measured (AMD EPYC Zen 5,
-# AVX-512 code, 2 threads, groups of 8), in place against the copy: 104 channels 28x28 -> 14x14 (14% of
-# the pixels on the border) 75% of the FMA peak against 51%, 208 channels on 14x14 (27%) 84% against 80%,
-# 440 channels 14x14 -> 7x7 (27%) 63% against 54%, 440 channels on 7x7 (49%) 28% against 64%.
-MAX_IN_PLACE_BORDER_SHARE = 1 / 3
-# ... and where its producer's output is still in cache: a tile reading in place waits on each line it first
-# touches, where the copy streams them. Measured in RegNetY-400MF at batch 8 (same CPU), in place against the
-# copy: 104 channels 28x28 (a 2.8 MB input) 0.46 ms against 0.51; 104 channels 56x56 -> 28x28 (11 MB)
-# 0.72 ms against 0.45; 48 channels 112x112 -> 56x56 (19 MB) 2.16 ms against 1.47.
+# in place, its zero border through conditions in the tile's loads, where its producer's output is still in
+# cache: a tile reading in place waits on each line it first touches, where the copy streams them. Measured in
+# RegNetY-400MF at batch 8 (AMD EPYC Zen 5, AVX-512 code, 2 threads, a broadcast per tap), in place against the copy: 104 channels
+# 28x28 (a 2.8 MB input) 0.46 ms against 0.51; 104 channels 56x56 -> 28x28 (11 MB) 0.72 ms against 0.45; 48
+# channels 112x112 -> 56x56 (19 MB) 2.16 ms against 1.47. The share of pixels that read the border does not
+# matter since a step broadcasts each input pixel once (interleaved_tiling): kernels alone, same CPU, in place
+# against the copy at 27% (440 channels 14x14 -> 7x7) 68% of the FMA peak against 47%, at 49% (7x7) 79%
+# against 67%, at 75% (4x4) 72% against 55%. (A broadcast per tap tested the border per FMA: 7x7 ran at 28-46%
+# in place, and maps with more than a third of their pixels on the border took the copy.)
 MAX_IN_PLACE_INPUT_BYTES = 4 * 1024 * 1024
-
-
-def border_share(spec: ConvSpec) -> float:
-    """The share of output pixels whose window reaches into the zero border."""
-    (sh, sw), (dh, dw) = spec.strides, spec.dilation
-    pt, pl, _, _ = spec.padding
-
-    def inner(count, stride, dilation, pad, kernel, size):
-        return sum(1 for o in range(count) if o * stride - pad >= 0 and o * stride - pad + (kernel - 1) * dilation < size)
-
-    rows = inner(spec.out_height, sh, dh, pt, spec.kernel[0], spec.height)
-    columns = inner(spec.out_width, sw, dw, pl, spec.kernel[1], spec.width)
-    return 1 - rows * columns / spec.pixels
 
 
 def in_place_groups_per_vector(spec: ConvSpec, isa: VectorISA) -> int:
@@ -456,10 +456,10 @@ def in_place_groups_per_vector(spec: ConvSpec, isa: VectorISA) -> int:
     stores it so (compile/schedules/interleave_inputs.py); 1: it reads its input as it is.
 
     Read in place, a tile's loads test the border, which takes a register: where that shrinks the tile, the
-    copy is the faster (AVX2, groups of 4 on 56x56: 8-pixel tiles in place at 68% of the FMA peak, 14-pixel
-    tiles reading the copy at 71%; AMD EPYC Zen 5, 2 threads)."""
-    if (spec.input_layout != "NHWC" or border_share(spec) > MAX_IN_PLACE_BORDER_SHARE
-            or spec.input_bytes > MAX_IN_PLACE_INPUT_BYTES):
+    copy is the faster (AVX2, 128 channels in groups of 4 on 22x22: 2-pixel tiles in place at 56% of the FMA
+    peak, 11-pixel tiles reading the copy at 79%; on 56x56 both take 8 pixels, in place at 81%, the copy at
+    69%; AMD EPYC Zen 5, 2 threads)."""
+    if spec.input_layout != "NHWC" or spec.input_bytes > MAX_IN_PLACE_INPUT_BYTES:
         return 1
     copying = choose_tiling(spec, isa)
     if copying is None or copying.kind != INTERLEAVED:
@@ -690,26 +690,15 @@ def _interleaved_compute(spec: ConvSpec, tiling: Tiling):
     else:
         source = _interleaving_copy(data, spec, blocks, per_vector, rows)
     weight = te.placeholder(_i64(blocks, kh, kw, in_group, lanes), "float32", name="weight_packed")
-    lanes64, per_vector64, per_group64, in_group64 = _i64(lanes, per_vector, per_group, in_group)
-    rkh = te.reduce_axis(_i64(0, kh), name="rkh")
+    lanes64, per_vector64, per_group64 = _i64(lanes, per_vector, per_group)
+    # A step is one kernel row and input channel; the schedule runs the row's taps inside the tile.
+    rkh, ric = te.reduce_axis(_i64(0, kh), name="rkh"), te.reduce_axis(_i64(0, in_group), name="ric")
+    rkw = te.reduce_axis(_i64(0, kw), name="rkw")
     (sh, sw), (dh, dw) = spec.strides, spec.dilation
-    if spec.input_groups_interleaved > 1:
-        # Read in place, a tap's channels are a pixel's and the next tap is the next pixel: separate axes
-        # (fused as below, each step divided its index: 104 channels in groups of 8 on 28x28, AVX-512 code,
-        # 76% of the FMA peak fused against 80% apart, in two runs of the same script).
-        rkw, ric = te.reduce_axis(_i64(0, kw), name="rkw"), te.reduce_axis(_i64(0, in_group), name="ric")
-        axes = [rkh, rkw, ric]
-    else:
-        # A kernel row's taps and input channels as one reduction axis, as the dense conv's: in a task's copy
-        # (one vector of groups) and in the packed weight they are consecutive, so the innermost loop runs kw
-        # times longer (a loop of 4 channels alone, AVX2's groups of 4, LLVM unrolled and spilled).
-        rkwc = te.reduce_axis(_i64(0, kw * in_group), name="rkwc")
-        rkw, ric = rkwc // in_group64, rkwc % in_group64
-        axes = [rkh, rkwc]
 
     def accumulate(i, y, x, b, j, g):
         return te.sum(source[i, y * sh + rkh * dh, x * sw + rkw * dw, b, ric, g] * weight[b, rkh, rkw, ric, j * per_vector64 + g],
-                      axis=axes)
+                      axis=[rkh, ric, rkw])
 
     attrs = {CONV_BLOCK_ATTR: tiling.annotation(), CONV_FLOPS_ATTR: spec.flops}
     conv = te.compute(_i64(spec.batch, rows, spec.out_width, blocks, per_group, per_vector), accumulate,

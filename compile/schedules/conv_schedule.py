@@ -174,12 +174,14 @@ def _tile_grouped(sch: s_tir.Schedule, conv, writer, pad, tiling: Tiling) -> Non
 
 def _tile_interleaved(sch: s_tir.Schedule, conv, writer, pad, tiling: Tiling) -> None:
     """Tasks of (image, vector of groups, chunk of output rows), each first writing the interleaved input
-    rows its tiles read into a buffer of its own (in its core's cache), then its rows' tiles. A task per
+    rows its tiles read into a buffer of its own (in its core's cache), then its rows' tiles. A tile's
+    reduction steps are (kernel row, input channel); the row's taps are unrolled inside the tile's pixels,
+    so each input pixel is broadcast once per step (conv2d.interleaved_tiling). A task per
     row copied each input row three times over (a 3x3 kernel's rows) and the copy cost a quarter of the
     FMAs' time on 14x14 maps; a copy as a pass of its own took a second parallel region. An input stored
     interleaved (no "pad" block) is read in place, a task per row of tiles, the border tested in the loads
     and only a row's first and last tiles testing columns."""
-    n, y, x, block, channel, group, *reduction = sch.get_loops(conv)
+    n, y, x, block, channel, group, kernel_row, channel_in, tap = sch.get_loops(conv)
     per_vector = int(sch.get(group).extent)
     lanes = sch.fuse(channel, group)
     tile_rows, tile_columns = tile_rows_and_columns(tiling.pixel_block, _output_shape(sch, writer)[2])
@@ -191,8 +193,10 @@ def _tile_interleaved(sch: s_tir.Schedule, conv, writer, pad, tiling: Tiling) ->
     else:
         chunk, row_tiles = _split_into_chunks(sch, row_tiles, int(sch.get(n).extent) * int(sch.get(block).extent))
         outer = [n, block, chunk, row_tiles, tiles]
-    sch.reorder(*outer, *reduction, rows, columns, lanes)
+    reduction = [kernel_row, channel_in]
+    sch.reorder(*outer, *reduction, rows, columns, tap, lanes)
     pixels = sch.fuse(rows, columns)
+    sch.unroll(tap)  # an input pixel's broadcast is the same load for every tap that reads it: LLVM loads it once
     if _output_shape(sch, writer)[-1] % tiling.channel_block:
         _write_by_group(sch, writer, outer[-1], per_vector)
         register_tile(sch, conv, writer, outer, reduction, pixels, lanes, tiling, parallel_loops=3, writer_placed=True)
