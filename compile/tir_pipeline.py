@@ -213,6 +213,14 @@ def keep_loop_partition_hints(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
         return func
 
 
+@tirx.transform.prim_func_pass(opt_level=0, name="bndeploy.PrefetchWeights")
+def prefetch_weights(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
+    """The prefetches of the next channel block's weights schedules marked (schedules/weight_prefetch.py)."""
+    from .schedules.weight_prefetch import insert_weight_prefetches
+
+    return insert_weight_prefetches(func)
+
+
 def tir_pipeline_for(target: tvm.target.Target) -> str:
     """The TIR pipeline a CPU target's kernels are lowered with (see the module's docstring)."""
     triple = str(target.attrs.get("mtriple", "")) or tvm.target.codegen.llvm_get_system_triple()
@@ -224,7 +232,7 @@ def _cpu_tir_pipeline():
 
     @tvm.transform.module_pass(opt_level=0, name="bndeploy.CPUTIRPipeline")
     def _lower(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return keep_tiles_on_stack(window_loads(lower(keep_loop_partition_hints(mod))))
+        return keep_tiles_on_stack(window_loads(lower(keep_loop_partition_hints(prefetch_weights(mod)))))
 
     return _lower, finalize_host, finalize_device
 

@@ -786,3 +786,19 @@ def test_per_channel_vectors_are_computed_once_not_per_element():
         for block in with_rsqrt:
             written = [int(np.prod([int(d) for d in w.source.shape])) for w in sch.get(block).writes]
             assert max(written) == shape[1], (sch.get(block).name_hint, written)
+
+
+@pytest.mark.parametrize("target", runnable_x86_targets())
+def test_tiles_prefetching_the_next_weight_block_match_onnxruntime(target):
+    """A 1x1 conv on a 7x7 map at batch 1 (7-10 tiles a channel block) prefetches the next block's weights
+    (compile/schedules/weight_prefetch.py), the last block its own: the result is ONNX Runtime's, with a NaN
+    and an Inf in the input where ORT puts them."""
+    rng = np.random.default_rng(5)
+    model = conv_onnx((1, 96, 7, 7), [(80, 1, 1, 0, 1, True)], rng)  # 80 channels: a partial last block
+    x = rng.standard_normal((1, 96, 7, 7)).astype(np.float32)
+    x[0, 5, 3, 3], x[0, 90, 6, 0] = np.nan, np.inf
+    executable = build_cpu(import_onnx(model), resolve_target(target).tvm_target())
+    assert "prefetcht1" in executable.mod.imports[0].inspect_source("asm")
+    got, want = run_vm(executable, x)[0], onnxruntime_run(model, x)
+    assert np.isnan(want).any()
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)

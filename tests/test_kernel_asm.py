@@ -269,3 +269,29 @@ def test_in_place_interleaved_tile_reads_its_input_with_broadcasts_and_copies_no
                for loop, body in zip(loops, bodies)), bodies
     assert not any(PER_LANE_LOAD.search(body) or loop.own_vector_stack_accesses for loop, body in zip(loops, bodies))
     assert "TVMBackendAllocWorkspace" not in grouped
+
+
+# conv_relu arguments -> whether the direct tiles prefetch the next channel block's weights
+# (compile/schedules/weight_prefetch.py)
+WEIGHT_PREFETCH_CASES = {
+    "1x1 440 on 7x7": (((1, 440, 7, 7), 440, 1, 1, 1), True),  # 7 tiles a block (AVX2: 10)
+    "1x1 440 on 7x7, batch 8": (((8, 440, 7, 7), 440, 1, 1, 1), False),  # 56 tiles a block (AVX2: 80)
+    "1x1 4096 -> 512 on 7x7": (((1, 4096, 7, 7), 512, 1, 1, 1), False),  # 256-512 KiB a block
+}
+
+
+@pytest.mark.parametrize("target_name", ["x86-64-avx2", "x86-64-avx512"])
+@pytest.mark.parametrize("case", sorted(WEIGHT_PREFETCH_CASES))
+def test_direct_tiles_prefetch_the_next_weight_block_where_few_tiles_share_it(case, target_name):
+    """Where a channel block's weights serve few pixel tiles, the register tile's reduction loop prefetches
+    the next block's weights into L2 (`prefetcht1`) beside its FMAs; elsewhere no code prefetches."""
+    args, prefetching = WEIGHT_PREFETCH_CASES[case]
+    target = resolve_target(target_name).tvm_target()
+    executable = build_lowered(lower_cpu(import_onnx(conv_relu(*args)), target), target)
+    (kernel,) = [text for name, text in kernel_assembly(executable.mod.imports[0].inspect_source("asm")).items()
+                 if "bndeploy_" in name]
+    if not prefetching:
+        assert "prefetch" not in kernel
+        return
+    tile = max(fma_loops(kernel, "x86_64"), key=lambda loop: loop.own_fmas)
+    assert any(line.split()[0] == "prefetcht1" for line in tile.own_body if line.split()), tile.own_body

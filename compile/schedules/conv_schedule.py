@@ -19,6 +19,7 @@ from tvm import s_tir, tirx
 
 from ..tir_pipeline import PARTITION_HINT
 from .conv2d import CONV_BLOCK_ATTR, DEPTHWISE, INTERLEAVED, Tiling, row_aligned, tile_rows_and_columns
+from .weight_prefetch import mark_weight_prefetch, prefetches_next_weight_block
 from .winograd import WINOGRAD, schedule_winograd
 
 
@@ -129,7 +130,16 @@ def _tile_direct(sch: s_tir.Schedule, conv, writer, tiling: Tiling, tiles_per_ta
     else:
         outer = [n, p_outer, o_outer] if tiling.pixels_outer else [n, o_outer, p_outer]
         sch.reorder(*outer, *reduction, p_inner, o_inner)
+        tiles_per_block, weight = int(sch.get(n).extent) * int(sch.get(p_outer).extent), _packed_weight(sch, conv)
+        if prefetches_next_weight_block(tiles_per_block, weight, tiling.pixels_outer):
+            mark_weight_prefetch(sch, reduction[-1], weight)
         register_tile(sch, conv, writer, outer, reduction, p_inner, o_inner, tiling)
+
+
+def _packed_weight(sch: s_tir.Schedule, conv):
+    """The packed weight a direct conv reads: (channel blocks, kh, kw, inputs of a group, channel block)."""
+    (weight,) = [region.source for region in sch.get(conv).reads if len(region.source.shape) == 5]
+    return weight
 
 
 def _channels_read(sch: s_tir.Schedule, conv) -> int:
