@@ -794,9 +794,9 @@ def test_tiles_prefetching_the_next_weight_block_match_onnxruntime(target):
     (compile/schedules/weight_prefetch.py), the last block its own: the result is ONNX Runtime's, with a NaN
     and an Inf in the input where ORT puts them."""
     rng = np.random.default_rng(5)
-    model = conv_onnx((1, 96, 7, 7), [(80, 1, 1, 0, 1, True)], rng)  # 80 channels: a partial last block
-    x = rng.standard_normal((1, 96, 7, 7)).astype(np.float32)
-    x[0, 5, 3, 3], x[0, 90, 6, 0] = np.nan, np.inf
+    model = conv_onnx((1, 512, 7, 7), [(200, 1, 1, 0, 1, True)], rng)  # 200 channels: a partial last block
+    x = rng.standard_normal((1, 512, 7, 7)).astype(np.float32)
+    x[0, 5, 3, 3], x[0, 490, 6, 0] = np.nan, np.inf
     executable = build_cpu(import_onnx(model), resolve_target(target).tvm_target())
     assert "prefetcht1" in executable.mod.imports[0].inspect_source("asm")
     got, want = run_vm(executable, x)[0], onnxruntime_run(model, x)

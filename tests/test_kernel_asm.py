@@ -277,6 +277,8 @@ WEIGHT_PREFETCH_CASES = {
     "1x1 440 on 7x7": (((1, 440, 7, 7), 440, 1, 1, 1), True),  # 7 tiles a block (AVX2: 10)
     "1x1 440 on 7x7, batch 8": (((8, 440, 7, 7), 440, 1, 1, 1), False),  # 56 tiles a block (AVX2: 80)
     "1x1 4096 -> 512 on 7x7": (((1, 4096, 7, 7), 512, 1, 1, 1), False),  # 256-512 KiB a block
+    "1x1 128 on 7x7": (((1, 128, 7, 7), 128, 1, 1, 1), False),  # 8-16 KiB a block: streams fast enough
+    "grouped 3x3 440 on 7x7": (((1, 440, 7, 7), 440, 3, 1, 55), False),  # AVX2's direct tile: 2.3 KiB a block
 }
 
 

@@ -131,7 +131,7 @@ def _tile_direct(sch: s_tir.Schedule, conv, writer, tiling: Tiling, tiles_per_ta
         outer = [n, p_outer, o_outer] if tiling.pixels_outer else [n, o_outer, p_outer]
         sch.reorder(*outer, *reduction, p_inner, o_inner)
         tiles_per_block, weight = int(sch.get(n).extent) * int(sch.get(p_outer).extent), _packed_weight(sch, conv)
-        if prefetches_next_weight_block(tiles_per_block, weight, tiling.pixels_outer):
+        if _dense(sch, conv) and prefetches_next_weight_block(tiles_per_block, weight, tiling.pixels_outer):
             mark_weight_prefetch(sch, reduction[-1], weight)
         register_tile(sch, conv, writer, outer, reduction, p_inner, o_inner, tiling)
 
@@ -140,6 +140,13 @@ def _packed_weight(sch: s_tir.Schedule, conv):
     """The packed weight a direct conv reads: (channel blocks, kh, kw, inputs of a group, channel block)."""
     (weight,) = [region.source for region in sch.get(conv).reads if len(region.source.shape) == 5]
     return weight
+
+
+def _dense(sch: s_tir.Schedule, conv) -> bool:
+    """Each output channel reads every input channel (not a grouped conv)."""
+    (source,) = [region.source for region in sch.get(conv).reads
+                 if region.source.scope() != "local" and len(region.source.shape) != 5]
+    return _channels_read(sch, conv) == int(source.shape[-1])
 
 
 def _channels_read(sch: s_tir.Schedule, conv) -> int:

@@ -12,7 +12,10 @@ block) on the same maps: 73% -> 86% (440), 77% -> 90% (512 -> 2048), 71% -> 88% 
 the weights in memory and % of each ISA's FMA loop. A block serving many tiles gains
 nothing and loses the loads' slots: 1024 -> 256 on 14x14 in 4-pixel tiles (49 per block) 88% -> 79%. Nor
 does a large block, whose successor evicts it from L2 before its last tile: 2048 -> 512 (256 KiB a block)
-74% -> 72%, a 3x3 512 -> 512 on 7x7 (576 KiB) 72% -> 63%.
+74% -> 72%, a 3x3 512 -> 512 on 7x7 (576 KiB) 72% -> 63%. Small blocks stream fast enough without:
+96 -> 80 (12 KiB) and 128 -> 128 (16 KiB) moved within 1%, and a grouped conv's 2.3 KiB blocks (440
+channels in groups of 8 on 7x7, AVX2 code) ran at half the speed with a prefetch per step of 7 FMAs, so
+only dense convs prefetch.
 
 The schedule marks the tile's innermost reduction loop (`PREFETCH_NEXT_WEIGHT_BLOCK`, naming the weight
 buffer); `insert_weight_prefetches`, part of bndeploy's x86 TIR lowering (tir_pipeline.py), adds the
@@ -34,17 +37,18 @@ MAX_TILES_PER_WEIGHT_BLOCK = 16
 # Two blocks (the one computed, the one prefetched) stay well inside the L2 of every x86 core bndeploy
 # targets (512 KiB on Zen 2/3, 1-2 MiB on newer cores).
 MAX_PREFETCHED_BLOCK_BYTES = 128 * 1024
+MIN_PREFETCHED_BLOCK_BYTES = 24 * 1024
 CACHE_LINE_BYTES = 64
 _READ, _TO_L2, _DATA = 0, 2, 1  # llvm.prefetch's rw, locality and cache-type arguments
 
 
 def prefetches_next_weight_block(tiles_per_block: int, weight: tirx.Buffer, pixels_outer: bool) -> bool:
-    """Whether a direct conv's tiles prefetch the next channel block of `weight` (the packed weight: channel
-    blocks, then one block's weights) (see the module's docstring)."""
+    """Whether a dense conv's direct tiles prefetch the next channel block of `weight` (the packed weight:
+    channel blocks, then one block's weights) (see the module's docstring)."""
     blocks, *block_shape = (int(extent) for extent in weight.shape)
     block_bytes = math.prod(block_shape) * tvm.runtime.DataType(weight.dtype).bits // 8
     return (not pixels_outer and blocks > 1 and tiles_per_block <= MAX_TILES_PER_WEIGHT_BLOCK
-            and block_bytes <= MAX_PREFETCHED_BLOCK_BYTES)
+            and MIN_PREFETCHED_BLOCK_BYTES <= block_bytes <= MAX_PREFETCHED_BLOCK_BYTES)
 
 
 def mark_weight_prefetch(sch: s_tir.Schedule, reduction_loop, weight: tirx.Buffer) -> None:
