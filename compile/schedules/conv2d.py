@@ -440,14 +440,16 @@ def interleaved_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
 
 # An interleaved conv reads an input already stored in interleaved order (ConvSpec.input_groups_interleaved)
 # in place, its zero border through conditions in the tile's loads, where its producer's output is still in
-# cache: a tile reading in place waits on each line it first touches, where the copy streams them. Measured in
-# RegNetY-400MF at batch 8 (AMD EPYC Zen 5, AVX-512 code, 2 threads, a broadcast per tap), in place against the copy: 104 channels
-# 28x28 (a 2.8 MB input) 0.46 ms against 0.51; 104 channels 56x56 -> 28x28 (11 MB) 0.72 ms against 0.45; 48
-# channels 112x112 -> 56x56 (19 MB) 2.16 ms against 1.47. The share of pixels that read the border does not
-# matter since a step broadcasts each input pixel once (interleaved_tiling): kernels alone, same CPU, in place
-# against the copy at 27% (440 channels 14x14 -> 7x7) 68% of the FMA peak against 47%, at 49% (7x7) 79%
-# against 67%, at 75% (4x4) 72% against 55%. (A broadcast per tap tested the border per FMA: 7x7 ran at 28-46%
-# in place, and maps with more than a third of their pixels on the border took the copy.)
+# cache: a tile reading in place waits on each line it first touches, where the copy streams them. Measured
+# in RegNetY-400MF at batch 8 (AMD EPYC Zen 5, AVX-512 code, 2 threads), in place against the copy, with a
+# broadcast per tap: 104 channels 28x28 (a 2.8 MB input) 0.46 ms against 0.51; 104 channels 56x56 -> 28x28
+# (11 MB) 0.72 ms against 0.45; 48 channels 112x112 -> 56x56 (19 MB) 2.16 ms against 1.47. With a step per
+# kernel row (interleaved_tiling), the whole network with every grouped conv in place: 19.9 ms against 18.9.
+# How many pixels read the border does not matter since a step broadcasts each input pixel once: kernels
+# alone, same CPU, in place against the copy with 27% of the pixels on the border (440 channels 14x14 ->
+# 7x7) 68% of the FMA peak against 47%, with 49% (7x7) 79% against 67%, with 75% (4x4) 72% against 55%. (A
+# broadcast per tap tested the border per FMA: 7x7 ran at 28-46% in place, and maps with more than a third
+# of their pixels on the border took the copy.)
 MAX_IN_PLACE_INPUT_BYTES = 4 * 1024 * 1024
 
 
