@@ -16,7 +16,8 @@ which LLVM emits as a broadcast (`vbroadcastsd`) or a load and a permute; left a
 generator loads every lane on its own, and LLVM merged them only where it could prove the addresses
 related (every pixel of one tile shape, none of another: 9 GFLOP/s).
 
-The same lowering first narrows the indices of kernels with a loop-partition hint to int32
+The same lowering first inserts the weight prefetches schedules marked (`prefetch_weights`:
+schedules/weight_prefetch.py) and narrows the indices of kernels with a loop-partition hint to int32
 (`keep_loop_partition_hints`), without which TVM drops the hint and leaves a border test in every tile of
 a depthwise or grouped conv's row.
 
@@ -216,7 +217,7 @@ def keep_loop_partition_hints(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
 @tirx.transform.prim_func_pass(opt_level=0, name="bndeploy.PrefetchWeights")
 def prefetch_weights(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
     """The prefetches of the next channel block's weights schedules marked (schedules/weight_prefetch.py)."""
-    from .schedules.weight_prefetch import insert_weight_prefetches
+    from .schedules.weight_prefetch import insert_weight_prefetches  # here: compile.schedules imports this module
 
     return insert_weight_prefetches(func)
 

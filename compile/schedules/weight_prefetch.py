@@ -8,14 +8,13 @@ cache and 71% with them in memory (40 weight copies in rotation), as inside RegN
 (70-72%). Each reduction step of such a tile then prefetches the next block's weights for the same step
 into L2 (`prefetcht1`), a block ahead of its first tile: 68% -> 83% (440 channels), 74% -> 82% (320 ->
 1280), 75% -> 84% (512 -> 2048), with the weights in cache 91% -> 89%. AVX2 code's 5-pixel tiles (10 a
-block) on the same maps: 73% -> 86% (440), 77% -> 90% (512 -> 2048), 71% -> 88% (160 -> 960), all with
-the weights in memory and % of each ISA's FMA loop. A block serving many tiles gains
-nothing and loses the loads' slots: 1024 -> 256 on 14x14 in 4-pixel tiles (49 per block) 88% -> 79%. Nor
-does a large block, whose successor evicts it from L2 before its last tile: 2048 -> 512 (256 KiB a block)
-74% -> 72%, a 3x3 512 -> 512 on 7x7 (576 KiB) 72% -> 63%. Small blocks stream fast enough without:
-96 -> 80 (12 KiB) and 128 -> 128 (16 KiB) moved within 1%, and a grouped conv's 2.3 KiB blocks (440
-channels in groups of 8 on 7x7, AVX2 code) ran at half the speed with a prefetch per step of 7 FMAs, so
-only dense convs prefetch.
+block) on the same maps: 73% -> 86% (440), 77% -> 90% (512 -> 2048), 71% -> 88% (160 -> 960), all with the
+weights in memory and % of each ISA's FMA loop. A block serving many tiles gains nothing and loses the
+loads' slots: 1024 -> 256 on 14x14 in 4-pixel tiles (49 per block) 88% -> 79%. Nor does a large block,
+whose successor evicts it from L2 before its last tile: 2048 -> 512 (256 KiB a block) 74% -> 72%, a 3x3
+512 -> 512 on 7x7 (576 KiB) 72% -> 63%. Small blocks stream fast enough without: 96 -> 80 (12 KiB) and
+128 -> 128 (16 KiB) moved within 1%, and a grouped conv's 2.3 KiB blocks (440 channels in groups of 8 on
+7x7, AVX2 code) ran at half the speed with a prefetch per step of 7 FMAs, so only dense convs prefetch.
 
 The schedule marks the tile's innermost reduction loop (`PREFETCH_NEXT_WEIGHT_BLOCK`, naming the weight
 buffer); `insert_weight_prefetches`, part of bndeploy's x86 TIR lowering (tir_pipeline.py), adds the
@@ -103,6 +102,6 @@ def _next_block_prefetches(load: TensorLoad) -> list[tirx.Evaluate]:
     prefetches = []
     for offset in range(0, block_width, per_line):
         line = tirx.BufferLoad(weight, [next_block, *indices[1:-1], tirx.const(offset, str(indices[-1].ty.dtype))])
-        call = tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(line), *(tirx.IntImm("int32", flag) for flag in (_READ, _TO_L2, _DATA)))
-        prefetches.append(tirx.Evaluate(call))
+        flags = (tirx.IntImm("int32", flag) for flag in (_READ, _TO_L2, _DATA))
+        prefetches.append(tirx.Evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(line), *flags)))
     return prefetches
