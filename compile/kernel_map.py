@@ -43,13 +43,17 @@ PERMUTED_CHANNELS_ATTR = "bndeploy.permuted_channels"
 
 
 def onnx_tensor_of(var: relax.Var) -> str | None:
-    name = var.name
-    return name[len(ONNX_NAME_PREFIX):] if name.startswith(ONNX_NAME_PREFIX) else None
+    return _name_after(var, ONNX_NAME_PREFIX)
 
 
 def permuted_tensor_of(var: relax.Var) -> str | None:
+    return _name_after(var, PERMUTED_NAME_PREFIX)
+
+
+def _name_after(var: relax.Var, prefix: str) -> str | None:
+    """The ONNX tensor a variable named `prefix` + tensor holds, else None."""
     name = var.name
-    return name[len(PERMUTED_NAME_PREFIX):] if name.startswith(PERMUTED_NAME_PREFIX) else None
+    return name[len(prefix):] if name.startswith(prefix) else None
 
 
 def permuted_channels(mod: tvm.IRModule) -> dict[str, list[int]]:

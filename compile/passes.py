@@ -65,7 +65,8 @@ class BatchNormSite:
 RESHAPE_OPS = ("relax.reshape", "relax.flatten", "relax.squeeze", "relax.expand_dims")
 
 
-def _use_counts(func: relax.Function) -> dict[relax.Var, int]:
+def use_counts(func: relax.Function) -> dict[relax.Var, int]:
+    """How many bindings (and the function's result) use each variable."""
     counts: dict[relax.Var, int] = {}
 
     def count(expr):
@@ -195,7 +196,7 @@ def _bias_vector(found: _Producer, axis: int) -> np.ndarray | None:
 def analyze_batchnorms(func: relax.Function) -> list[BatchNormSite]:
     """Every batch_norm binding of ``func`` in binding order, with the action chosen for it."""
     var2val = relax.analysis.get_var2val(func)
-    uses = _use_counts(func)
+    uses = use_counts(func)
     sites = []
     for binding in bindings(func):
         call = binding.value

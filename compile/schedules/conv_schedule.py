@@ -59,7 +59,7 @@ def schedule_conv(func: tirx.PrimFunc) -> tirx.PrimFunc:
     elif tiling.kind == INTERLEAVED:
         _tile_interleaved(sch, conv, writer, pad, tiling)
         pad = None
-    elif pad is not None and _grouped(sch, pad, conv):
+    elif pad is not None and _grouped(sch, conv):
         _tile_grouped(sch, conv, writer, pad, tiling)
         pad = None
     else:
@@ -130,8 +130,9 @@ def _tile_direct(sch: s_tir.Schedule, conv, writer, tiling: Tiling, tiles_per_ta
     else:
         outer = [n, p_outer, o_outer] if tiling.pixels_outer else [n, o_outer, p_outer]
         sch.reorder(*outer, *reduction, p_inner, o_inner)
-        tiles_per_block, weight = int(sch.get(n).extent) * int(sch.get(p_outer).extent), _packed_weight(sch, conv)
-        if _dense(sch, conv) and prefetches_next_weight_block(tiles_per_block, weight, tiling.pixels_outer):
+        tiles_per_block = int(sch.get(n).extent) * int(sch.get(p_outer).extent)
+        weight = _packed_weight(sch, conv)
+        if not _grouped(sch, conv) and prefetches_next_weight_block(tiles_per_block, weight, tiling.pixels_outer):
             mark_weight_prefetch(sch, reduction[-1], weight)
         register_tile(sch, conv, writer, outer, reduction, p_inner, o_inner, tiling)
 
@@ -142,21 +143,14 @@ def _packed_weight(sch: s_tir.Schedule, conv):
     return weight
 
 
-def _dense(sch: s_tir.Schedule, conv) -> bool:
-    """Each output channel reads every input channel (not a grouped conv)."""
-    (source,) = [region.source for region in sch.get(conv).reads
-                 if region.source.scope() != "local" and len(region.source.shape) != 5]
-    return _channels_read(sch, conv) == int(source.shape[-1])
-
-
 def _channels_read(sch: s_tir.Schedule, conv) -> int:
     """Input channels one output channel reads (the conv's innermost reduction: kh, kw, channels)."""
     *_, channels = [int(iv.dom.extent) for iv in sch.get(conv).iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
     return channels
 
 
-def _grouped(sch: s_tir.Schedule, pad, conv) -> bool:
-    """A grouped conv, whose tiles read only their group's channels of the padded input.
+def _grouped(sch: s_tir.Schedule, conv) -> bool:
+    """A grouped conv, whose tiles read only their group's channels of the (padded) input.
 
     Its padding copy as a pass of its own cost up to a third of the kernel's time: a second parallel
     region, and tiles reading rows that another core wrote (RegNet's 8-channel groups, 104 channels on
@@ -167,11 +161,15 @@ def _grouped(sch: s_tir.Schedule, pad, conv) -> bool:
     true for the tile's inner pixels and taps, and LLVM keeps the rest out of the FMA chain. A dense conv
     reads every input channel in each of its tiles and keeps the copy, as does a grouped conv whose tiles
     cross row ends; each of its tasks then pads just what its tiles read (`_tile_by_group`)."""
-    return _channels_read(sch, conv) < _channels_padded(sch, pad)
+    return _channels_read(sch, conv) < _input_channels(sch, conv)
 
 
-def _channels_padded(sch: s_tir.Schedule, pad) -> int:
-    return int(sch.get(pad).writes[0].source.shape[-1])
+def _input_channels(sch: s_tir.Schedule, conv) -> int:
+    """The channels of the input (or of its padding copy) a direct conv reads: its last axis."""
+    weight = _packed_weight(sch, conv)
+    (source,) = [region.source for region in sch.get(conv).reads
+                 if region.source.scope() != "local" and not region.source.same_as(weight)]
+    return int(source.shape[-1])
 
 
 def _tile_grouped(sch: s_tir.Schedule, conv, writer, pad, tiling: Tiling) -> None:
@@ -259,7 +257,7 @@ def _tile_by_group(sch: s_tir.Schedule, conv, writer, pad, tiling: Tiling) -> No
     per task 0.039, the same conv unpadded 0.035). Chunks of a group both pad the rows their tiles share
     (10% more copying on 14x14)."""
     n, p_outer, o_outer, reduction, p_inner, o_inner = split_direct_tiles(sch, conv, writer, tiling)
-    per_group = _output_shape(sch, writer)[-1] * _channels_read(sch, conv) // _channels_padded(sch, pad)
+    per_group = _output_shape(sch, writer)[-1] * _channels_read(sch, conv) // _input_channels(sch, conv)
     group, block = sch.split(o_outer, [None, per_group // tiling.channel_block])
     chunk, tile = _split_into_chunks(sch, p_outer, int(sch.get(n).extent) * int(sch.get(group).extent))
     outer = [n, group, chunk, block, tile]

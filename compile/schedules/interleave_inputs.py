@@ -22,7 +22,7 @@ from tvm.ir.expr import Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..kernel_map import PERMUTED_CHANNELS_ATTR, PERMUTED_NAME_PREFIX, onnx_tensor_of
-from ..passes import bindings
+from ..passes import bindings, use_counts
 from .conv2d import in_place_groups_per_vector, interleaved_input_order, interleaved_input_positions
 from .isa import VectorISA, isa_for_target
 from .relax_rewrite import (CHANNEL_AXIS, bound_values, channel_vector, conv_spec, conv_stats_source, op_name,
@@ -59,7 +59,7 @@ class _Chain:
 def find_chains(func: relax.Function, isa: VectorISA) -> dict[relax.Call, _Chain]:
     """grouped conv call -> the chain that can feed it in interleaved order."""
     value_of = bound_values(func)
-    uses = _use_counts(func)
+    uses = use_counts(func)
     statistics = {source.conv for b in bindings(func) if (source := conv_stats_source(b.value, value_of)) is not None}
     chains = {}
     for binding in bindings(func):
@@ -115,27 +115,6 @@ def _chain_operand(call, channels: int):
     if not CHANNELWISE_OPS[name] and constants[0].value.numpy().size != 1:
         return None
     return tensors[0]
-
-
-def _use_counts(func: relax.Function) -> dict:
-    counts: dict = {}
-
-    def count(expr):
-        if isinstance(expr, relax.Var):
-            counts[expr] = counts.get(expr, 0) + 1
-        elif isinstance(expr, relax.Tuple):
-            for field in expr.fields:
-                count(field)
-        elif isinstance(expr, relax.Call):
-            for arg in expr.args:
-                count(arg)
-        elif isinstance(expr, relax.TupleGetItem):
-            count(expr.tuple_value)
-
-    for binding in bindings(func):
-        count(binding.value)
-    count(func.body.body)
-    return counts
 
 
 def _permuted(values: np.ndarray, order: np.ndarray, axis: int) -> np.ndarray:
