@@ -16,8 +16,8 @@ which LLVM emits as a broadcast (`vbroadcastsd`) or a load and a permute; left a
 generator loads every lane on its own, and LLVM merged them only where it could prove the addresses
 related (every pixel of one tile shape, none of another: 9 GFLOP/s).
 
-The same lowering first inserts the weight prefetches schedules marked (`prefetch_weights`:
-schedules/weight_prefetch.py) and narrows the indices of kernels with a loop-partition hint to int32
+The same lowering first inserts the prefetches schedules marked (`insert_prefetches`: the next weight
+block's, schedules/weight_prefetch.py, and the next tile's residual, schedules/residual_prefetch.py) and narrows the indices of kernels with a loop-partition hint to int32
 (`keep_loop_partition_hints`), without which TVM drops the hint and leaves a border test in every tile of
 a depthwise or grouped conv's row.
 
@@ -214,12 +214,15 @@ def keep_loop_partition_hints(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
         return func
 
 
-@tirx.transform.prim_func_pass(opt_level=0, name="bndeploy.PrefetchWeights")
-def prefetch_weights(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
-    """The prefetches of the next channel block's weights schedules marked (schedules/weight_prefetch.py)."""
-    from .schedules.weight_prefetch import insert_weight_prefetches  # here: compile.schedules imports this module
+@tirx.transform.prim_func_pass(opt_level=0, name="bndeploy.InsertPrefetches")
+def insert_prefetches(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
+    """The prefetches schedules marked: of the next channel block's weights (schedules/weight_prefetch.py)
+    and of the next tile's residual (schedules/residual_prefetch.py)."""
+    # imported here: compile.schedules imports this module
+    from .schedules.residual_prefetch import insert_residual_prefetches
+    from .schedules.weight_prefetch import insert_weight_prefetches
 
-    return insert_weight_prefetches(func)
+    return insert_residual_prefetches(insert_weight_prefetches(func))
 
 
 def tir_pipeline_for(target: tvm.target.Target) -> str:
@@ -233,7 +236,7 @@ def _cpu_tir_pipeline():
 
     @tvm.transform.module_pass(opt_level=0, name="bndeploy.CPUTIRPipeline")
     def _lower(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return keep_tiles_on_stack(window_loads(lower(keep_loop_partition_hints(prefetch_weights(mod)))))
+        return keep_tiles_on_stack(window_loads(lower(keep_loop_partition_hints(insert_prefetches(mod)))))
 
     return _lower, finalize_host, finalize_device
 

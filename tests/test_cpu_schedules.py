@@ -17,6 +17,7 @@ import tvm
 import tvm_ffi
 from onnx import TensorProto, helper, numpy_helper
 from tvm import relax, s_tir, te, tirx, topi
+from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad builds
 
 from bndeploy.compile.cpu import build_cpu, schedule_module
 from bndeploy.compile.onnx_import import import_onnx
@@ -542,6 +543,122 @@ def test_residual_add_and_relu_fuse_into_the_conv_that_feeds_them():
     assert len(fused) == 1 and fused[0].count("add") == 2 and "relu" in fused[0], kernels
     x = rng.standard_normal((1, 16, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(run_vm(build_cpu(import_onnx(model), HOST), x)[0], onnxruntime_run(model, x), atol=ATOL, rtol=RTOL)
+
+
+
+def pointwise_residual_onnx(x_shape, rng):
+    """ResNet's block end on a 1x1 conv of as many channels as its input: y = Relu(Conv(a) + b + a), a = Relu(x)."""
+    channels = x_shape[1]
+    w = numpy_helper.from_array((rng.standard_normal((channels, channels, 1, 1)) / np.sqrt(channels)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), "b")
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Conv", ["a", "w", "b"], ["c"]),
+             helper.make_node("Add", ["c", "a"], ["s"]), helper.make_node("Relu", ["s"], ["y"])]
+    graph = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, b])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+# 232 channels: a pixel's channels start mid-line, channel blocks of 24 (AVX2) and 48 (AVX-512) span a
+# varying number of lines, and the last block and pixel tile are partial; 1.4 MB of residual, past the
+# 512 KiB below which it is taken to be still in cache
+RESIDUAL_PREFETCH_SHAPE = (2, 232, 28, 28)
+
+
+@pytest.mark.parametrize("target", runnable_x86_targets())
+def test_tiles_prefetching_the_next_tiles_residual_match_onnxruntime(target):
+    """A 1x1 conv adding a residual prefetches, over its first reduction steps, the residual its next tile
+    reads (compile/schedules/residual_prefetch.py), the last tile its own: the result is ONNX Runtime's,
+    with a NaN and an Inf in the input where ORT puts them."""
+    rng = np.random.default_rng(6)
+    model = pointwise_residual_onnx(RESIDUAL_PREFETCH_SHAPE, rng)
+    x = rng.standard_normal(RESIDUAL_PREFETCH_SHAPE).astype(np.float32)
+    x[0, 5, 3, 3], x[1, 231, 27, 0] = np.nan, np.inf
+    executable = build_cpu(import_onnx(model), resolve_target(target).tvm_target())
+    assert "prefetcht0" in executable.mod.imports[0].inspect_source("asm")
+    got, want = run_vm(executable, x)[0], onnxruntime_run(model, x)
+    assert np.isnan(want).any() and np.isinf(want).any()
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("target", ["x86-64-avx2", "x86-64-avx512"])
+def test_the_residual_prefetched_is_the_residual_the_next_tile_reads(target):
+    """Over the steps of a tile's reduction, its prefetches cover exactly the residual lines (64 bytes of
+    memory) the next parallel task's epilogue reads, and no line outside the tensor; the last task
+    prefetches its own."""
+    from bndeploy.compile.schedules.residual_prefetch import insert_residual_prefetches
+
+    model = pointwise_residual_onnx(RESIDUAL_PREFETCH_SHAPE, np.random.default_rng(6))
+    scheduled = schedule_module(import_onnx(model), resolve_target(target).tvm_target())
+    (conv,) = [f for gv, f in scheduled.functions.items() if "conv2d" in gv.name_hint]
+    func = insert_residual_prefetches(conv)
+    (task,) = _loops(func.body, lambda loop: loop.kind == tirx.ForKind.PARALLEL)
+    (prefetching,) = _loops(task.body, lambda loop: bool(_prefetches_in(loop.body)))
+    writer = _realizes(task.body)[-1]
+    tasks, output = int(task.extent), writer.block.body.buffer
+    tensor_lines = int(np.prod([int(d) for d in output.shape])) * 4 // 64
+    for t in (0, tasks // 2 + 1, tasks - 2, tasks - 1):
+        prefetched = set()
+        for step in range(int(prefetching.extent)):
+            values = {prefetching.loop_var.name: step, task.loop_var.name: t}
+            prefetched |= {_line(load.source, [_evaluate(i, values) for i in load.indices]) for load in _prefetches_in(prefetching.body)}
+        read = _residual_lines_read(task, writer, min(t + 1, tasks - 1))
+        assert read <= prefetched and all(0 <= line < tensor_lines for line in prefetched), t
+        # the last tile's padded pixels prefetch the tensor's last line instead
+        assert prefetched == read or t >= tasks - 2, t
+
+
+def _loops(stmt, keep) -> list:
+    found = []
+    tvm_ffi.structural_walk(stmt, (tirx.For, lambda loop: found.append(loop) if keep(loop) else None))
+    return found
+
+
+def _realizes(stmt) -> list:
+    found = []
+    tvm_ffi.structural_walk(stmt, (s_tir.SBlockRealize, found.append))
+    return found
+
+
+def _prefetches_in(body) -> list:
+    """The elements the prefetches directly in `body` (a loop's body, not nested loops) address."""
+    statements = body.seq if isinstance(body, tirx.SeqStmt) else [body]
+    return [statement.value.args[0].args[0] for statement in statements
+            if isinstance(statement, tirx.Evaluate) and "prefetch" in str(statement.value.op)]
+
+
+def _evaluate(expr, values: dict) -> int:
+    bound = tvm_ffi.structural_map(expr, (tirx.Var, lambda var: tirx.const(values[var.name], str(var.ty.dtype))
+                                          if var.name in values else var))
+    return int(tvm.sym.Analyzer().simplify(bound))
+
+
+def _line(tensor, indices: list[int]) -> int:
+    """The 64-byte line of memory of an element of a row-major float32 tensor."""
+    offset = 0
+    for index, extent in zip(indices, tensor.shape):
+        offset = offset * int(extent) + index
+    return offset * 4 // 64
+
+
+def _residual_lines_read(task, writer, t: int) -> set:
+    """The lines of every tensor of the output's shape the writer reads in task `t` (where its predicate holds)."""
+    import itertools
+
+    loops = _loops(task.body, lambda loop: any(r.same_as(writer) for r in _realizes(loop.body)))
+    store = writer.block.body
+    shape = [int(d) for d in store.buffer.shape]
+    loads = []
+    tvm_ffi.structural_walk(store.value, (TensorLoad, lambda load: loads.append(load)
+                                          if [int(d) for d in load.source.shape] == shape else None))
+    bindings = {iv.var.name: value for iv, value in zip(writer.block.iter_vars, writer.iter_values)}
+    lines = set()
+    for point in itertools.product(*[range(int(loop.extent)) for loop in loops]):
+        values = {task.loop_var.name: t, **{loop.loop_var.name: v for loop, v in zip(loops, point)}}
+        if not _evaluate(writer.predicate, values):
+            continue  # the padded part of a partial block or tile, not written
+        block_values = {name: _evaluate(value, values) for name, value in bindings.items()}
+        lines |= {_line(load.source, [_evaluate(i, block_values) for i in load.indices]) for load in loads}
+    return lines
 
 
 def _vectorized_writer_lanes(func: tirx.PrimFunc) -> list[int]:

@@ -19,6 +19,7 @@ from tvm import s_tir, tirx
 
 from ..tir_pipeline import PARTITION_HINT
 from .conv2d import CONV_BLOCK_ATTR, DEPTHWISE, INTERLEAVED, Tiling, row_aligned, tile_rows_and_columns
+from .residual_prefetch import mark_residual_prefetch, reads_residual_outside_cache
 from .weight_prefetch import mark_weight_prefetch, prefetches_next_weight_block
 from .winograd import WINOGRAD, schedule_winograd
 
@@ -135,6 +136,8 @@ def _tile_direct(sch: s_tir.Schedule, conv, writer, tiling: Tiling, tiles_per_ta
         if not _grouped(sch, conv) and prefetches_next_weight_block(tiles_per_block, weight, tiling.pixels_outer):
             mark_weight_prefetch(sch, reduction[-1], weight)
         register_tile(sch, conv, writer, outer, reduction, p_inner, o_inner, tiling)
+        if reads_residual_outside_cache(sch, writer):
+            mark_residual_prefetch(sch, sch.get_loops(conv)[0])
 
 
 def _packed_weight(sch: s_tir.Schedule, conv):

@@ -38,7 +38,8 @@ MAX_TILES_PER_WEIGHT_BLOCK = 16
 MAX_PREFETCHED_BLOCK_BYTES = 128 * 1024
 MIN_PREFETCHED_BLOCK_BYTES = 24 * 1024
 CACHE_LINE_BYTES = 64
-_READ, _TO_L2, _DATA = 0, 2, 1  # llvm.prefetch's rw, locality and cache-type arguments
+TO_L1, TO_L2 = 3, 2  # llvm.prefetch's locality: prefetcht0, prefetcht1
+_READ, _DATA = 0, 1  # llvm.prefetch's rw and cache-type arguments
 
 
 def prefetches_next_weight_block(tiles_per_block: int, weight: tirx.Buffer, pixels_outer: bool) -> bool:
@@ -84,11 +85,11 @@ def _weight_load_at_step(loop: For, weight_name: str) -> TensorLoad | None:
         if loads:
             bindings = {iv.var: value for iv, value in zip(realize.block.iter_vars, realize.iter_values)}
             zeros = {inner.loop_var: tirx.const(0, str(inner.loop_var.ty.dtype)) for inner in tile_loops}
-            return _substitute(_substitute(loads[0], bindings), zeros)
+            return substitute(substitute(loads[0], bindings), zeros)
     return None
 
 
-def _substitute(node, values: dict):
+def substitute(node, values: dict):
     return tvm_ffi.structural_map(node, (tirx.Var, lambda var: values.get(var, var)))
 
 
@@ -102,6 +103,11 @@ def _next_block_prefetches(load: TensorLoad) -> list[tirx.Evaluate]:
     prefetches = []
     for offset in range(0, block_width, per_line):
         line = tirx.BufferLoad(weight, [next_block, *indices[1:-1], tirx.const(offset, str(indices[-1].ty.dtype))])
-        flags = (tirx.IntImm("int32", flag) for flag in (_READ, _TO_L2, _DATA))
-        prefetches.append(tirx.Evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(line), *flags)))
+        prefetches.append(prefetch(line, TO_L2))
     return prefetches
+
+
+def prefetch(element: tirx.BufferLoad, locality: int) -> tirx.Evaluate:
+    """A prefetch (for reading) of the cache line holding `element`."""
+    flags = (tirx.IntImm("int32", flag) for flag in (_READ, locality, _DATA))
+    return tirx.Evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(element), *flags))
