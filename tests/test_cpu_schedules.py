@@ -23,7 +23,7 @@ from bndeploy.compile.cpu import build_cpu, schedule_module
 from bndeploy.compile.onnx_import import import_onnx
 from bndeploy.compile.schedules import SCHEDULED_ATTR, BatchStatsSpec, ConvSpec, build_batch_stats_primfunc, choose_tiling
 from bndeploy.compile.schedules import conv2d, convert_to_channels_last, interleave_grouped_inputs, rewrite_to_kernels
-from bndeploy.compile.schedules.conv2d import DEPTHWISE, DIRECT, INTERLEAVED, conv2d_compute, direct_tiling
+from bndeploy.compile.schedules.conv2d import DEPTHWISE, DIRECT, INTERLEAVED, PAIRED, conv2d_compute, direct_tiling
 from bndeploy.compile.schedules.conv_schedule import schedule_conv
 from bndeploy.compile.schedules.isa import (AVX2, AVX512, AVX512_HALF_WIDTH_PIPES, NEON32, NEON64, NEON64_CARMEL,
                                            isa_for_target)
@@ -194,7 +194,7 @@ def test_grouped_channel_block_stays_inside_a_group():
 
 
 @pytest.mark.parametrize("isa, per_group, kind, groups_per_vector", [
-    (AVX512, 8, INTERLEAVED, 2),  # a ymm FMA takes a whole zmm FMA's slot: two groups share each zmm
+    (AVX512, 8, PAIRED, 2),  # a ymm FMA takes a whole zmm FMA's slot: two groups' worth of lanes a zmm
     (AVX512, 4, INTERLEAVED, 4),  # ResNeXt's groups of 4
     (AVX512_HALF_WIDTH_PIPES, 8, DIRECT, 1),  # Zen 4: a ymm FMA costs half a zmm one, nothing to gain
     (AVX512_HALF_WIDTH_PIPES, 4, INTERLEAVED, 4),  # an xmm FMA costs half a zmm one too, for a quarter of it
@@ -205,12 +205,13 @@ def test_grouped_channel_block_stays_inside_a_group():
 ])
 def test_groups_narrower_than_a_vector_share_it(isa, per_group, kind, groups_per_vector):
     """Where a vector wider than a group would run its FMAs at a fraction of the peak, the outputs of
-    several groups share each vector (their inputs interleaved); where a narrower vector costs no more
-    than its share, the direct tile keeps one group per block."""
+    several groups share each vector (their inputs interleaved), or, two groups' worth of lanes (this input
+    is no producer's interleaved output), one group's output and input channels in pairs (the paired tile);
+    where a narrower vector costs no more than its share, the direct tile keeps one group per block."""
     spec = ConvSpec(1, 28, 28, 128, 128, (3, 3), padding=(1, 1, 1, 1), groups=128 // per_group)
     tiling = choose_tiling(spec, isa)
     assert (tiling.kind, conv2d.groups_per_vector(spec, isa)) == (kind, groups_per_vector)
-    if kind == INTERLEAVED:
+    if kind in (INTERLEAVED, PAIRED):
         assert tiling.channel_block == isa.lanes
 
 
@@ -263,7 +264,8 @@ def _pad_copies(func: tirx.PrimFunc) -> list[tuple[int | None, bool]]:
 
 
 @pytest.mark.parametrize("target, size, channels, groups, stride, copy", [
-    ("x86-64-avx512", 28, 104, 13, 1, (21, True)),  # interleaved: 7 vectors x 3 chunks of rows, a copy each
+    ("x86-64-avx512", 28, 104, 13, 1, None),  # paired: reads its input in place
+    ("x86-64-avx512", 28, 128, 32, 1, (16, True)),  # interleaved, 4 groups a vector: 8 vectors x 2 chunks of rows, a copy each
     ("x86-64-avx2", 28, 104, 13, 1, None),  # 7-pixel tiles, four to a row
     ("x86-64-avx512", 28, 128, 8, 2, None),  # two rows per tile
     ("cortex-a76", 28, 104, 13, 1, None),
@@ -306,7 +308,7 @@ def test_a_conv_summing_batch_statistics_keeps_the_direct_tile():
     """Train mode: only the direct kernel sums a BatchNorm's statistics in its epilogue (conv_stats.py), so
     a grouped conv feeding one keeps it where it would otherwise share vectors between groups."""
     spec = ConvSpec(1, 28, 28, 104, 104, (3, 3), padding=(1, 1, 1, 1), groups=13)
-    assert choose_tiling(spec, AVX512).kind == INTERLEAVED
+    assert choose_tiling(spec, AVX512).kind == PAIRED
     assert choose_tiling(spec, AVX512, batch_statistics=True).kind == DIRECT
 
 
@@ -339,8 +341,9 @@ def _interleaved_runs():
 
 @pytest.mark.parametrize("target, size, channels, groups, stride, inner", list(_interleaved_runs()))
 def test_interleaved_groups_match_onnxruntime(target, size, channels, groups, stride, inner):
-    """Groups sharing vectors, as the network's first layer (the copy transposes the NCHW input) and after
-    a 1x1 conv (NHWC), batch 2: against ONNX Runtime, with a NaN in one group's input and an Inf in
+    """Groups sharing vectors, as the network's first layer (the copy transposes the NCHW input; AVX-512's
+    groups of 8 take the paired tile, which reads the transposed input in place) and after a 1x1 conv (NHWC,
+    read in place where the 1x1 writes it interleaved), batch 2: against ONNX Runtime, with a NaN in one group's input and an Inf in
     another's, which must reach exactly the outputs of their own groups that ONNX Runtime's reach."""
     rng = np.random.default_rng(5)
     layers = [(channels, 1, 1, 0, 1, False)] * inner + [(channels, 3, stride, 1, groups, True)]

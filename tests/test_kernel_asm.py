@@ -23,7 +23,7 @@ from bndeploy.compile.kernel_asm import arch_of_triple, fma_loops, kernel_assemb
 from bndeploy.compile.onnx_import import import_onnx
 from bndeploy.compile.schedules.fma_peak import FMA_PEAK_SYMBOL, add_fma_peak
 from bndeploy.compile.schedules import ConvSpec, choose_tiling, isa_for_target
-from bndeploy.compile.schedules.conv2d import INTERLEAVED
+from bndeploy.compile.schedules.conv2d import INTERLEAVED, PAIRED
 from bndeploy.compile.targets import resolve_target
 from bndeploy.compile.throughput import predict_kernels
 
@@ -123,11 +123,11 @@ def test_no_parallel_task_allocates_a_workspace(case, target_name):
     allocated and freed around every tile. (The 3x3 s1 class is a Winograd kernel whose band tasks do
     allocate their band's transformed tiles: test_winograd.py checks those are the only ones. A task of
     an interleaved grouped conv allocates the buffer it copies its input rows into, once per task: in no
-    loop that issues FMAs itself.)"""
+    loop that issues FMAs itself. A paired one reads its input in place and allocates nothing.)"""
     tasks = parallel_loop_functions(conv_kernel_assembly(case, target_name))
     assert tasks, "no parallel loop found"
     allocating = [task for task in tasks if "TVMBackendAllocWorkspace" in task]
-    if interleaved(case, target_name):
+    if case != GEMM and tile_kind(case, target_name) == INTERLEAVED:
         in_loops = [loop.label for task in allocating for loop in fma_loops(task, "x86_64")
                     if loop.own_fmas and any("Workspace" in line for line in loop.own_body)]
         assert len(allocating) == 1 and not in_loops, f"{len(allocating)} allocating tasks, in FMA loops: {in_loops}"
@@ -135,13 +135,11 @@ def test_no_parallel_task_allocates_a_workspace(case, target_name):
     assert not allocating, f"parallel tasks that allocate a workspace: {[task.splitlines()[0].strip() for task in allocating]}"
 
 
-def interleaved(case: str, target_name: str) -> bool:
-    if case == GEMM:
-        return False
+def tile_kind(case: str, target_name: str) -> str:
     (_, channels, size, _), out_channels, kernel, stride, groups = CONV_CLASSES[case]
     spec = ConvSpec(1, size, size, channels, out_channels, (kernel, kernel), strides=(stride, stride),
                     padding=(kernel // 2,) * 4, groups=groups)
-    return choose_tiling(spec, isa_for_target(resolve_target(target_name).tvm_target())).kind == INTERLEAVED
+    return choose_tiling(spec, isa_for_target(resolve_target(target_name).tvm_target())).kind
 
 
 # A broadcast of the 2 or 4 consecutive floats that two or four groups' lanes read (AVX2 ymm, AVX-512 zmm)
@@ -149,21 +147,25 @@ WIDE_BROADCAST = re.compile(r"\bvbroadcast(sd|f32x4|f128|f64x2)\b[^\n]*\(")
 PER_LANE_LOAD = re.compile(r"\b(vinsertps|vpinsrd|vpextrd|vgatherdps|vgatherqps)\b")
 
 
-@pytest.mark.parametrize("case, target_name", [
-    ("grouped 8 per group", "x86-64-avx512"), ("grouped 4 per group", "x86-64-avx512"),
-    ("grouped 4 per group", "x86-64-avx2"),  # AVX2's groups of 8 fill a ymm: the direct tile
+@pytest.mark.parametrize("case, target_name, kind", [
+    ("grouped 8 per group", "x86-64-avx512", PAIRED),  # its input is the network's: not stored interleaved
+    ("grouped 4 per group", "x86-64-avx512", INTERLEAVED),
+    ("grouped 4 per group", "x86-64-avx2", INTERLEAVED),  # AVX2's groups of 8 fill a ymm: the direct tile
 ])
-def test_interleaved_tile_broadcasts_each_input_pixel_once_per_step(case, target_name):
+def test_interleaved_tile_broadcasts_each_input_pixel_once_per_step(case, target_name, kind):
     """Groups sharing a vector: per input pixel and step (kernel row, input channel) the register tile loads
     the inputs of all its groups with one broadcast from memory (compile/tir_pipeline.py: window_loads), never
     lane by lane, and that broadcast feeds the FMAs of every tap that reads the pixel (conv2d.interleaved_tiling):
-    a row of P pixels takes P + 2 broadcasts for its 3P FMAs, not one broadcast per FMA."""
-    assert interleaved(case, target_name)
-    loops = fma_loops(conv_kernel_assembly(case, target_name), "x86_64")
-    tile = max((loop for loop in loops if loop.innermost), key=lambda loop: loop.own_fmas)
-    body = "\n".join(tile.own_body)
-    assert reuses_broadcasts_across_taps(len(WIDE_BROADCAST.findall(body)), tile.own_fmas, taps=3), body
-    assert not PER_LANE_LOAD.search(body), body
+    a row of P pixels takes P + 2 broadcasts for its 3P FMAs, not one broadcast per FMA. The paired tile (a
+    step: kernel row and pair of input channels of one group) broadcasts the pair likewise."""
+    assert tile_kind(case, target_name) == kind
+    loops = [loop for loop in fma_loops(conv_kernel_assembly(case, target_name), "x86_64") if loop.innermost]
+    tiles = [loop for loop in loops if loop.own_fmas == max(loop.own_fmas for loop in loops)]
+    bodies = ["\n".join(tile.own_body) for tile in tiles]
+    # the inner tiles' loop; a loop of border tiles, whose kernel row lies in the zero border, multiplies zeros
+    assert any(reuses_broadcasts_across_taps(len(WIDE_BROADCAST.findall(body)), tile.own_fmas, taps=3)
+               for tile, body in zip(tiles, bodies)), bodies
+    assert not any(PER_LANE_LOAD.search(body) for body in bodies), bodies
 
 
 def reuses_broadcasts_across_taps(broadcasts: int, fmas: int, taps: int) -> bool:

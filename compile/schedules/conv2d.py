@@ -17,11 +17,14 @@ wastes no lanes on row ends) by `channel_block` output channels:
   copy stores each group's input channels interleaved the same way, so the inputs one step needs are
   consecutive floats read with one wide broadcast (64 bits for two groups). Where the conv producing the
   input writes it in that order already (interleave_inputs.py), the kernel reads it in place.
+- paired (grouped, two groups a vector, its input not stored interleaved): one group per vector, its lanes
+  (output channel, input channel of a pair), reading plain NHWC in place; the epilogue adds lane pairs.
 - depthwise: vectors over channels, one FMA per tap and pixel, accumulators in registers.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -32,7 +35,7 @@ from .isa import VectorISA
 CONV_BLOCK_ATTR = "bndeploy.conv"  # block annotation: "<kind>:<pixel_block>:<channel_block>"
 CONV_FLOPS_ATTR = "bndeploy.conv_flops"  # block annotation: the conv's useful FLOPs (for profiles)
 OUT_EWISE_FUSABLE = 4  # relax OpPatternKind.kOutEWiseFusable: FuseOps appends elementwise consumers
-DIRECT, INTERLEAVED, DEPTHWISE = "direct", "interleaved", "depthwise"
+DIRECT, INTERLEAVED, PAIRED, DEPTHWISE = "direct", "interleaved", "paired", "depthwise"
 MAX_CHANNEL_VECTORS = 4
 
 
@@ -132,7 +135,7 @@ class ConvSpec(ConvGeometry):
 
 @dataclass(frozen=True)
 class Tiling:
-    kind: str  # DIRECT, INTERLEAVED or DEPTHWISE
+    kind: str  # DIRECT, INTERLEAVED, PAIRED or DEPTHWISE
     pixel_block: int  # output pixels per register tile
     channel_block: int  # output channels per register tile
 
@@ -463,12 +466,43 @@ def in_place_groups_per_vector(spec: ConvSpec, isa: VectorISA) -> int:
     69%; AMD EPYC Zen 5, 2 threads)."""
     if spec.input_layout != "NHWC" or spec.input_bytes > MAX_IN_PLACE_INPUT_BYTES:
         return 1
-    copying = choose_tiling(spec, isa)
-    if copying is None or copying.kind != INTERLEAVED:
+    copying = interleaved_tiling(spec, isa)
+    if copying is None:
         return 1
     per_vector = groups_per_vector(spec, isa)
     in_place = interleaved_tiling(replace(spec, input_groups_interleaved=per_vector), isa)
     return per_vector if in_place.pixel_block >= copying.pixel_block else 1
+
+
+# Output channels per group a paired tile takes at least: with fewer, its reduction (input channels of the
+# group in pairs) is too short for the epilogue's lane-pair sums (groups of 4, AVX2 code, see paired_tiling).
+MIN_PAIRED_GROUP = 8
+
+
+def paired_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
+    """The paired tile, where an interleaved conv of 2 groups per vector would copy an input it could read
+    in place (its producer does not store it interleaved): one group per vector, its lanes (output channel
+    j, input channel p of a pair) as j * 2 + p, so a step broadcasts two consecutive input channels of one
+    group as they lie in plain NHWC (64 bits, as the interleaved tile's two groups) and the epilogue adds
+    each lane pair. Its pixels are the in-place interleaved tile's (the border tested in the loads).
+
+    Kernels alone, 2 threads of an AMD EPYC Zen 5, % of the FMA loop, the copy -> this tile (the in-place
+    interleaved tile, for a producer that stores the input so), AVX-512 code, groups of 8: 104 channels
+    stride 2 to 14x14 42% -> 66% (67%), 48 stride 2 to 28x28 61% -> 75% (81%), 208 stride 2 to 14x14 59% ->
+    73% (83%), 440 stride 2 to 7x7 45% -> 65% (65%), 440 on 7x7 55% -> 67% (68%), 104 on 28x28 70% -> 86%
+    (84%), at batch 8 76% -> 90% (89%), 208 on 14x14 71% -> 80% (84%), 48 on 56x56 83% -> 87% (92%). AVX2's
+    groups of 4 (4 steps a tile on 3x3) moved both ways: 128 channels on 56x56 68% -> 61%, 256 on 14x14 61%
+    -> 51%, 128 stride 2 42% -> 55%, 64 on 28x28 63% -> 73%: they keep the copy (MIN_PAIRED_GROUP), as do
+    AVX-512's groups of 4, whose 4 groups a vector are no pair."""
+    if spec.input_groups_interleaved > 1 or groups_per_vector(spec, isa) != 2 or spec.in_per_group % 2:
+        return None
+    if spec.out_per_group < MIN_PAIRED_GROUP:
+        return None
+    if spec.input_layout != "NHWC" or spec.input_bytes > MAX_IN_PLACE_INPUT_BYTES:
+        return None
+    copying = interleaved_tiling(spec, isa)
+    in_place = interleaved_tiling(replace(spec, input_groups_interleaved=2), isa)
+    return replace(in_place, kind=PAIRED) if in_place.pixel_block >= copying.pixel_block else None
 
 
 def tile_rows_and_columns(pixel_block: int, out_width: int) -> tuple[int, int]:
@@ -485,7 +519,7 @@ def choose_tiling(spec: ConvSpec, isa: VectorISA, batch_statistics: bool = False
         return depthwise_tiling(spec, isa)
     interleaved = None if batch_statistics else interleaved_tiling(spec, isa)
     if interleaved is not None:
-        return interleaved
+        return paired_tiling(spec, isa) or interleaved
     tiling = direct_tiling(spec, isa)
     if tiling is None:
         return None
@@ -503,10 +537,14 @@ def pack_weight(weight: np.ndarray, spec: ConvSpec, tiling: Tiling) -> np.ndarra
     contiguous vector of the block's output channels; padded channels (O not a multiple of cb) are zero.
     interleaved: as direct, a block's vector holding `groups_per_vector` groups, channel j of its group g
     in lane j * groups_per_vector + g; the lanes of groups past the last are zero.
+    paired: a block per group, its vector's lane j * 2 + p output channel j's weight of input channel p of
+    each pair (`_pack_paired`).
     depthwise: (KH, KW, C): per tap one contiguous vector of channels.
     """
     if tiling.kind == DEPTHWISE:
         return np.ascontiguousarray(weight[:, 0].transpose(1, 2, 0))
+    if tiling.kind == PAIRED:
+        return _pack_paired(weight, spec, tiling)
     cb = tiling.channel_block
     out_channels, in_per_group, kh, kw = weight.shape
     padded = np.zeros((_ceil_to(out_channels, cb), in_per_group, kh, kw), weight.dtype)
@@ -515,6 +553,15 @@ def pack_weight(weight: np.ndarray, spec: ConvSpec, tiling: Tiling) -> np.ndarra
         per_vector, blocks = _interleaved_blocks(spec, tiling)
         padded = padded[interleaved_order(blocks, per_vector, spec.out_per_group)]
     return np.ascontiguousarray(padded.reshape(-1, cb, in_per_group, kh, kw).transpose(0, 3, 4, 2, 1))
+
+
+def _pack_paired(weight: np.ndarray, spec: ConvSpec, tiling: Tiling) -> np.ndarray:
+    """(groups, KH, KW, input pairs of a group, lanes): lane j * 2 + p holds output channel j's weight of
+    the pair's input channel p."""
+    pairs = tiling.channel_block // spec.out_per_group
+    _, in_per_group, kh, kw = weight.shape
+    grouped = weight.reshape(spec.groups, spec.out_per_group, in_per_group // pairs, pairs, kh, kw)
+    return np.ascontiguousarray(grouped.transpose(0, 4, 5, 2, 1, 3).reshape(spec.groups, kh, kw, -1, tiling.channel_block))
 
 
 def interleaved_order(vectors: int, per_vector: int, per_group: int) -> np.ndarray:
@@ -596,6 +643,8 @@ def conv2d_compute(spec: ConvSpec, tiling: Tiling):
         return _depthwise_compute(spec, tiling)
     if tiling.kind == INTERLEAVED:
         return _interleaved_compute(spec, tiling)
+    if tiling.kind == PAIRED:
+        return _paired_compute(spec, tiling)
     return _direct_compute(spec, tiling)
 
 
@@ -708,6 +757,40 @@ def _interleaved_compute(spec: ConvSpec, tiling: Tiling):
 
     def in_order(i, y, x, o):
         return conv[i, y, x, o // lanes64, o % per_group64, o % lanes64 // per_group64]
+
+    out = te.compute(_i64(*spec.output_shape), in_order, name="conv_out")
+    return te.create_prim_func([data, weight, out]).with_attr("op_pattern", OUT_EWISE_FUSABLE)
+
+
+def _paired_compute(spec: ConvSpec, tiling: Tiling):
+    """A grouped conv whose accumulator vectors each hold one group, output channel j's sum over the pair's
+    input channel p in lane j * pairs + p (the reduction steps go over pairs of input channels); `conv_out`
+    adds each lane pair. It reads its plain NHWC input in place, the zero border through a condition, with
+    the interleaved tile's (row, column) pixels (`paired_tiling`)."""
+    lanes, per_group, in_group = tiling.channel_block, spec.out_per_group, spec.in_per_group
+    pairs = lanes // per_group
+    data = te.placeholder(_i64(*spec.input_shape), "float32", name="data")
+    kh, kw = spec.kernel
+    rows = _ceil_to(spec.out_height, tile_rows_and_columns(tiling.pixel_block, spec.out_width)[0])  # whole tiles
+    weight = te.placeholder(_i64(spec.groups, kh, kw, in_group // pairs, lanes), "float32", name="weight_packed")
+    in_group64, pairs64, per_group64 = _i64(in_group, pairs, per_group)
+    rkh, ric = te.reduce_axis(_i64(0, kh), name="rkh"), te.reduce_axis(_i64(0, in_group // pairs), name="ric")
+    rkw = te.reduce_axis(_i64(0, kw), name="rkw")
+    (sh, sw), (dh, dw) = spec.strides, spec.dilation
+
+    def accumulate(i, y, x, g, j, p):
+        y_in, x_in = y * sh + rkh * dh, x * sw + rkw * dw
+        value = _read_unpadded(data, spec, i, y_in, x_in, g * in_group64 + ric * pairs64 + p)
+        return te.sum(_zero_outside(spec, y_in, x_in, value) * weight[g, rkh, rkw, ric, j * pairs64 + p],
+                      axis=[rkh, ric, rkw])
+
+    attrs = {CONV_BLOCK_ATTR: tiling.annotation(), CONV_FLOPS_ATTR: spec.flops}
+    conv = te.compute(_i64(spec.batch, rows, spec.out_width, spec.groups, per_group, pairs), accumulate,
+                      name="conv", attrs=attrs)
+
+    def in_order(i, y, x, o):
+        lane_pair = [conv[i, y, x, o // per_group64, o % per_group64, p] for p in _i64(*range(pairs))]
+        return functools.reduce(lambda a, b: a + b, lane_pair)
 
     out = te.compute(_i64(*spec.output_shape), in_order, name="conv_out")
     return te.create_prim_func([data, weight, out]).with_attr("op_pattern", OUT_EWISE_FUSABLE)

@@ -15,10 +15,11 @@ conv_out -> [elementwise epilogue blocks] -> [broadcast tail] -> output. The sch
 
 from __future__ import annotations
 
+import tvm_ffi
 from tvm import s_tir, tirx
 
 from ..tir_pipeline import PARTITION_HINT
-from .conv2d import CONV_BLOCK_ATTR, DEPTHWISE, INTERLEAVED, Tiling, row_aligned, tile_rows_and_columns
+from .conv2d import CONV_BLOCK_ATTR, DEPTHWISE, INTERLEAVED, PAIRED, Tiling, row_aligned, tile_rows_and_columns
 from .residual_prefetch import mark_residual_prefetch, reads_residual_outside_cache
 from .weight_prefetch import mark_weight_prefetch, prefetches_next_weight_block
 from .winograd import WINOGRAD, schedule_winograd
@@ -60,6 +61,8 @@ def schedule_conv(func: tirx.PrimFunc) -> tirx.PrimFunc:
     elif tiling.kind == INTERLEAVED:
         _tile_interleaved(sch, conv, writer, pad, tiling)
         pad = None
+    elif tiling.kind == PAIRED:
+        _tile_paired(sch, conv, writer, tiling)
     elif pad is not None and _grouped(sch, conv):
         _tile_grouped(sch, conv, writer, pad, tiling)
         pad = None
@@ -226,6 +229,55 @@ def _tile_interleaved(sch: s_tir.Schedule, conv, writer, pad, tiling: Tiling) ->
         sch.compute_at(pad, sch.get_loops(conv)[0])
         *_, channel, group = sch.get_loops(pad)
         _vectorize_channels(sch, sch.fuse(channel, group))
+
+
+def _tile_paired(sch: s_tir.Schedule, conv, writer, tiling: Tiling) -> None:
+    """Tasks of (image, group, row of tiles); a tile's reduction steps are (kernel row, pair of input
+    channels), the row's taps unrolled inside its pixels as in `_tile_interleaved`, and its input read in
+    place, only a row's first and last tiles testing columns. The writer adds each accumulator's lane pairs,
+    which TVM cannot place under the tile by its reads (a constant index), so the conv is placed under the
+    writer's tile loop instead."""
+    per_group = int(sch.get(conv).iter_vars[4].dom.extent)
+    tile_rows, tile_columns = tile_rows_and_columns(tiling.pixel_block, _output_shape(sch, writer)[2])
+    n, y, x, channels = sch.get_loops(writer)
+    group, channel = sch.split(channels, [None, per_group])
+    row_tiles, rows = sch.split(y, [None, tile_rows])
+    tiles, columns = sch.split(x, [None, tile_columns])
+    sch.reorder(n, group, row_tiles, tiles, rows, columns, channel)
+    sch.annotate(tiles, PARTITION_HINT, 1)
+    sch.compute_at(conv, tiles)
+    sch.parallel(sch.fuse(n, group, row_tiles))
+    sch.set_scope(conv, 0, "local")
+    axes = _loops_by_axis(sch, conv, loops_below(sch, conv, tiles))  # n, y, x, group, j, p, rkh, ric, rkw
+    pixels = [axes[axis] for axis in (1, 2) if axis in axes]
+    reduction = [axes[axis] for axis in (6, 7) if axis in axes]
+    lanes = sch.fuse(axes[4], axes[5])
+    sch.reorder(*reduction, *pixels, *[axes[8]] * (8 in axes), lanes)
+    if 8 in axes:
+        sch.unroll(axes[8])
+    _unroll_tile(sch, sch.fuse(*pixels) if len(pixels) > 1 else pixels[0], lanes, tiling)
+    init = sch.decompose_reduction(conv, (reduction or [axes[8]])[0])
+    _unroll_tile(sch, *loops_below(sch, init, tiles)[-2:], tiling)
+    written = loops_below(sch, writer, tiles)
+    sch.unroll(sch.fuse(*written[:-1]) if len(written) > 2 else written[0])
+    sch.vectorize(written[-1])
+
+
+def _loops_by_axis(sch: s_tir.Schedule, block, loops) -> dict:
+    """Each of `loops` (around `block`) by the index of the block axis whose binding it drives: loops of
+    extent 1 are often not generated, so their positions do not tell."""
+    realizes = []
+    tvm_ffi.structural_walk(sch.get(loops[0]), (s_tir.SBlockRealize, lambda r: realizes.append(r)
+                                                if r.block.same_as(sch.get(block)) else None))
+    uses = [{var.name for var in _vars_of(value)} for value in realizes[0].iter_values]
+    return {next(axis for axis, names in enumerate(uses) if sch.get(loop).loop_var.name in names): loop
+            for loop in loops}
+
+
+def _vars_of(expr) -> list:
+    found = []
+    tvm_ffi.structural_walk(expr, (tirx.Var, found.append))
+    return found
 
 
 def _write_by_group(sch: s_tir.Schedule, writer, tile, per_vector: int) -> None:

@@ -12,7 +12,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..passes import bindings
 from .bn_stats import BatchStatsSpec, build_batch_stats_primfunc
-from .conv2d import (DEPTHWISE, DIRECT, INTERLEAVED, ConvSpec, Tiling, choose_tiling, conv2d_compute,
+from .conv2d import (DEPTHWISE, DIRECT, INTERLEAVED, PAIRED, ConvSpec, Tiling, choose_tiling, conv2d_compute,
                      in_place_groups_per_vector, interleaved_input_positions, pack_weight, padded_channels)
 from .conv_stats import build_conv2d_stats_primfunc, pixel_chunks, shift_primfunc, stats_combine_primfunc
 from .conv_transpose import ConvTransposeSpec, col2im_primfunc, gemm_weight
@@ -129,7 +129,7 @@ class _KernelRewriter(PyExprMutator):
         # of two). Not a depthwise conv's: it reads its input in place, and strided NCHW reads per tap were
         # 4-6x slower than transposing first.
         transposed = op_name(source) == "relax.permute_dims" and _is_nchw_to_nhwc(source)
-        if spec.padded and transposed and tiling.kind != DEPTHWISE:
+        if spec.padded and transposed and tiling.kind not in (DEPTHWISE, PAIRED):
             data, spec = source.args[0], replace(spec, input_layout="NCHW")
         weight = relax.const(pack_weight(weights, spec, tiling))
         if wanted is not None and tiling.kind == DIRECT:
@@ -358,7 +358,7 @@ def _interleaved_source(source, spec: ConvSpec, tiling: Tiling, isa) -> tuple[re
     """(x, groups per vector) when `source`, a conv's input, is take(x, positions, axis=3) restoring the
     channel order of an x stored interleaved for this conv's tile (interleave_inputs.py), which the kernel
     can read in place."""
-    if op_name(source) != "relax.take" or tiling.kind != INTERLEAVED or int(source.attrs.axis) != CHANNEL_AXIS["NHWC"]:
+    if op_name(source) != "relax.take" or tiling.kind not in (INTERLEAVED, PAIRED) or int(source.attrs.axis) != CHANNEL_AXIS["NHWC"]:
         return None
     per_vector = in_place_groups_per_vector(spec, isa)
     indices = source.args[1]
