@@ -35,7 +35,7 @@ from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad builds
 from tvm.tirx.stmt import DeclBuffer, For, SeqStmt
 
 from .conv2d import REUSE_CACHE_BYTES
-from .weight_prefetch import CACHE_LINE_BYTES, TO_L1, prefetch, substitute
+from .weight_prefetch import CACHE_LINE_BYTES, TO_L1, prefetch, rewrite_marked_loops, substitute
 
 PREFETCH_NEXT_TILE_RESIDUAL = "bndeploy.prefetch_next_tile_residual"  # loop annotation on a task of one tile
 
@@ -62,17 +62,7 @@ def insert_residual_prefetches(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """Every loop marked PREFETCH_NEXT_TILE_RESIDUAL gets prefetches of the residual its next iteration's
     epilogue reads, a line per step of its tile's first reduction steps (`_with_residual_prefetches`). Runs
     on the scheduled function, before TVM's lowering."""
-    body = tvm_ffi.structural_map(func.body, (For, _prefetching))
-    return func if body.same_as(func.body) else func.with_body(body)
-
-
-def _prefetching(task: For) -> For:
-    if PREFETCH_NEXT_TILE_RESIDUAL not in task.annotations:
-        return task
-    annotations = {key: value for key, value in task.annotations.items() if key != PREFETCH_NEXT_TILE_RESIDUAL}
-    body = _with_residual_prefetches(task)
-    return For(task.loop_var, task.min, task.extent, task.kind, body, task.thread_binding, annotations,
-               task.step, task.span)
+    return rewrite_marked_loops(func, PREFETCH_NEXT_TILE_RESIDUAL, _with_residual_prefetches)
 
 
 def _with_residual_prefetches(task: For):

@@ -59,18 +59,26 @@ def insert_weight_prefetches(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """Every loop marked PREFETCH_NEXT_WEIGHT_BLOCK starts its body with prefetches of the cache lines of
     the next channel block's weights that the tile below it reads at this step (the last block prefetches
     itself). Runs on the scheduled function, before TVM's lowering."""
-    body = tvm_ffi.structural_map(func.body, (For, _prefetching))
+    return rewrite_marked_loops(func, PREFETCH_NEXT_WEIGHT_BLOCK, _with_next_block_prefetches)
+
+
+def rewrite_marked_loops(func: tirx.PrimFunc, mark: str, body_of) -> tirx.PrimFunc:
+    """`func` with each loop annotated `mark` given the body `body_of(loop)`, its annotation dropped."""
+
+    def rewrite(loop: For) -> For:
+        if mark not in loop.annotations:
+            return loop
+        annotations = {key: value for key, value in loop.annotations.items() if key != mark}
+        return For(loop.loop_var, loop.min, loop.extent, loop.kind, body_of(loop), loop.thread_binding,
+                   annotations, loop.step, loop.span)
+
+    body = tvm_ffi.structural_map(func.body, (For, rewrite))
     return func if body.same_as(func.body) else func.with_body(body)
 
 
-def _prefetching(loop: For) -> For:
-    if PREFETCH_NEXT_WEIGHT_BLOCK not in loop.annotations:
-        return loop
-    annotations = {key: value for key, value in loop.annotations.items() if key != PREFETCH_NEXT_WEIGHT_BLOCK}
+def _with_next_block_prefetches(loop: For):
     step = _weight_load_at_step(loop, str(loop.annotations[PREFETCH_NEXT_WEIGHT_BLOCK]))
-    body = loop.body if step is None else SeqStmt([*_next_block_prefetches(step), loop.body])
-    return For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, annotations,
-               loop.step, loop.span)
+    return loop.body if step is None else SeqStmt([*_next_block_prefetches(step), loop.body])
 
 
 def _weight_load_at_step(loop: For, weight_name: str) -> TensorLoad | None:
