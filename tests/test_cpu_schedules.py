@@ -357,6 +357,29 @@ def test_interleaved_groups_match_onnxruntime(target, size, channels, groups, st
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
 
 
+
+@pytest.mark.parametrize("target", [t for t in runnable_x86_targets() if t == "x86-64-avx512"])
+@pytest.mark.parametrize("x_shape, kernel, stride, pad, groups", [
+    ((2, 104, 1, 1), 3, 1, 1, 13),  # a 1x1 map: a one-row tile, its other rows computed on zeros, not written
+    ((2, 64, 9, 9), 1, 1, 0, 8),  # a grouped 1x1: no kernel rows or taps to step over
+    ((1, 48, 5, 7), 3, 2, 1, 6),  # not square, stride 2
+    ((1, 16, 3, 3), 3, 1, 1, 2),  # two groups
+])
+def test_paired_tiles_of_odd_shapes_match_onnxruntime(target, x_shape, kernel, stride, pad, groups):
+    """The paired tile (AVX-512, groups of 8, an input read as it is) on shapes whose loops of extent 1 TVM
+    does not generate, against ONNX Runtime, with a NaN and an Inf in the input."""
+    rng = np.random.default_rng(12)
+    channels = x_shape[1]
+    spec = ConvSpec(x_shape[0], x_shape[2], x_shape[3], channels, channels, (kernel, kernel), strides=(stride, stride),
+                    padding=(pad,) * 4, groups=groups)
+    assert choose_tiling(spec, AVX512).kind == PAIRED
+    model = conv_onnx(x_shape, [(channels, kernel, stride, pad, groups, False)], rng)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    x[0, 0, 0, 0], x[-1, -1, -1, -1] = np.nan, np.inf
+    got, want = run_vm(build_cpu(import_onnx(model), resolve_target(target).tvm_target()), x)[0], onnxruntime_run(model, x)
+    assert np.isnan(want).any()
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
+
 # A 1x1 conv + ReLU feeding a grouped conv (RegNet's, ResNeXt's): the 1x1 writes its channels in the order
 # the grouped conv's interleaved tile reads, which then reads them in place (interleave_inputs.py).
 IN_PLACE_CASES = [  # (size, channels, groups, stride)

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import tvm
-import tvm_ffi
 from tvm import relax, s_tir, tirx
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
+from bndeploy.compile.tir_exprs import vars_in
 from bndeploy.errors import UnsupportedModelError
 
 @dataclass(frozen=True)
@@ -51,12 +51,6 @@ def _child_stmts(stmt) -> list:
     return [child for child in children if isinstance(child, tirx.Stmt)]
 
 
-def _vars_in(expr) -> list:
-    found = []
-    tvm_ffi.structural_walk(expr, (tirx.Var, found.append))
-    return found
-
-
 def reduction_schedules(func: tirx.PrimFunc, name: str = "main") -> list[ReductionSchedule]:
     """Describe every reduction block of a scheduled (not yet lowered) PrimFunc."""
     found: list[ReductionSchedule] = []
@@ -81,7 +75,7 @@ def _summarize_reduction(name: str, realize, loops: list) -> ReductionSchedule |
     reduce = [(iv, value) for iv, value in bound if iv.iter_type == tirx.IterVar.CommReduce]
     if not reduce:
         return None
-    reduce_vars = [var for _, value in reduce for var in _vars_in(value)]
+    reduce_vars = [var for _, value in reduce for var in vars_in(value)]
     serial_loops = [
         loop for loop in loops
         if loop.kind != tirx.ForKind.THREAD_BINDING and any(loop.loop_var.same_as(v) for v in reduce_vars)

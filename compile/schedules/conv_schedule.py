@@ -18,6 +18,7 @@ from __future__ import annotations
 import tvm_ffi
 from tvm import s_tir, tirx
 
+from ..tir_exprs import vars_in
 from ..tir_pipeline import PARTITION_HINT
 from .conv2d import CONV_BLOCK_ATTR, DEPTHWISE, INTERLEAVED, PAIRED, Tiling, row_aligned, tile_rows_and_columns
 from .residual_prefetch import mark_residual_prefetch, reads_residual_outside_cache
@@ -251,12 +252,16 @@ def _tile_paired(sch: s_tir.Schedule, conv, writer, tiling: Tiling) -> None:
     axes = _loops_by_axis(sch, conv, loops_below(sch, conv, tiles))  # n, y, x, group, j, p, rkh, ric, rkw
     pixels = [axes[axis] for axis in (1, 2) if axis in axes]
     reduction = [axes[axis] for axis in (6, 7) if axis in axes]
+    taps = [axes[8]] if 8 in axes else []
     lanes = sch.fuse(axes[4], axes[5])
-    sch.reorder(*reduction, *pixels, *[axes[8]] * (8 in axes), lanes)
-    if 8 in axes:
-        sch.unroll(axes[8])
-    _unroll_tile(sch, sch.fuse(*pixels) if len(pixels) > 1 else pixels[0], lanes, tiling)
-    init = sch.decompose_reduction(conv, (reduction or [axes[8]])[0])
+    sch.reorder(*reduction, *pixels, *taps, lanes)
+    for tap in taps:
+        sch.unroll(tap)
+    if pixels:
+        _unroll_tile(sch, sch.fuse(*pixels) if len(pixels) > 1 else pixels[0], lanes, tiling)
+    else:  # a one-pixel tile
+        vectorize_channel_block(sch, lanes, tiling)
+    init = sch.decompose_reduction(conv, (reduction + taps)[0])
     _unroll_tile(sch, *loops_below(sch, init, tiles)[-2:], tiling)
     written = loops_below(sch, writer, tiles)
     sch.unroll(sch.fuse(*written[:-1]) if len(written) > 2 else written[0])
@@ -269,15 +274,9 @@ def _loops_by_axis(sch: s_tir.Schedule, block, loops) -> dict:
     realizes = []
     tvm_ffi.structural_walk(sch.get(loops[0]), (s_tir.SBlockRealize, lambda r: realizes.append(r)
                                                 if r.block.same_as(sch.get(block)) else None))
-    uses = [{var.name for var in _vars_of(value)} for value in realizes[0].iter_values]
+    uses = [{var.name for var in vars_in(value)} for value in realizes[0].iter_values]
     return {next(axis for axis, names in enumerate(uses) if sch.get(loop).loop_var.name in names): loop
             for loop in loops}
-
-
-def _vars_of(expr) -> list:
-    found = []
-    tvm_ffi.structural_walk(expr, (tirx.Var, found.append))
-    return found
 
 
 def _write_by_group(sch: s_tir.Schedule, writer, tile, per_vector: int) -> None:

@@ -34,8 +34,9 @@ from tvm import s_tir, tirx
 from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad builds
 from tvm.tirx.stmt import DeclBuffer, For, SeqStmt
 
+from ..tir_exprs import substitute, vars_in
 from .conv2d import REUSE_CACHE_BYTES
-from .weight_prefetch import CACHE_LINE_BYTES, TO_L1, prefetch, rewrite_marked_loops, substitute
+from .weight_prefetch import CACHE_LINE_BYTES, TO_L1, prefetch, rewrite_marked_loops
 
 PREFETCH_NEXT_TILE_RESIDUAL = "bndeploy.prefetch_next_tile_residual"  # loop annotation on a task of one tile
 
@@ -75,7 +76,7 @@ def _with_residual_prefetches(task: For):
     if len(updates) != 1 or writer is None or _reduction_bindings(writer):
         return task.body
     update_loops, update = updates[0]
-    reduced = {var.name for value in _reduction_bindings(update) for var in _vars(value)}
+    reduced = {var.name for value in _reduction_bindings(update) for var in vars_in(value)}
     reduction = [loop for loop in update_loops if loop.loop_var.name in reduced]
     lines = _NextTileLines.of(task, writer_loops, writer) if reduction else None
     if lines is None:
@@ -168,8 +169,8 @@ def _select(index: tirx.PrimExpr, values: list[int]) -> tirx.PrimExpr:
 def _pixel_and_channel_loops(writer_loops: list, written_indices: list) -> tuple[list, list]:
     """The writer's loops over the tile's pixels (in the output's leading indices) and over its channels
     (only in the last)."""
-    channel_vars = {var.name for var in _vars(written_indices[-1])}
-    pixel_vars = {var.name for index in written_indices[:-1] for var in _vars(index)}
+    channel_vars = {var.name for var in vars_in(written_indices[-1])}
+    pixel_vars = {var.name for index in written_indices[:-1] for var in vars_in(index)}
     return ([loop for loop in writer_loops if loop.loop_var.name in pixel_vars],
             [loop for loop in writer_loops if loop.loop_var.name in channel_vars - pixel_vars])
 
@@ -223,9 +224,3 @@ def _block_nests(stmt) -> list:
 def _reduction_bindings(realize) -> list:
     return [value for iv, value in zip(realize.block.iter_vars, realize.iter_values)
             if iv.iter_type == tirx.IterVar.CommReduce]
-
-
-def _vars(expr) -> list:
-    found = []
-    tvm_ffi.structural_walk(expr, (tirx.Var, found.append))
-    return found

@@ -31,6 +31,8 @@ from tvm import s_tir, tirx
 from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad builds
 from tvm.tirx.stmt import For, SeqStmt
 
+from ..tir_exprs import substitute
+
 PREFETCH_NEXT_WEIGHT_BLOCK = "bndeploy.prefetch_next_weight_block"  # loop annotation: the weight buffer's name
 MAX_TILES_PER_WEIGHT_BLOCK = 16
 # Two blocks (the one computed, the one prefetched) stay well inside the L2 of every x86 core bndeploy
@@ -95,10 +97,6 @@ def _weight_load_at_step(loop: For, weight_name: str) -> TensorLoad | None:
             zeros = {inner.loop_var: tirx.const(0, str(inner.loop_var.ty.dtype)) for inner in tile_loops}
             return substitute(substitute(loads[0], bindings), zeros)
     return None
-
-
-def substitute(node, values: dict):
-    return tvm_ffi.structural_map(node, (tirx.Var, lambda var: values.get(var, var)))
 
 
 def _next_block_prefetches(load: TensorLoad) -> list[tirx.Evaluate]:
