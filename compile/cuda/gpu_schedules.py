@@ -9,7 +9,7 @@ import tvm
 from tvm import relax, s_tir, tirx
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
-from bndeploy.compile.tir_exprs import vars_in
+from bndeploy.compile.tir_exprs import block_nests, loops_driving
 from bndeploy.errors import UnsupportedModelError
 
 @dataclass(frozen=True)
@@ -44,29 +44,10 @@ def _product(values) -> int:
     return result
 
 
-def _child_stmts(stmt) -> list:
-    if isinstance(stmt, tirx.SeqStmt):
-        return list(stmt.seq)
-    children = (getattr(stmt, name, None) for name in ("block", "body", "then_case", "else_case", "init"))
-    return [child for child in children if isinstance(child, tirx.Stmt)]
-
-
 def reduction_schedules(func: tirx.PrimFunc, name: str = "main") -> list[ReductionSchedule]:
     """Describe every reduction block of a scheduled (not yet lowered) PrimFunc."""
-    found: list[ReductionSchedule] = []
-
-    def visit(stmt, loops: list) -> None:
-        if isinstance(stmt, tirx.For):
-            loops = loops + [stmt]
-        if isinstance(stmt, s_tir.SBlockRealize):
-            summary = _summarize_reduction(name, stmt, loops)
-            if summary is not None:
-                found.append(summary)
-        for child in _child_stmts(stmt):
-            visit(child, loops)
-
-    visit(func.body, [])
-    return found
+    summaries = (_summarize_reduction(name, realize, loops) for loops, realize in block_nests(func.body))
+    return [summary for summary in summaries if summary is not None]
 
 
 def _summarize_reduction(name: str, realize, loops: list) -> ReductionSchedule | None:
@@ -75,11 +56,8 @@ def _summarize_reduction(name: str, realize, loops: list) -> ReductionSchedule |
     reduce = [(iv, value) for iv, value in bound if iv.iter_type == tirx.IterVar.CommReduce]
     if not reduce:
         return None
-    reduce_vars = [var for _, value in reduce for var in vars_in(value)]
-    serial_loops = [
-        loop for loop in loops
-        if loop.kind != tirx.ForKind.THREAD_BINDING and any(loop.loop_var.same_as(v) for v in reduce_vars)
-    ]
+    serial_loops = loops_driving([loop for loop in loops if loop.kind != tirx.ForKind.THREAD_BINDING],
+                                 [value for _, value in reduce])
     return ReductionSchedule(
         function=name,
         block=block.name_hint,

@@ -464,14 +464,19 @@ def in_place_groups_per_vector(spec: ConvSpec, isa: VectorISA) -> int:
     copy is the faster (AVX2, 128 channels in groups of 4 on 22x22: 2-pixel tiles in place at 56% of the FMA
     peak, 11-pixel tiles reading the copy at 79%; on 56x56 both take 8 pixels, in place at 81%, the copy at
     69%; AMD EPYC Zen 5, 2 threads)."""
-    if spec.input_layout != "NHWC" or spec.input_bytes > MAX_IN_PLACE_INPUT_BYTES:
-        return 1
-    copying = interleaved_tiling(spec, isa)
-    if copying is None:
-        return 1
     per_vector = groups_per_vector(spec, isa)
+    return per_vector if per_vector > 1 and _in_place_tiling(spec, isa, per_vector) is not None else 1
+
+
+def _in_place_tiling(spec: ConvSpec, isa: VectorISA, per_vector: int) -> Tiling | None:
+    """The interleaved tile reading `spec`'s input in place as `per_vector` groups a vector, where that is
+    faster than the copy: an NHWC input of at most MAX_IN_PLACE_INPUT_BYTES, and a tile the border test's
+    register does not shrink below the copy's."""
+    if spec.input_layout != "NHWC" or spec.input_bytes > MAX_IN_PLACE_INPUT_BYTES:
+        return None
+    copying = interleaved_tiling(spec, isa)
     in_place = interleaved_tiling(replace(spec, input_groups_interleaved=per_vector), isa)
-    return per_vector if in_place.pixel_block >= copying.pixel_block else 1
+    return in_place if copying is not None and in_place.pixel_block >= copying.pixel_block else None
 
 
 # Output channels per group a paired tile takes at least: with fewer, its reduction (input channels of the
@@ -498,11 +503,8 @@ def paired_tiling(spec: ConvSpec, isa: VectorISA) -> Tiling | None:
         return None
     if spec.out_per_group < MIN_PAIRED_GROUP:
         return None
-    if spec.input_layout != "NHWC" or spec.input_bytes > MAX_IN_PLACE_INPUT_BYTES:
-        return None
-    copying = interleaved_tiling(spec, isa)
-    in_place = interleaved_tiling(replace(spec, input_groups_interleaved=2), isa)
-    return replace(in_place, kind=PAIRED) if in_place.pixel_block >= copying.pixel_block else None
+    in_place = _in_place_tiling(spec, isa, 2)
+    return None if in_place is None else replace(in_place, kind=PAIRED)
 
 
 def tile_rows_and_columns(pixel_block: int, out_width: int) -> tuple[int, int]:

@@ -15,10 +15,9 @@ conv_out -> [elementwise epilogue blocks] -> [broadcast tail] -> output. The sch
 
 from __future__ import annotations
 
-import tvm_ffi
 from tvm import s_tir, tirx
 
-from ..tir_exprs import vars_in
+from ..tir_exprs import block_nests, loops_driving
 from ..tir_pipeline import PARTITION_HINT
 from .conv2d import CONV_BLOCK_ATTR, DEPTHWISE, INTERLEAVED, PAIRED, Tiling, row_aligned, tile_rows_and_columns
 from .residual_prefetch import mark_residual_prefetch, reads_residual_outside_cache
@@ -271,11 +270,8 @@ def _tile_paired(sch: s_tir.Schedule, conv, writer, tiling: Tiling) -> None:
 def _loops_by_axis(sch: s_tir.Schedule, block, loops) -> dict:
     """Each of `loops` (around `block`) by the index of the block axis whose binding it drives: loops of
     extent 1 are often not generated, so their positions do not tell."""
-    realizes = []
-    tvm_ffi.structural_walk(sch.get(loops[0]), (s_tir.SBlockRealize, lambda r: realizes.append(r)
-                                                if r.block.same_as(sch.get(block)) else None))
-    uses = [{var.name for var in vars_in(value)} for value in realizes[0].iter_values]
-    return {next(axis for axis, names in enumerate(uses) if sch.get(loop).loop_var.name in names): loop
+    (realize,) = [realize for _, realize in block_nests(sch.get(loops[0])) if realize.block.same_as(sch.get(block))]
+    return {next(axis for axis, value in enumerate(realize.iter_values) if loops_driving([sch.get(loop)], [value])): loop
             for loop in loops}
 
 

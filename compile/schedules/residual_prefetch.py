@@ -34,7 +34,7 @@ from tvm import s_tir, tirx
 from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad builds
 from tvm.tirx.stmt import DeclBuffer, For, SeqStmt
 
-from ..tir_exprs import substitute, vars_in
+from ..tir_exprs import bindings_of, block_nests, const_like, loops_driving, reduction_bindings, substitute
 from .conv2d import REUSE_CACHE_BYTES
 from .weight_prefetch import CACHE_LINE_BYTES, TO_L1, prefetch, rewrite_marked_loops
 
@@ -70,14 +70,13 @@ def _with_residual_prefetches(task: For):
     """The task's body, its tile's innermost reduction loop split in two: the first steps each prefetch one
     line of the next tile's residual (step i line i, with no division on the way), the rest do not. Unchanged
     where the task is not one tile reduced, then written pixel by pixel."""
-    nests = _block_nests(task.body)
-    updates = [(loops, realize) for loops, realize in nests if _reduction_bindings(realize)]
+    nests = block_nests(task.body)
+    updates = [(loops, realize) for loops, realize in nests if reduction_bindings(realize)]
     writer_loops, writer = nests[-1] if nests else ([], None)
-    if len(updates) != 1 or writer is None or _reduction_bindings(writer):
+    if len(updates) != 1 or writer is None or reduction_bindings(writer):
         return task.body
     update_loops, update = updates[0]
-    reduced = {var.name for value in _reduction_bindings(update) for var in vars_in(value)}
-    reduction = [loop for loop in update_loops if loop.loop_var.name in reduced]
+    reduction = loops_driving(update_loops, reduction_bindings(update))
     lines = _NextTileLines.of(task, writer_loops, writer) if reduction else None
     if lines is None:
         return task.body
@@ -96,15 +95,15 @@ class _NextTileLines:
     @staticmethod
     def of(task: For, writer_loops: list, writer):
         store = writer.block.body
-        bindings = {iv.var: value for iv, value in zip(writer.block.iter_vars, writer.iter_values)}
+        bindings = bindings_of(writer)
         pixel_loops, channel_loops = _pixel_and_channel_loops(writer_loops, [substitute(i, bindings) for i in store.indices])
         if len(pixel_loops) > 1:
             return None
         channels = int(store.buffer.shape[-1])
         block = math.prod(int(loop.extent) for loop in channel_loops)
         offsets = _line_offsets(channels, block, tvm.runtime.DataType(store.buffer.dtype).bits // 8)
-        first = {task.loop_var: tirx.min(task.loop_var + _like(task.loop_var, 1), task.extent - _like(task.loop_var, 1))}
-        first.update({loop.loop_var: _like(loop.loop_var, 0) for loop in [*pixel_loops, *channel_loops]})
+        first = {task.loop_var: tirx.min(task.loop_var + const_like(task.loop_var, 1), task.extent - const_like(task.loop_var, 1))}
+        first.update({loop.loop_var: const_like(loop.loop_var, 0) for loop in [*pixel_loops, *channel_loops]})
         starts = [(load.source, _flat_view(load.source), _flat([substitute(substitute(i, bindings), first) for i in load.indices], load.source.shape))
                   for load in _residual_loads(store)]
         pixels = int(pixel_loops[0].extent) if pixel_loops else 1
@@ -123,23 +122,23 @@ class _NextTileLines:
         if first_steps == int(loop.extent):
             return head
         rest = tirx.Var(loop.loop_var.name + "_rest", loop.loop_var.ty)
-        tail = For(rest, loop.min + _like(loop.min, first_steps), loop.extent - _like(loop.extent, first_steps),
+        tail = For(rest, loop.min + const_like(loop.min, first_steps), loop.extent - const_like(loop.extent, first_steps),
                    loop.kind, substitute(loop.body, {loop.loop_var: rest}), loop.thread_binding, loop.annotations)
         return SeqStmt([head, tail])
 
     def _prefetches(self, line: tirx.Var) -> list:
-        per_pixel = _like(line, len(self.offsets))
+        per_pixel = const_like(line, len(self.offsets))
         pixel, offset = tirx.floordiv(line, per_pixel), _select(tirx.floormod(line, per_pixel), self.offsets)
         prefetches = []
         for _, flat, start in self.starts:
-            element = start + tirx.Cast(str(start.ty.dtype), pixel * _like(line, self.channels) + offset)
+            element = start + tirx.Cast(str(start.ty.dtype), pixel * const_like(line, self.channels) + offset)
             # a partial last tile's padded pixels: the tensor's last line instead of past its end
-            prefetches.append(prefetch(tirx.BufferLoad(flat, [tirx.min(element, _like(element, int(flat.shape[0]) - 1))]), TO_L1))
+            prefetches.append(prefetch(tirx.BufferLoad(flat, [tirx.min(element, const_like(element, int(flat.shape[0]) - 1))]), TO_L1))
         return prefetches
 
 
 def _with_first(loop: For, extent: int, statements: list) -> For:
-    return For(loop.loop_var, loop.min, _like(loop.extent, extent), loop.kind, SeqStmt([*statements, loop.body]),
+    return For(loop.loop_var, loop.min, const_like(loop.extent, extent), loop.kind, SeqStmt([*statements, loop.body]),
                loop.thread_binding, loop.annotations)
 
 
@@ -159,20 +158,19 @@ def _select(index: tirx.PrimExpr, values: list[int]) -> tirx.PrimExpr:
     """values[index], as arithmetic where the values are evenly spaced, else as selects."""
     spacing = values[1] - values[0] if len(values) > 1 else 0
     if all(value == values[0] + spacing * position for position, value in enumerate(values)):
-        return _like(index, values[0]) + index * _like(index, spacing)
-    chosen = _like(index, values[-1])
+        return const_like(index, values[0]) + index * const_like(index, spacing)
+    chosen = const_like(index, values[-1])
     for position in reversed(range(len(values) - 1)):
-        chosen = tirx.Select(index == _like(index, position), _like(index, values[position]), chosen)
+        chosen = tirx.Select(index == const_like(index, position), const_like(index, values[position]), chosen)
     return chosen
 
 
 def _pixel_and_channel_loops(writer_loops: list, written_indices: list) -> tuple[list, list]:
     """The writer's loops over the tile's pixels (in the output's leading indices) and over its channels
     (only in the last)."""
-    channel_vars = {var.name for var in vars_in(written_indices[-1])}
-    pixel_vars = {var.name for index in written_indices[:-1] for var in vars_in(index)}
-    return ([loop for loop in writer_loops if loop.loop_var.name in pixel_vars],
-            [loop for loop in writer_loops if loop.loop_var.name in channel_vars - pixel_vars])
+    pixel_loops = loops_driving(writer_loops, written_indices[:-1])
+    channel_loops = loops_driving(writer_loops, written_indices[-1:])
+    return pixel_loops, [loop for loop in channel_loops if not any(loop.same_as(pixel) for pixel in pixel_loops)]
 
 
 def _line_offsets(channels: int, block: int, element_bytes: int) -> list[int]:
@@ -183,10 +181,6 @@ def _line_offsets(channels: int, block: int, element_bytes: int) -> list[int]:
     if channels % per_line or block % per_line:
         offsets.append(block - 1)
     return offsets
-
-
-def _like(expr, value: int) -> tirx.PrimExpr:
-    return tirx.const(value, str(expr.ty.dtype))
 
 
 def _residual_loads(store) -> list[TensorLoad]:
@@ -200,27 +194,3 @@ def _residual_loads(store) -> list[TensorLoad]:
 
     tvm_ffi.structural_walk(store.value, (TensorLoad, visit))
     return list(loads.values())
-
-
-def _block_nests(stmt) -> list:
-    """(enclosing loops below `stmt`, block realize) of every block under `stmt`, in program order."""
-    nests = []
-
-    def visit(node, loops):
-        if isinstance(node, For):
-            visit(node.body, loops + [node])
-        elif isinstance(node, SeqStmt):
-            for child in node.seq:
-                visit(child, loops)
-        elif isinstance(node, s_tir.SBlockRealize):
-            nests.append((loops, node))
-        elif hasattr(node, "body"):
-            visit(node.body, loops)
-
-    visit(stmt, [])
-    return nests
-
-
-def _reduction_bindings(realize) -> list:
-    return [value for iv, value in zip(realize.block.iter_vars, realize.iter_values)
-            if iv.iter_type == tirx.IterVar.CommReduce]

@@ -31,7 +31,7 @@ from tvm import s_tir, tirx
 from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad builds
 from tvm.tirx.stmt import For, SeqStmt
 
-from ..tir_exprs import substitute
+from ..tir_exprs import bindings_of, const_like, substitute
 
 PREFETCH_NEXT_WEIGHT_BLOCK = "bndeploy.prefetch_next_weight_block"  # loop annotation: the weight buffer's name
 MAX_TILES_PER_WEIGHT_BLOCK = 16
@@ -93,9 +93,8 @@ def _weight_load_at_step(loop: For, weight_name: str) -> TensorLoad | None:
         tvm_ffi.structural_walk(realize.block.body, (TensorLoad, lambda load: loads.append(load)
                                                      if load.source.name == weight_name else None))
         if loads:
-            bindings = {iv.var: value for iv, value in zip(realize.block.iter_vars, realize.iter_values)}
-            zeros = {inner.loop_var: tirx.const(0, str(inner.loop_var.ty.dtype)) for inner in tile_loops}
-            return substitute(substitute(loads[0], bindings), zeros)
+            zeros = {inner.loop_var: const_like(inner.loop_var, 0) for inner in tile_loops}
+            return substitute(substitute(loads[0], bindings_of(realize)), zeros)
     return None
 
 
@@ -105,10 +104,10 @@ def _next_block_prefetches(load: TensorLoad) -> list[tirx.Evaluate]:
     blocks, block_width = weight.shape[0], int(weight.shape[-1])
     element_bytes = tvm.runtime.DataType(weight.dtype).bits // 8
     per_line = CACHE_LINE_BYTES // element_bytes
-    next_block = tirx.min(indices[0] + tirx.const(1, str(indices[0].ty.dtype)), blocks - 1)
+    next_block = tirx.min(indices[0] + const_like(indices[0], 1), blocks - 1)
     prefetches = []
     for offset in range(0, block_width, per_line):
-        line = tirx.BufferLoad(weight, [next_block, *indices[1:-1], tirx.const(offset, str(indices[-1].ty.dtype))])
+        line = tirx.BufferLoad(weight, [next_block, *indices[1:-1], const_like(indices[-1], offset)])
         prefetches.append(prefetch(line, TO_L2))
     return prefetches
 
