@@ -350,8 +350,9 @@ def summary_lines(rows: list[Row], context: dict) -> list[str]:
                      f"(max {max(ratios):.2f}x, {group[ratios.index(max(ratios))].case})")
     peak = context.get("fma_peak_gflops")
     lines.append(
-        f"CPU: {context['cpu']}; target {context['target']} ({context['isa']}); {context['threads']} threads for every "
-        f"runtime; {context['rounds']} interleaved rounds, medians. Bounds measured here: FMA peak "
+        f"CPU: {context['cpu']}; target {context['target']} ({context['isa']}); peers {context.get('peers', 'unnamed')}; "
+        f"{context['threads']} threads for every runtime; {context['rounds']} interleaved rounds, medians. Bounds "
+        f"measured here: FMA peak "
         f"{f'{peak:.0f} GFLOP/s' if peak else 'not measured'} (the fastest of the artifacts' FMA loops), memory "
         f"{context['bandwidth_gbs']:.1f} GB/s (parallel copy of 64 MB; data that stays in cache can beat it). "
         "Shared cores make absolute times noisy; compare ratios.")
@@ -403,7 +404,8 @@ def run_suite(settings: BenchSettings, say=print) -> tuple[list[Row], list[Case]
     threads = settings.threads or usable_cpus()
     use_all_cpus(threads)
     cases = suite_cases(settings.suite, settings.models)
-    rows, context = [], {"cpu": cpu_description(), "target": spec.name, "threads": threads, "rounds": settings.rounds}
+    rows, context = [], {"cpu": cpu_description(), "target": spec.name, "threads": threads, "rounds": settings.rounds,
+                         "peers": peer_description()}
     in_both_modes = ({(c.name, c.shape) for c in cases if c.mode == "train"}
                      & {(c.name, c.shape) for c in cases if c.mode == "inference"})
     calls = {}
@@ -422,6 +424,16 @@ def run_suite(settings: BenchSettings, say=print) -> tuple[list[Row], list[Case]
             say("both modes of each block, interleaved: train over inference")
             context["train_over_inference"] = time_train_over_inference(calls, settings.rounds)
     return rows, cases, context
+
+
+def peer_description() -> str:
+    """The peers' versions and the vector ISA torch dispatches to: both pick their kernels from CPUID (ORT's
+    version says "+no-avx512" for the copy scripts/ort-without-avx512.py writes)."""
+    import onnxruntime
+    import torch
+
+    return (f"ONNX Runtime {onnxruntime.__version__}, torch {torch.__version__} "
+            f"({torch.backends.cpu.get_cpu_capability()} kernels)")
 
 
 class _work_folder:
