@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -122,7 +123,7 @@ def tune_model(onnx_path, target: str, out, settings: TuneSettings = TuneSetting
     say(f"{len(tasks)} kernels to tune for {spec.name}, {settings.trials} trials")
     with tempfile.TemporaryDirectory(prefix="bndeploy-tune-") as work:
         builder, runner = _builder(spec, settings), _runner(settings)
-        searched = _search(tasks, spec, settings, work, builder, runner)
+        searched = _search(tasks, spec, settings, work, builder, runner, say)
         say("measuring the best schedules beside bndeploy's defaults")
         report = TuneReport(spec.name, source.sha256, settings.trials, _measured_on(settings))
         report.kernels, kept = _compare(tasks, searched, spec, settings, builder, runner)
@@ -299,7 +300,8 @@ def tuning_target(spec: TargetSpec, settings: TuneSettings) -> tvm.target.Target
     return tvm.target.Target({**spec.tvm, "num-cores": settings.num_cores or usable_cpus()})
 
 
-def _search(tasks: list[KernelTask], spec: TargetSpec, settings: TuneSettings, work: str, builder, runner):
+def _search(tasks: list[KernelTask], spec: TargetSpec, settings: TuneSettings, work: str, builder, runner,
+            say: Progress):
     from tvm.s_tir import meta_schedule as ms
 
     target = tuning_target(spec, settings)
@@ -309,7 +311,34 @@ def _search(tasks: list[KernelTask], spec: TargetSpec, settings: TuneSettings, w
         tasks=contexts, task_weights=[float(task.calls) for task in tasks], work_dir=work,
         max_trials_global=settings.trials, num_trials_per_iter=min(16, settings.trials),
         builder=builder, runner=runner, cost_model="xgb",
+        measure_callbacks=[*ms.MeasureCallback.create("default"), trials_progress(settings.trials, say)],
     )
+
+
+def trials_progress(total: int, say: Progress, steps: int = 10):
+    """A MetaSchedule measure callback that says how many trials are measured, at most `steps` times over the
+    budget `total` (a search may measure a batch past it): a search runs for minutes to hours, silent
+    otherwise."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    started = time.monotonic()
+
+    @derived_object
+    class TrialsProgress(PyMeasureCallback):
+        def __init__(self):
+            self.measured, self.failed, self.said = 0, 0, 0
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            self.measured += len(runner_results)
+            self.failed += sum(1 for b, r in zip(builder_results, runner_results) if b.error_msg or r.error_msg)
+            step = min(steps, self.measured * steps // max(total, 1))
+            if step > self.said:
+                self.said = step
+                failed = f", {self.failed} failed to build or run" if self.failed else ""
+                say(f"trials measured: {self.measured} (budget {total}){failed}, {time.monotonic() - started:.0f} s")
+
+    return TrialsProgress()
 
 
 def _compare(tasks: list[KernelTask], searched, spec: TargetSpec, settings: TuneSettings, builder, runner):

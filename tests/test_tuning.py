@@ -9,6 +9,7 @@ the artifact still matches ONNX Runtime. No test asserts a time.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -52,11 +53,14 @@ def test_tune_on_a_board_then_compile_with_the_kept_schedules(tmp_path, monkeypa
     try:
         with running(server_command(address, "tune-board"), "server"):
             wait_registered(address, "tune-board")
+            said = []
             report = tune_model(model, "cpu", tmp_path / "tuned",
-                                TuneSettings(trials=TRIALS, rpc=address, key="tune-board", timeout_s=300))
+                                TuneSettings(trials=TRIALS, rpc=address, key="tune-board", timeout_s=300), said.append)
     finally:
         tracker.stop()
     assert report.measured_on.startswith("boards with key 'tune-board'")
+    measured = [int(m.group(1)) for m in map(re.compile(rf"trials measured: (\d+) \(budget {TRIALS}\)").match, said) if m]
+    assert measured and measured[-1] >= TRIALS, said
     assert {k.name for k in report.kernels} and all(k.calls >= 1 for k in report.kernels)
     conv = next(k for k in report.kernels if "conv2d" in k.name)
     assert conv.default_us and conv.tuned_us and conv.kept, conv  # both measured on the board
