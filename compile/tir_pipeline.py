@@ -17,7 +17,7 @@ generator loads every lane on its own, and LLVM merged them only where it could 
 related (every pixel of one tile shape, none of another: 9 GFLOP/s).
 
 The same lowering first inserts the prefetches schedules marked (`insert_prefetches`: the next weight
-block's, schedules/weight_prefetch.py, and the next tile's residual, schedules/residual_prefetch.py) and narrows the indices of kernels with a loop-partition hint to int32
+block's, schedules/weight_prefetch.py, and the next tile's residual and input, schedules/next_tile_prefetch.py) and narrows the indices of kernels with a loop-partition hint to int32
 (`keep_loop_partition_hints`), without which TVM drops the hint and leaves a border test in every tile of
 a depthwise or grouped conv's row.
 
@@ -217,12 +217,12 @@ def keep_loop_partition_hints(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
 @tirx.transform.prim_func_pass(opt_level=0, name="bndeploy.InsertPrefetches")
 def insert_prefetches(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
     """The prefetches schedules marked: of the next channel block's weights (schedules/weight_prefetch.py)
-    and of the next tile's residual (schedules/residual_prefetch.py)."""
+    and of the next tile's residual and input (schedules/next_tile_prefetch.py)."""
     # imported here: compile.schedules imports this module
-    from .schedules.residual_prefetch import insert_residual_prefetches
+    from .schedules.next_tile_prefetch import insert_next_tile_prefetches
     from .schedules.weight_prefetch import insert_weight_prefetches
 
-    return insert_residual_prefetches(insert_weight_prefetches(func))
+    return insert_next_tile_prefetches(insert_weight_prefetches(func))
 
 
 def tir_pipeline_for(target: tvm.target.Target) -> str:

@@ -28,6 +28,7 @@ from bndeploy.compile.schedules.conv_schedule import schedule_conv
 from bndeploy.compile.schedules.isa import (AVX2, AVX512, AVX512_HALF_WIDTH_PIPES, NEON32, NEON64, NEON64_CARMEL,
                                            isa_for_target)
 from bndeploy.compile.targets import resolve_target
+from bndeploy.compile.tir_exprs import reduction_bindings, vars_in
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
 ATOL = RTOL = 1e-4
@@ -593,7 +594,7 @@ RESIDUAL_PREFETCH_SHAPE = (2, 232, 28, 28)
 @pytest.mark.parametrize("target", runnable_x86_targets())
 def test_tiles_prefetching_the_next_tiles_residual_match_onnxruntime(target):
     """A 1x1 conv adding a residual prefetches, over its first reduction steps, the residual its next tile
-    reads (compile/schedules/residual_prefetch.py), the last tile its own: the result is ONNX Runtime's,
+    reads (compile/schedules/next_tile_prefetch.py), the last tile its own: the result is ONNX Runtime's,
     with a NaN and an Inf in the input where ORT puts them."""
     rng = np.random.default_rng(6)
     model = pointwise_residual_onnx(RESIDUAL_PREFETCH_SHAPE, rng)
@@ -611,12 +612,12 @@ def test_the_residual_prefetched_is_the_residual_the_next_tile_reads(target):
     """Over the steps of a tile's reduction, its prefetches cover exactly the residual lines (64 bytes of
     memory) the next parallel task's epilogue reads, and no line outside the tensor; the last task
     prefetches its own."""
-    from bndeploy.compile.schedules.residual_prefetch import insert_residual_prefetches
+    from bndeploy.compile.schedules.next_tile_prefetch import insert_next_tile_prefetches
 
     model = pointwise_residual_onnx(RESIDUAL_PREFETCH_SHAPE, np.random.default_rng(6))
     scheduled = schedule_module(import_onnx(model), resolve_target(target).tvm_target())
     (conv,) = [f for gv, f in scheduled.functions.items() if "conv2d" in gv.name_hint]
-    func = insert_residual_prefetches(conv)
+    func = insert_next_tile_prefetches(conv)
     (task,) = _loops(func.body, lambda loop: loop.kind == tirx.ForKind.PARALLEL)
     (prefetching,) = _loops(task.body, lambda loop: bool(_prefetches_in(loop.body)))
     writer = _realizes(task.body)[-1]
@@ -631,6 +632,109 @@ def test_the_residual_prefetched_is_the_residual_the_next_tile_reads(target):
         assert read <= prefetched and all(0 <= line < tensor_lines for line in prefetched), t
         # the last tile's padded pixels prefetch the tensor's last line instead
         assert prefetched == read or t >= tasks - 2, t
+
+
+def pointwise_projection_onnx(x_shape, out_channels: int, rng):
+    """MobileNetV2's projection: a 1x1 conv to few channels (+ bias), y = Conv(x) + b."""
+    w = numpy_helper.from_array((rng.standard_normal((out_channels, x_shape[1], 1, 1)) / np.sqrt(x_shape[1])).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(out_channels).astype(np.float32), "b")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["y"])], "projection",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, b])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+# 29x29 pixels: partial last tiles in each image (AVX2's 4-pixel and AVX-512's 14-pixel tiles); 144
+# channels are 9 lines a pixel, 136 are 8.5 (runs start mid-line); 0.9-1 MB of input, past the 512 KiB
+# below which it is taken to be still in cache; 24 outputs, one channel block (the next task: the next pixels)
+INPUT_PREFETCH_SHAPES = [(2, 144, 29, 29), (2, 136, 29, 29)]
+
+
+@pytest.mark.parametrize("target", ["x86-64-avx2", "x86-64-avx512"])
+@pytest.mark.parametrize("x_shape", INPUT_PREFETCH_SHAPES)
+def test_the_input_prefetched_is_the_input_the_next_tile_reads(target, x_shape):
+    """A pointwise conv's tile prefetches, over its reduction's steps, the input lines the next parallel task
+    reads (one run of memory: its pixels' channels), at most one line more where a run starts mid-line,
+    and no line outside the tensor; the last task prefetches its own."""
+    from bndeploy.compile.schedules.next_tile_prefetch import insert_next_tile_prefetches
+
+    model = pointwise_projection_onnx(x_shape, 24, np.random.default_rng(7))
+    scheduled = schedule_module(import_onnx(model), resolve_target(target).tvm_target())
+    (conv,) = [f for gv, f in scheduled.functions.items() if "conv2d" in gv.name_hint]
+    func = insert_next_tile_prefetches(conv)
+    (task,) = _loops(func.body, lambda loop: loop.kind == tirx.ForKind.PARALLEL)
+    pieces = _loops(task.body, lambda loop: bool(_prefetches_in(loop.body)))
+    (unsplit,) = _loops(conv.body, lambda loop: loop.kind == tirx.ForKind.PARALLEL)
+    (update,) = [r for r in _realizes(unsplit.body) if r.block.name_hint == "conv_update"]
+    (data,) = [load for load in _loads_in(update.block.body) if len(load.source.shape) == 4]
+    tasks, tensor_lines = int(task.extent), int(np.prod([int(d) for d in data.source.shape])) * 4 // 64
+    assert pieces, "no step prefetches"
+    for t in (0, 1, tasks // 2 + 1, tasks - 2, tasks - 1):
+        prefetched = set()
+        for piece in pieces:
+            for step in range(int(piece.min), int(piece.min) + int(piece.extent)):
+                values = {piece.loop_var.name: step, task.loop_var.name: t}
+                prefetched |= {_line(load.source, [_evaluate(i, values) for i in load.indices]) for load in _prefetches_in(piece.body)}
+        read = _lines_read(unsplit, update, data, min(t + 1, tasks - 1))
+        assert read <= prefetched and all(0 <= line < tensor_lines for line in prefetched), t
+        assert len(prefetched - read) <= (1 if x_shape[1] % 16 else 0) or t >= tasks - 2, (t, sorted(prefetched - read))
+
+
+@pytest.mark.parametrize("target", runnable_x86_targets())
+def test_tiles_prefetching_the_next_tiles_input_match_onnxruntime(target):
+    """A pointwise conv over an input past the cache prefetches the next tile's input over its reduction's
+    steps: the result is ONNX Runtime's, with a NaN and an Inf (in the last task's pixels, which prefetch
+    their own) where ORT puts them."""
+    rng = np.random.default_rng(8)
+    x_shape = INPUT_PREFETCH_SHAPES[1]
+    model = pointwise_projection_onnx(x_shape, 24, rng)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    x[0, 5, 3, 3], x[1, 135, 28, 28] = np.nan, np.inf
+    executable = build_cpu(import_onnx(model), resolve_target(target).tvm_target())
+    assert "prefetcht0" in executable.mod.imports[0].inspect_source("asm")
+    got, want = run_vm(executable, x)[0], onnxruntime_run(model, x)
+    assert np.isnan(want).any() and np.isinf(want).any()
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
+
+
+def _loads_in(expr) -> list:
+    found = []
+    tvm_ffi.structural_walk(expr, (TensorLoad, found.append))
+    return found
+
+
+def _lines_read(task, realize, load, t: int) -> set:
+    """The lines of `load`'s tensor the block `realize` reads in task `t` (where its predicate holds): for
+    each point of its spatial loops, the elements from its reduction's first step to its last, which must
+    be one run (a pointwise conv's pixel: its channels)."""
+    import itertools
+
+    loops = _loops(task.body, lambda loop: any(r.same_as(realize) for r in _realizes(loop.body)))
+    reduction_vars = {var.name for value in reduction_bindings(realize) for var in vars_in(value)}
+    ends = [(int(loop.min), int(loop.min) + int(loop.extent) - 1) if loop.loop_var.name in reduction_vars
+            else range(int(loop.min), int(loop.min) + int(loop.extent)) for loop in loops]
+    steps = int(np.prod([int(loop.extent) for loop in loops if loop.loop_var.name in reduction_vars]))
+    bindings = {iv.var.name: value for iv, value in zip(realize.block.iter_vars, realize.iter_values)}
+    runs = {}
+    for point in itertools.product(*ends):
+        values = {task.loop_var.name: t, **{loop.loop_var.name: v for loop, v in zip(loops, point)}}
+        if not _evaluate(realize.predicate, values):
+            continue
+        block_values = {name: _evaluate(value, values) for name, value in bindings.items()}
+        spatial = tuple(v for loop, v in zip(loops, point) if loop.loop_var.name not in reduction_vars)
+        runs.setdefault(spatial, []).append(_element(load.source, [_evaluate(i, block_values) for i in load.indices]))
+    lines = set()
+    for elements in runs.values():
+        assert max(elements) - min(elements) == steps - 1, "a tile's pixel does not read one run"
+        lines |= set(range(min(elements) * 4 // 64, max(elements) * 4 // 64 + 1))
+    return lines
+
+
+def _element(tensor, indices: list[int]) -> int:
+    offset = 0
+    for index, extent in zip(indices, tensor.shape):
+        offset = offset * int(extent) + index
+    return offset
 
 
 def _loops(stmt, keep) -> list:
@@ -660,10 +764,7 @@ def _evaluate(expr, values: dict) -> int:
 
 def _line(tensor, indices: list[int]) -> int:
     """The 64-byte line of memory of an element of a row-major float32 tensor."""
-    offset = 0
-    for index, extent in zip(indices, tensor.shape):
-        offset = offset * int(extent) + index
-    return offset * 4 // 64
+    return _element(tensor, indices) * 4 // 64
 
 
 def _residual_lines_read(task, writer, t: int) -> set:

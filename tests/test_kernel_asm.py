@@ -288,14 +288,15 @@ WEIGHT_PREFETCH_CASES = {
 @pytest.mark.parametrize("case", sorted(WEIGHT_PREFETCH_CASES))
 def test_direct_tiles_prefetch_the_next_weight_block_where_few_tiles_share_it(case, target_name):
     """Where a channel block's weights serve few pixel tiles, the register tile's reduction loop prefetches
-    the next block's weights into L2 (`prefetcht1`) beside its FMAs; elsewhere no code prefetches."""
+    the next block's weights into L2 (`prefetcht1`) beside its FMAs; elsewhere no code prefetches into L2
+    (the next tile's input, prefetched into L1 where it is past the cache, is another test's)."""
     args, prefetching = WEIGHT_PREFETCH_CASES[case]
     target = resolve_target(target_name).tvm_target()
     executable = build_lowered(lower_cpu(import_onnx(conv_relu(*args)), target), target)
     (kernel,) = [text for name, text in kernel_assembly(executable.mod.imports[0].inspect_source("asm")).items()
                  if "bndeploy_" in name]
     if not prefetching:
-        assert "prefetch" not in kernel
+        assert "prefetcht1" not in kernel
         return
     tile = max(fma_loops(kernel, "x86_64"), key=lambda loop: loop.own_fmas)
     assert any(line.split()[0] == "prefetcht1" for line in tile.own_body if line.split()), tile.own_body
@@ -305,7 +306,7 @@ def test_direct_tiles_prefetch_the_next_weight_block_where_few_tiles_share_it(ca
 def test_direct_tiles_adding_a_residual_prefetch_the_next_tiles_residual(target_name):
     """A conv whose epilogue adds a residual past the cache (800 KB) prefetches the next tile's residual
     into L1 (`prefetcht0`) in the first steps of its register tile's reduction, split from the rest, which
-    does not (compile/schedules/residual_prefetch.py); with a residual still in cache (200 KB), or none, no
+    does not (compile/schedules/next_tile_prefetch.py); with a residual still in cache (200 KB), or none, no
     code prefetches."""
     from test_cpu_schedules import pointwise_residual_onnx
 
@@ -320,3 +321,23 @@ def test_direct_tiles_adding_a_residual_prefetch_the_next_tiles_residual(target_
     tiles = sorted(fma_loops(kernels["residual"], "x86_64"), key=lambda loop: -loop.own_fmas)[:2]
     assert [any("prefetcht0" in line for line in tile.own_body) for tile in tiles] in ([True, False], [False, True])
     assert "prefetch" not in kernels["residual in cache"] and "prefetch" not in kernels["none"]
+
+
+@pytest.mark.parametrize("target_name", ["x86-64-avx2", "x86-64-avx512"])
+def test_pointwise_tiles_over_a_large_input_prefetch_the_next_tiles_input(target_name):
+    """MobileNetV2's projection (144 -> 24 channels, one channel block) over an input past the cache (1.8 MB)
+    prefetches the next tile's input into L1 in its register tile's first reduction steps, split from the
+    rest (compile/schedules/next_tile_prefetch.py); over an input still in cache (450 KB), no code
+    prefetches."""
+    from test_cpu_schedules import pointwise_projection_onnx
+
+    target = resolve_target(target_name).tvm_target()
+    kernels = {}
+    for name, x_shape in (("past the cache", (1, 144, 56, 56)), ("in cache", (1, 144, 28, 28))):
+        model = pointwise_projection_onnx(x_shape, 24, np.random.default_rng(0))
+        executable = build_lowered(lower_cpu(import_onnx(model), target), target)
+        (kernels[name],) = [text for kernel, text in kernel_assembly(executable.mod.imports[0].inspect_source("asm")).items()
+                            if "bndeploy_" in kernel]
+    tiles = sorted(fma_loops(kernels["past the cache"], "x86_64"), key=lambda loop: -loop.own_fmas)[:2]
+    assert [any("prefetcht0" in line for line in tile.own_body) for tile in tiles] in ([True, False], [False, True])
+    assert "prefetch" not in kernels["in cache"]

@@ -20,7 +20,8 @@ from tvm import s_tir, tirx
 from ..tir_exprs import block_nests, loops_driving
 from ..tir_pipeline import PARTITION_HINT
 from .conv2d import CONV_BLOCK_ATTR, DEPTHWISE, INTERLEAVED, PAIRED, Tiling, row_aligned, tile_rows_and_columns
-from .residual_prefetch import mark_residual_prefetch, reads_residual_outside_cache
+from .next_tile_prefetch import (INPUT, RESIDUAL, mark_next_tile_prefetch, reads_residual_outside_cache,
+                                 streams_input_outside_cache)
 from .weight_prefetch import mark_weight_prefetch, prefetches_next_weight_block
 from .winograd import WINOGRAD, schedule_winograd
 
@@ -138,9 +139,12 @@ def _tile_direct(sch: s_tir.Schedule, conv, writer, tiling: Tiling, tiles_per_ta
         weight = _packed_weight(sch, conv)
         if not _grouped(sch, conv) and prefetches_next_weight_block(tiles_per_block, weight, tiling.pixels_outer):
             mark_weight_prefetch(sch, reduction[-1], weight)
+        next_task_moves_pixels = not tiling.pixels_outer or int(sch.get(o_outer).extent) == 1
         register_tile(sch, conv, writer, outer, reduction, p_inner, o_inner, tiling)
-        if reads_residual_outside_cache(sch, writer):
-            mark_residual_prefetch(sch, sch.get_loops(conv)[0])
+        streams = [*([RESIDUAL] if reads_residual_outside_cache(sch, writer) else []),
+                   *([INPUT] if next_task_moves_pixels and streams_input_outside_cache(sch, conv, writer) else [])]
+        if streams:
+            mark_next_tile_prefetch(sch, sch.get_loops(conv)[0], streams)
 
 
 def _packed_weight(sch: s_tir.Schedule, conv):
