@@ -20,7 +20,7 @@ from tvm import s_tir, tirx
 from ..tir_exprs import block_nests, loops_driving
 from ..tir_pipeline import PARTITION_HINT
 from .conv2d import CONV_BLOCK_ATTR, DEPTHWISE, INTERLEAVED, PAIRED, Tiling, row_aligned, tile_rows_and_columns
-from .next_tile_prefetch import (INPUT, RESIDUAL, mark_next_tile_prefetch, reads_residual_outside_cache,
+from .next_tile_prefetch import (RESIDUAL, input_stream, mark_next_tile_prefetch, reads_residual_outside_cache,
                                  streams_input_outside_cache)
 from .weight_prefetch import mark_weight_prefetch, prefetches_next_weight_block
 from .winograd import WINOGRAD, schedule_winograd
@@ -139,10 +139,10 @@ def _tile_direct(sch: s_tir.Schedule, conv, writer, tiling: Tiling, tiles_per_ta
         weight = _packed_weight(sch, conv)
         if not _grouped(sch, conv) and prefetches_next_weight_block(tiles_per_block, weight, tiling.pixels_outer):
             mark_weight_prefetch(sch, reduction[-1], weight)
-        next_task_moves_pixels = not tiling.pixels_outer or int(sch.get(o_outer).extent) == 1
+        tasks_per_pixel_tile = int(sch.get(o_outer).extent) if tiling.pixels_outer else 1
         register_tile(sch, conv, writer, outer, reduction, p_inner, o_inner, tiling)
         streams = [*([RESIDUAL] if reads_residual_outside_cache(sch, writer) else []),
-                   *([INPUT] if next_task_moves_pixels and streams_input_outside_cache(sch, conv, writer) else [])]
+                   *([input_stream(tasks_per_pixel_tile)] if streams_input_outside_cache(sch, conv, writer) else [])]
         if streams:
             mark_next_tile_prefetch(sch, sch.get_loops(conv)[0], streams)
 

@@ -1,7 +1,7 @@
 """Direct conv tiles prefetch what the next tile reads from memory while they reduce: its residual, its input.
 
-The next tile is the next parallel task, which the same thread runs next (TVM splits a parallel loop into
-contiguous chunks). Two streams, each a list of cache lines of a tensor:
+The next tile is a later parallel task, which the same thread runs next or soon after (TVM splits a
+parallel loop into contiguous chunks). Two streams, each a list of cache lines of a tensor:
 
 - **Residual.** A residual add (ResNet's `conv -> BN -> + identity -> ReLU`) reads, for each output pixel
   of a tile, a tensor written layers before. The tile reads it only in its epilogue, after its reduction:
@@ -13,20 +13,25 @@ contiguous chunks). Two streams, each a list of cache lines of a tensor:
   Measured on the way: a prefetch at every step, its line the step modulo the tile's lines, gained as much
   with AVX-512 code but cost AVX2's short steps 10-23% (38 integer instructions a step beside 10 FMAs); all
   the lines at once before the reduction 0.4-2%; into L2 (`prefetcht1`) 5.5% against 7.3% into L1.
-- **Input**, of a pointwise conv (1x1, unit stride, no padding) whose next task moves to the next pixels (one
-  channel block, or channel blocks outermost). A tile's input is its pixels' channels, one run of memory, read
-  one channel a step across its pixels: as many streams as pixels, a pixel's channels apart, where the
-  hardware prefetchers fall behind. A projection to few channels (MobileNetV2's 144 -> 24) does few FMAs per
-  line and waits on each: timed alone with its inputs rotated past the L3 (AMD EPYC Zen 5, 2 threads), 144 ->
-  24 at 56x56 batch 8 took 0.89 ms against 0.43 with its input in cache; prefetched, 0.44 ms (AVX2 code:
-  1.00 -> 0.66 ms); 288 -> 48 at 28x28 0.54 -> 0.34 ms, 256 -> 64 at 56x56 2.20 -> 1.58 ms; the convs to
-  many channels, whose FMAs hide the loads, moved within 2.4% either way.
+- **Input**, of a pointwise conv (1x1, unit stride, no padding) whose pixels' channels span more than a
+  line. A tile's input is its pixels' channels, one run of memory, read one channel a step across its
+  pixels: as many streams as pixels, a pixel's channels apart, where the hardware prefetchers fall behind
+  (with one line a pixel, a tile reads consecutive lines, which they follow: AVX2's 16 -> 64 at 112x112 ran
+  1.33x slower prefetched). The lines are those of the next task that computes other pixels: the next task,
+  or where a pixel tile's channel blocks run in consecutive tasks, the one after them (each of those tasks
+  prefetches it; the second time the lines are in L1). A projection to few channels (MobileNetV2's 144 ->
+  24) does few FMAs per line and waits on each. Timed alone with inputs rotated past the L3 (AMD EPYC Zen
+  5, 2 threads, with and without in one process), AVX-512 / AVX2 code: 144 -> 24 at 56x56 batch 8 0.58x /
+  0.66x the time (0.44 ms with AVX-512, as with its input in cache), 288 -> 48 at 28x28 0.62x / 0.72x, 256
+  -> 64 at 56x56 0.75x / 0.80x, RegNetY-400MF's 1x1 convs at batch 8 0.69-0.99x / 0.82-1.04x, ResNet-50's
+  and the expansions to many channels 0.87-1.02x.
 
 A stream of `count` lines over a reduction of `steps` steps prefetches k = ceil(count / steps) lines a step
 (step i lines i * k .. i * k + k - 1, into L1: `prefetcht0`), over its first ceil(count / k) steps; the
 innermost reduction loop is cut where each stream runs out, so the other steps carry no prefetch. A
 tensor of at most REUSE_CACHE_BYTES is taken to be still in the cache its producer wrote it to, and is not
-prefetched. The last task prefetches its own lines; a partial tile's padded pixels, the tensor's last line.
+prefetched. The last tasks prefetch the last task's lines; a partial tile's padded pixels, the tensor's last
+line.
 
 The schedule marks the task loop (`PREFETCH_NEXT_TILE`, with the streams); `insert_next_tile_prefetches`,
 part of bndeploy's x86 TIR lowering (tir_pipeline.py), adds the prefetches. ARM builds keep TVM's lowering,
@@ -62,20 +67,34 @@ def reads_residual_outside_cache(sch: s_tir.Schedule, writer) -> bool:
 
 def streams_input_outside_cache(sch: s_tir.Schedule, conv, writer) -> bool:
     """Whether a pointwise conv (1x1, unit stride, no padding: its input's pixels are its output's, so a
-    tile's input is one run of memory) reads an input too large to still be in cache."""
+    tile's input is one run of memory) reads an input too large to still be in cache, a pixel's channels
+    on more than one line (on one, a tile reads consecutive lines, which the hardware prefetchers follow)."""
     (output,) = sch.get(writer).writes
     inputs = [region.source for region in sch.get(conv).reads if len(region.source.shape) == 4]
-    steps = math.prod(int(iv.dom.extent) for iv in sch.get(conv).iter_vars if iv.iter_type == tirx.IterVar.CommReduce)
-    return (len(inputs) == 1 and _shape(inputs[0])[:3] == _shape(output.source)[:3]
-            and steps == _shape(inputs[0])[3] and _bytes(inputs[0]) > REUSE_CACHE_BYTES)
+    if len(inputs) != 1:
+        return False
+    (*pixels, channels), steps = _shape(inputs[0]), math.prod(
+        int(iv.dom.extent) for iv in sch.get(conv).iter_vars if iv.iter_type == tirx.IterVar.CommReduce)
+    return (pixels == _shape(output.source)[:3] and steps == channels and _bytes(inputs[0]) > REUSE_CACHE_BYTES
+            and channels * _element_bytes(inputs[0]) > CACHE_LINE_BYTES)
 
 
 def _shape(tensor: tirx.Buffer) -> list[int]:
     return [int(extent) for extent in tensor.shape]
 
 
+def _element_bytes(tensor: tirx.Buffer) -> int:
+    return tvm.runtime.DataType(tensor.dtype).bits // 8
+
+
 def _bytes(tensor: tirx.Buffer) -> int:
-    return math.prod(_shape(tensor)) * tvm.runtime.DataType(tensor.dtype).bits // 8
+    return math.prod(_shape(tensor)) * _element_bytes(tensor)
+
+
+def input_stream(tasks_per_pixel_tile: int) -> str:
+    """The INPUT stream of tiles whose next `tasks_per_pixel_tile` - 1 tasks compute the same pixels (the
+    other channel blocks): each prefetches the input of the task that moves to the next pixels."""
+    return f"{INPUT}:{tasks_per_pixel_tile}"
 
 
 def mark_next_tile_prefetch(sch: s_tir.Schedule, task, streams: list[str]) -> None:
@@ -105,9 +124,10 @@ def _with_next_tile_prefetches(task: For):
     reduction = loops_driving(update_loops, reduction_bindings(update))
     if not reduction:
         return task.body
-    wanted = str(task.annotations[PREFETCH_NEXT_TILE]).split(",")
+    wanted = dict((name, int(stride or 1)) for name, _, stride in
+                  (token.partition(":") for token in str(task.annotations[PREFETCH_NEXT_TILE]).split(",")))
     streams = [*(_residual_streams(task, writer_loops, writer) if RESIDUAL in wanted else []),
-               *(_input_streams(task, update_loops, update, writer_loops, writer) if INPUT in wanted else [])]
+               *(_input_streams(task, update_loops, update, writer_loops, writer, wanted[INPUT]) if INPUT in wanted else [])]
     if not streams:
         return task.body
     body = tvm_ffi.structural_map(task.body, (For, lambda loop: _split_with_prefetches(loop, streams)
@@ -134,15 +154,18 @@ class _LineStream:
         prefetches = []
         for extra in range(per_step):
             line = step * const_like(step, per_step) + const_like(step, extra) if per_step > 1 else step
+            if self.count % per_step:  # the last step's lines past the stream's end: its last line again
+                line = tirx.min(line, const_like(line, self.count - 1))
             element = self.start + tirx.Cast(str(self.start.ty.dtype), self.offset_of(line))
             # a partial last tile's padded pixels: the tensor's last line instead of past its end
             prefetches.append(prefetch(tirx.BufferLoad(self.flat, [tirx.min(element, const_like(element, last))]), TO_L1))
         return prefetches
 
 
-def _next_task(task: For, loops: list) -> dict:
-    """The values that put a tile's loops at the next task's first element (the last task: its own)."""
-    first = {task.loop_var: tirx.min(task.loop_var + const_like(task.loop_var, 1), task.extent - const_like(task.loop_var, 1))}
+def _next_task(task: For, loops: list, stride: int = 1) -> dict:
+    """The values that put a tile's loops at the first element of the task `stride` on (the last tasks: the
+    last)."""
+    first = {task.loop_var: tirx.min(task.loop_var + const_like(task.loop_var, stride), task.extent - const_like(task.loop_var, 1))}
     first.update({loop.loop_var: const_like(loop.loop_var, 0) for loop in loops})
     return first
 
@@ -157,7 +180,7 @@ def _residual_streams(task: For, writer_loops: list, writer) -> list[_LineStream
         return []
     channels = int(store.buffer.shape[-1])
     block = math.prod(int(loop.extent) for loop in channel_loops)
-    offsets = _line_offsets(channels, block, tvm.runtime.DataType(store.buffer.dtype).bits // 8)
+    offsets = _line_offsets(channels, block, _element_bytes(store.buffer))
     first = _next_task(task, [*pixel_loops, *channel_loops])
     pixels = int(pixel_loops[0].extent) if pixel_loops else 1
 
@@ -169,7 +192,7 @@ def _residual_streams(task: For, writer_loops: list, writer) -> list[_LineStream
                         pixels * len(offsets), offset_of) for load in _residual_loads(store)]
 
 
-def _input_streams(task: For, update_loops: list, update, writer_loops: list, writer) -> list[_LineStream]:
+def _input_streams(task: For, update_loops: list, update, writer_loops: list, writer, stride: int) -> list[_LineStream]:
     """The input lines the next task's tile reads (a pointwise conv's: its pixels' channels, one run)."""
     bindings = bindings_of(update)
     loads = [load for load in _loads(update.block.body) if len(load.source.shape) == 4 and load.source.scope() == "global"]
@@ -178,12 +201,12 @@ def _input_streams(task: For, update_loops: list, update, writer_loops: list, wr
     if len(loads) != 1 or len(pixel_loops) != 1:
         return []
     (load,) = loads
-    per_line = CACHE_LINE_BYTES // (tvm.runtime.DataType(load.source.dtype).bits // 8)
+    per_line = CACHE_LINE_BYTES // _element_bytes(load.source)
     channels = int(load.source.shape[-1])
     run = int(pixel_loops[0].extent) * channels
     # a run starting mid-line (channels not a whole number of lines) may end on one line more
     count = -(-run // per_line) + (1 if channels % per_line else 0)
-    start = _flat([substitute(substitute(i, bindings), _next_task(task, update_loops)) for i in load.indices], load.source.shape)
+    start = _flat([substitute(substitute(i, bindings), _next_task(task, update_loops, stride)) for i in load.indices], load.source.shape)
     return [_LineStream(load.source, start, count, lambda line: line * const_like(line, per_line))]
 
 
