@@ -21,8 +21,8 @@ parallel loop into contiguous chunks). Two streams, each a list of cache lines o
   or where a pixel tile's channel blocks run in consecutive tasks, the one after them (each of those tasks
   prefetches it; the second time the lines are in L1). A projection to few channels (MobileNetV2's 144 ->
   24) does few FMAs per line and waits on each. Timed alone with inputs rotated past the L3 (AMD EPYC Zen
-  5, 2 threads, with and without in one process), AVX-512 / AVX2 code: 144 -> 24 at 56x56 batch 8 0.58x /
-  0.66x the time (0.44 ms with AVX-512, as with its input in cache), 288 -> 48 at 28x28 0.62x / 0.72x, 256
+  5, 2 threads, with and without in one process), AVX-512 / AVX2 code: 144 -> 24 at 56x56 batch 8 0.50-0.70x
+  / 0.64-0.69x the time (0.42-0.44 ms with AVX-512, 0.43 with its input in cache), 288 -> 48 at 28x28 0.62x / 0.72x, 256
   -> 64 at 56x56 0.75x / 0.80x, RegNetY-400MF's 1x1 convs at batch 8 0.69-0.99x / 0.82-1.04x, ResNet-50's
   and the expansions to many channels 0.87-1.02x.
 
