@@ -193,7 +193,8 @@ def _residual_streams(task: For, writer_loops: list, writer) -> list[_LineStream
 
 
 def _input_streams(task: For, update_loops: list, update, writer_loops: list, writer, stride: int) -> list[_LineStream]:
-    """The input lines the next task's tile reads (a pointwise conv's: its pixels' channels, one run)."""
+    """The input lines the tile of the task `stride` on reads (a pointwise conv's: its pixels' channels, one
+    run)."""
     bindings = bindings_of(update)
     loads = [load for load in _loads(update.block.body) if len(load.source.shape) == 4 and load.source.scope() == "global"]
     store = writer.block.body
