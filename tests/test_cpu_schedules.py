@@ -600,6 +600,12 @@ def test_tiles_prefetching_the_next_tiles_residual_match_onnxruntime(target):
     model = pointwise_residual_onnx(RESIDUAL_PREFETCH_SHAPE, rng)
     x = rng.standard_normal(RESIDUAL_PREFETCH_SHAPE).astype(np.float32)
     x[0, 5, 3, 3], x[1, 231, 27, 0] = np.nan, np.inf
+    _assert_prefetching_build_matches_onnxruntime(model, x, target)
+
+
+def _assert_prefetching_build_matches_onnxruntime(model, x: np.ndarray, target: str) -> None:
+    """`model` built for `target` prefetches (`prefetcht0`) and gives ONNX Runtime's result on `x`, whose
+    NaN and Inf reach the output."""
     executable = build_cpu(import_onnx(model), resolve_target(target).tvm_target())
     assert "prefetcht0" in executable.mod.imports[0].inspect_source("asm")
     got, want = run_vm(executable, x)[0], onnxruntime_run(model, x)
@@ -704,11 +710,7 @@ def test_tiles_prefetching_the_next_tiles_input_match_onnxruntime(target, out_ch
     model = pointwise_projection_onnx(x_shape, out_channels, rng)
     x = rng.standard_normal(x_shape).astype(np.float32)
     x[0, 5, 3, 3], x[1, 135, 28, 28] = np.nan, np.inf
-    executable = build_cpu(import_onnx(model), resolve_target(target).tvm_target())
-    assert "prefetcht0" in executable.mod.imports[0].inspect_source("asm")
-    got, want = run_vm(executable, x)[0], onnxruntime_run(model, x)
-    assert np.isnan(want).any() and np.isinf(want).any()
-    np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
+    _assert_prefetching_build_matches_onnxruntime(model, x, target)
 
 
 def _loads_in(expr) -> list:
