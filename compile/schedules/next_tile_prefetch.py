@@ -24,7 +24,7 @@ parallel loop into contiguous chunks). Two streams, each a list of cache lines o
   5, 2 threads, with and without in one process), AVX-512 / AVX2 code: 144 -> 24 at 56x56 batch 8 0.50-0.70x
   / 0.64-0.69x the time (0.42-0.44 ms with AVX-512, 0.43 with its input in cache), 288 -> 48 at 28x28 0.62x / 0.72x, 256
   -> 64 at 56x56 0.75x / 0.80x, RegNetY-400MF's 1x1 convs at batch 8 0.69-0.99x / 0.82-1.04x, ResNet-50's
-  and the expansions to many channels 0.87-1.02x.
+  and the expansions to many channels 0.87-1.04x.
 
 A stream of `count` lines over a reduction of `steps` steps prefetches k = ceil(count / steps) lines a step
 (step i lines i * k .. i * k + k - 1, into L1: `prefetcht0`), over its first ceil(count / k) steps; the
