@@ -15,6 +15,7 @@ import tvm
 from tvm import s_tir, tirx
 
 from .schedules.conv2d import CONV_FLOPS_ATTR
+from .tir_exprs import element_bytes
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def _parameter_bytes(func: tirx.PrimFunc) -> int:
             elements = int(np.prod([int(d) for d in buffer.shape]))
         except TypeError:  # a symbolic dimension
             continue
-        total += elements * tvm.runtime.DataType(buffer.dtype).bits // 8
+        total += elements * element_bytes(buffer)
     return total
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
+from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad builds
 
 
 def vars_in(expr) -> list:
@@ -11,6 +13,18 @@ def vars_in(expr) -> list:
     found = []
     tvm_ffi.structural_walk(expr, (tirx.Var, found.append))
     return found
+
+
+def loads_in(node) -> list[TensorLoad]:
+    """The tensor loads in `node` (an expression or statement), in walk order, repeats included."""
+    found = []
+    tvm_ffi.structural_walk(node, (TensorLoad, found.append))
+    return found
+
+
+def element_bytes(buffer) -> int:
+    """Bytes of one element of `buffer` (a Buffer or buffer type)."""
+    return tvm.runtime.DataType(buffer.dtype).bits // 8
 
 
 def substitute(node, values: dict):

@@ -40,6 +40,8 @@ from tvm.s_tir.pipeline import default_s_tir_pipeline
 from tvm.tirx.compilation_pipeline import PIPELINE_MAP, register_tir_pipeline
 from tvm.tirx.stmt import AllocBuffer, AttrStmt, For, IfThenElse, SeqStmt, While
 
+from .tir_exprs import element_bytes
+
 CPU_TIR_PIPELINE = "bndeploy-cpu"
 # Bytes: the largest register tile is 32 vector registers of 64 bytes; a local buffer far beyond that is
 # not a tile and stays where TVM puts it (a stack frame per parallel task must stay small).
@@ -55,7 +57,7 @@ def stack_tile_buffer(alloc: AllocBuffer) -> bool:
     elements = 1
     for extent in buffer.shape:
         elements *= int(extent)
-    return elements * tvm.runtime.DataType(buffer.dtype).bits // 8 <= MAX_STACK_TILE_BYTES
+    return elements * element_bytes(buffer) <= MAX_STACK_TILE_BYTES
 
 
 def _keep_tiles_on_stack(stmt):

@@ -28,7 +28,7 @@ from bndeploy.compile.schedules.conv_schedule import schedule_conv
 from bndeploy.compile.schedules.isa import (AVX2, AVX512, AVX512_HALF_WIDTH_PIPES, NEON32, NEON64, NEON64_CARMEL,
                                            isa_for_target)
 from bndeploy.compile.targets import resolve_target
-from bndeploy.compile.tir_exprs import reduction_bindings, vars_in
+from bndeploy.compile.tir_exprs import loads_in, reduction_bindings, vars_in
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
 ATOL = RTOL = 1e-4
@@ -677,7 +677,7 @@ def test_the_input_prefetched_is_the_input_the_next_tile_reads(target, x_shape, 
     pieces = _loops(task.body, lambda loop: bool(_prefetches_in(loop.body)))
     (unsplit,) = _loops(conv.body, lambda loop: loop.kind == tirx.ForKind.PARALLEL)
     (update,) = [r for r in _realizes(unsplit.body) if r.block.name_hint == "conv_update"]
-    (data,) = [load for load in _loads_in(update.block.body) if len(load.source.shape) == 4]
+    (data,) = [load for load in loads_in(update.block.body) if len(load.source.shape) == 4]
     tasks, tensor_lines = int(task.extent), int(np.prod([int(d) for d in data.source.shape])) * 4 // 64
     assert pieces, "no step prefetches"
     reads = {}
@@ -711,12 +711,6 @@ def test_tiles_prefetching_the_next_tiles_input_match_onnxruntime(target, out_ch
     x = rng.standard_normal(x_shape).astype(np.float32)
     x[0, 5, 3, 3], x[1, 135, 28, 28] = np.nan, np.inf
     _assert_prefetching_build_matches_onnxruntime(model, x, target)
-
-
-def _loads_in(expr) -> list:
-    found = []
-    tvm_ffi.structural_walk(expr, (TensorLoad, found.append))
-    return found
 
 
 def _lines_read(task, realize, load, t: int) -> set:

@@ -42,13 +42,13 @@ from __future__ import annotations
 
 import math
 
-import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad builds
 from tvm.tirx.stmt import DeclBuffer, For, SeqStmt
 
-from ..tir_exprs import bindings_of, block_nests, const_like, loops_driving, reduction_bindings, substitute
+from ..tir_exprs import (bindings_of, block_nests, const_like, element_bytes, loads_in, loops_driving, reduction_bindings,
+                         substitute)
 from .conv2d import REUSE_CACHE_BYTES
 from .weight_prefetch import CACHE_LINE_BYTES, TO_L1, prefetch, rewrite_marked_loops
 
@@ -76,19 +76,15 @@ def streams_input_outside_cache(sch: s_tir.Schedule, conv, writer) -> bool:
     (*pixels, channels), steps = _shape(inputs[0]), math.prod(
         int(iv.dom.extent) for iv in sch.get(conv).iter_vars if iv.iter_type == tirx.IterVar.CommReduce)
     return (pixels == _shape(output.source)[:3] and steps == channels and _bytes(inputs[0]) > REUSE_CACHE_BYTES
-            and channels * _element_bytes(inputs[0]) > CACHE_LINE_BYTES)
+            and channels * element_bytes(inputs[0]) > CACHE_LINE_BYTES)
 
 
 def _shape(tensor: tirx.Buffer) -> list[int]:
     return [int(extent) for extent in tensor.shape]
 
 
-def _element_bytes(tensor: tirx.Buffer) -> int:
-    return tvm.runtime.DataType(tensor.dtype).bits // 8
-
-
 def _bytes(tensor: tirx.Buffer) -> int:
-    return math.prod(_shape(tensor)) * _element_bytes(tensor)
+    return math.prod(_shape(tensor)) * element_bytes(tensor)
 
 
 def input_stream(tasks_per_pixel_tile: int) -> str:
@@ -175,12 +171,12 @@ def _residual_streams(task: For, writer_loops: list, writer) -> list[_LineStream
     offsets[j % per_pixel] past the next tile's first element (pixels of a tile are consecutive in NHWC)."""
     store = writer.block.body
     bindings = bindings_of(writer)
-    pixel_loops, channel_loops = _pixel_and_channel_loops(writer_loops, [substitute(i, bindings) for i in store.indices])
+    pixel_loops, channel_loops = _pixel_and_channel_loops(writer_loops, writer)
     if len(pixel_loops) > 1:
         return []
     channels = int(store.buffer.shape[-1])
     block = math.prod(int(loop.extent) for loop in channel_loops)
-    offsets = _line_offsets(channels, block, _element_bytes(store.buffer))
+    offsets = _line_offsets(channels, block, element_bytes(store.buffer))
     first = _next_task(task, [*pixel_loops, *channel_loops])
     pixels = int(pixel_loops[0].extent) if pixel_loops else 1
 
@@ -196,13 +192,12 @@ def _input_streams(task: For, update_loops: list, update, writer_loops: list, wr
     """The input lines the tile of the task `stride` on reads (a pointwise conv's: its pixels' channels, one
     run)."""
     bindings = bindings_of(update)
-    loads = [load for load in _loads(update.block.body) if len(load.source.shape) == 4 and load.source.scope() == "global"]
-    store = writer.block.body
-    pixel_loops, _ = _pixel_and_channel_loops(writer_loops, [substitute(i, bindings_of(writer)) for i in store.indices])
+    loads = [load for load in loads_in(update.block.body) if len(load.source.shape) == 4 and load.source.scope() == "global"]
+    pixel_loops, _ = _pixel_and_channel_loops(writer_loops, writer)
     if len(loads) != 1 or len(pixel_loops) != 1:
         return []
     (load,) = loads
-    per_line = CACHE_LINE_BYTES // _element_bytes(load.source)
+    per_line = CACHE_LINE_BYTES // element_bytes(load.source)
     channels = int(load.source.shape[-1])
     run = int(pixel_loops[0].extent) * channels
     # a run starting mid-line (channels not a whole number of lines) may end on one line more
@@ -247,9 +242,10 @@ def _select(index: tirx.PrimExpr, values: list[int]) -> tirx.PrimExpr:
     return chosen
 
 
-def _pixel_and_channel_loops(writer_loops: list, written_indices: list) -> tuple[list, list]:
+def _pixel_and_channel_loops(writer_loops: list, writer) -> tuple[list, list]:
     """The writer's loops over the tile's pixels (in the output's leading indices) and over its channels
     (only in the last)."""
+    written_indices = [substitute(index, bindings_of(writer)) for index in writer.block.body.indices]
     pixel_loops = loops_driving(writer_loops, written_indices[:-1])
     channel_loops = loops_driving(writer_loops, written_indices[-1:])
     return pixel_loops, [loop for loop in channel_loops if not any(loop.same_as(pixel) for pixel in pixel_loops)]
@@ -265,20 +261,11 @@ def _line_offsets(channels: int, block: int, element_bytes: int) -> list[int]:
     return offsets
 
 
-def _loads(expr) -> list[TensorLoad]:
-    found = []
-    tvm_ffi.structural_walk(expr, (TensorLoad, found.append))
-    return found
-
-
 def _residual_loads(store) -> list[TensorLoad]:
     """The writer's loads of tensors of its output's shape (one per tensor)."""
-    shape = [int(extent) for extent in store.buffer.shape]
+    shape = _shape(store.buffer)
     loads: dict[str, TensorLoad] = {}
-
-    def visit(load):
-        if load.source.scope() == "global" and [int(extent) for extent in load.source.shape] == shape:
+    for load in loads_in(store.value):
+        if load.source.scope() == "global" and _shape(load.source) == shape:
             loads.setdefault(load.source.name, load)
-
-    tvm_ffi.structural_walk(store.value, (TensorLoad, visit))
     return list(loads.values())

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import math
 
-import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad builds
 from tvm.tirx.stmt import For, SeqStmt
 
-from ..tir_exprs import bindings_of, const_like, substitute
+from ..tir_exprs import bindings_of, const_like, element_bytes, loads_in, substitute
 
 PREFETCH_NEXT_WEIGHT_BLOCK = "bndeploy.prefetch_next_weight_block"  # loop annotation: the weight buffer's name
 MAX_TILES_PER_WEIGHT_BLOCK = 16
@@ -48,7 +47,7 @@ def prefetches_next_weight_block(tiles_per_block: int, weight: tirx.Buffer, pixe
     """Whether a dense conv's direct tiles prefetch the next channel block of `weight` (the packed weight:
     channel blocks, then one block's weights) (see the module's docstring)."""
     blocks, *block_shape = (int(extent) for extent in weight.shape)
-    block_bytes = math.prod(block_shape) * tvm.runtime.DataType(weight.dtype).bits // 8
+    block_bytes = math.prod(block_shape) * element_bytes(weight)
     return (not pixels_outer and blocks > 1 and tiles_per_block <= MAX_TILES_PER_WEIGHT_BLOCK
             and MIN_PREFETCHED_BLOCK_BYTES <= block_bytes <= MAX_PREFETCHED_BLOCK_BYTES)
 
@@ -89,9 +88,7 @@ def _weight_load_at_step(loop: For, weight_name: str) -> TensorLoad | None:
     realizes, tile_loops = [], []
     tvm_ffi.structural_walk(loop.body, [(s_tir.SBlockRealize, realizes.append), (For, tile_loops.append)])
     for realize in realizes:
-        loads = []
-        tvm_ffi.structural_walk(realize.block.body, (TensorLoad, lambda load: loads.append(load)
-                                                     if load.source.name == weight_name else None))
+        loads = [load for load in loads_in(realize.block.body) if load.source.name == weight_name]
         if loads:
             zeros = {inner.loop_var: const_like(inner.loop_var, 0) for inner in tile_loops}
             return substitute(substitute(loads[0], bindings_of(realize)), zeros)
@@ -102,8 +99,7 @@ def _next_block_prefetches(load: TensorLoad) -> list[tirx.Evaluate]:
     """A prefetch per cache line of the weight vector(s) `load` starts, one channel block further on."""
     weight, indices = load.source, list(load.indices)
     blocks, block_width = weight.shape[0], int(weight.shape[-1])
-    element_bytes = tvm.runtime.DataType(weight.dtype).bits // 8
-    per_line = CACHE_LINE_BYTES // element_bytes
+    per_line = CACHE_LINE_BYTES // element_bytes(weight)
     next_block = tirx.min(indices[0] + const_like(indices[0], 1), blocks - 1)
     prefetches = []
     for offset in range(0, block_width, per_line):
